@@ -1,0 +1,424 @@
+//! Proto -> domain: every request field is checked here, and every problem is
+//! reported at once as a `google.rpc.BadRequest` field violation.
+//!
+//! Limits are generous for real providers (Google refresh tokens are ~100
+//! bytes, Azure's ~1.5 KB) and tight enough that no field can balloon a record.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use url::Url;
+
+use super::{
+    pb,
+    status::{ApiError, FieldViolation},
+};
+use crate::{
+    auth::{Action, Caller, Principal},
+    broker::model::{
+        AccessToken, ClientAuth, ClientConfig, CredentialId, DepositCommand, Grant, TokenRequest,
+    },
+    secret::SecretString,
+};
+
+const MAX_TENANT: usize = 128;
+const MAX_SUBJECT: usize = 512;
+const MAX_PROVIDER: usize = 128;
+const MAX_URL: usize = 2048;
+const MAX_CLIENT_ID: usize = 512;
+const MAX_CLIENT_SECRET: usize = 4096;
+const MAX_TOKEN: usize = 16 * 1024;
+const MAX_CODE: usize = 4096;
+const MAX_SCOPES: usize = 64;
+const MAX_SCOPE: usize = 256;
+const MAX_LABELS: usize = 32;
+const MAX_LABEL_KEY: usize = 63;
+const MAX_LABEL_VALUE: usize = 256;
+
+/// Collects violations so a caller learns every problem in one round trip.
+#[derive(Default)]
+struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.0.push(FieldViolation::new(field, description));
+    }
+
+    fn finish(self) -> Result<(), ApiError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::InvalidFields(self.0))
+        }
+    }
+}
+
+/// Validates a Deposit and scopes it to the caller.
+pub fn deposit(
+    request: pb::DepositRequest,
+    principal: &Principal,
+) -> Result<(Caller, DepositCommand), ApiError> {
+    let mut v = Violations::default();
+    let reference = request.credential.unwrap_or_default();
+    check_reference(&reference, &mut v);
+    let client = request.client.map(|c| client(c, &mut v));
+    let grant = match request.grant {
+        None => {
+            v.add(
+                "grant",
+                "one of refresh_token, authorization_code or client_credentials is required",
+            );
+            None
+        }
+        Some(pb::deposit_request::Grant::RefreshToken(g)) => refresh_grant(g, &mut v),
+        Some(pb::deposit_request::Grant::AuthorizationCode(g)) => code_grant(g, &mut v),
+        Some(pb::deposit_request::Grant::ClientCredentials(_)) => Some(Grant::ClientCredentials),
+    };
+    let labels = labels(request.labels, &mut v);
+    v.finish()?;
+    let caller = principal.authorize(&reference.tenant, Action::Deposit)?;
+    let id = credential_id(&caller, reference);
+    let grant = grant.ok_or_else(|| ApiError::InvalidFields(vec![]))?;
+    let client = client.flatten();
+    Ok((
+        caller,
+        DepositCommand {
+            id,
+            client,
+            grant,
+            labels,
+        },
+    ))
+}
+
+/// Validates a GetAccessToken and scopes it to the caller.
+pub fn get_access_token(
+    request: pb::GetAccessTokenRequest,
+    principal: &Principal,
+    max_min_valid_for: Duration,
+) -> Result<(Caller, TokenRequest), ApiError> {
+    let mut v = Violations::default();
+    let reference = request.credential.unwrap_or_default();
+    check_reference(&reference, &mut v);
+    let min_valid_for = match request.min_valid_for {
+        None => None,
+        Some(d) => match Duration::try_from(d) {
+            Ok(d) if d <= max_min_valid_for => Some(d),
+            Ok(_) => {
+                v.add(
+                    "min_valid_for",
+                    format!("must be at most {}s", max_min_valid_for.as_secs()),
+                );
+                None
+            }
+            Err(_) => {
+                v.add(
+                    "min_valid_for",
+                    "must be a non-negative, normalized duration",
+                );
+                None
+            }
+        },
+    };
+    v.finish()?;
+    let caller = principal.authorize(&reference.tenant, Action::Get)?;
+    let id = credential_id(&caller, reference);
+    Ok((
+        caller,
+        TokenRequest {
+            id,
+            min_valid_for,
+            force_refresh: request.force_refresh,
+        },
+    ))
+}
+
+/// Validates a Revoke and scopes it to the caller.
+pub fn revoke(
+    request: pb::RevokeRequest,
+    principal: &Principal,
+) -> Result<(Caller, CredentialId), ApiError> {
+    let mut v = Violations::default();
+    let reference = request.credential.unwrap_or_default();
+    check_reference(&reference, &mut v);
+    v.finish()?;
+    let caller = principal.authorize(&reference.tenant, Action::Revoke)?;
+    let id = credential_id(&caller, reference);
+    Ok((caller, id))
+}
+
+fn credential_id(caller: &Caller, reference: pb::CredentialRef) -> CredentialId {
+    CredentialId {
+        tenant: caller.tenant.clone(),
+        subject: reference.subject,
+        provider: reference.provider,
+    }
+}
+
+fn check_reference(r: &pb::CredentialRef, v: &mut Violations) {
+    // An empty tenant is resolved from the caller's claims later.
+    if !r.tenant.is_empty() {
+        check_name("credential.tenant", &r.tenant, MAX_TENANT, is_name_char, v);
+    }
+    if r.subject.is_empty() {
+        v.add("credential.subject", "required");
+    } else if r.subject.len() > MAX_SUBJECT {
+        v.add("credential.subject", format!("at most {MAX_SUBJECT} bytes"));
+    } else if r.subject.chars().any(char::is_control) {
+        v.add("credential.subject", "must not contain control characters");
+    }
+    if r.provider.is_empty() {
+        v.add("credential.provider", "required");
+    } else {
+        check_name(
+            "credential.provider",
+            &r.provider,
+            MAX_PROVIDER,
+            |c| is_name_char(c) || c == ':',
+            v,
+        );
+    }
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+fn check_name(field: &str, value: &str, max: usize, allowed: fn(char) -> bool, v: &mut Violations) {
+    if value.len() > max {
+        v.add(field, format!("at most {max} bytes"));
+    } else if !value.chars().all(allowed) {
+        v.add(field, "may contain only letters, digits, `.`, `_` and `-`");
+    }
+}
+
+fn client(c: pb::OAuthClient, v: &mut Violations) -> Option<ClientConfig> {
+    let token_endpoint = url_field("client.token_endpoint", &c.token_endpoint, true, v);
+    let revocation_endpoint = url_field(
+        "client.revocation_endpoint",
+        &c.revocation_endpoint,
+        false,
+        v,
+    );
+    if c.client_id.is_empty() {
+        v.add("client.client_id", "required");
+    } else if c.client_id.len() > MAX_CLIENT_ID {
+        v.add("client.client_id", format!("at most {MAX_CLIENT_ID} bytes"));
+    } else if c.client_id.chars().any(char::is_control) {
+        v.add("client.client_id", "must not contain control characters");
+    }
+    let auth = match pb::ClientAuthMethod::try_from(c.auth_method) {
+        Ok(pb::ClientAuthMethod::Unspecified | pb::ClientAuthMethod::ClientSecretBasic) => {
+            Some(ClientAuth::SecretBasic)
+        }
+        Ok(pb::ClientAuthMethod::ClientSecretPost) => Some(ClientAuth::SecretPost),
+        Ok(pb::ClientAuthMethod::None) => Some(ClientAuth::None),
+        Err(_) => {
+            v.add(
+                "client.auth_method",
+                format!("unknown ClientAuthMethod value {}", c.auth_method),
+            );
+            None
+        }
+    };
+    let secret = SecretString::from(c.client_secret);
+    match auth {
+        Some(ClientAuth::None) if !secret.is_empty() => v.add(
+            "client.client_secret",
+            "must be empty when auth_method is CLIENT_AUTH_METHOD_NONE",
+        ),
+        Some(ClientAuth::SecretBasic | ClientAuth::SecretPost) if secret.is_empty() => v.add(
+            "client.client_secret",
+            "required for client_secret_basic and client_secret_post",
+        ),
+        _ if secret.len() > MAX_CLIENT_SECRET => v.add(
+            "client.client_secret",
+            format!("at most {MAX_CLIENT_SECRET} bytes"),
+        ),
+        _ => {}
+    }
+    if c.scopes.len() > MAX_SCOPES {
+        v.add("client.scopes", format!("at most {MAX_SCOPES} scopes"));
+    }
+    for (i, scope) in c.scopes.iter().enumerate() {
+        // RFC 6749 §3.3 scope-token: printable ASCII except space, `"` and `\`.
+        let valid = !scope.is_empty()
+            && scope.len() <= MAX_SCOPE
+            && scope
+                .bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
+        if !valid {
+            v.add(
+                format!("client.scopes[{i}]"),
+                "must be an RFC 6749 scope token (printable ASCII, no spaces)",
+            );
+        }
+    }
+    Some(ClientConfig {
+        token_endpoint: token_endpoint?,
+        client_id: c.client_id,
+        client_secret: (!secret.is_empty()).then_some(secret),
+        auth: auth?,
+        revocation_endpoint,
+        scopes: c.scopes,
+    })
+}
+
+/// Parses an absolute http(s) URL; whether it may be called is the endpoint
+/// policy's decision, made in the broker.
+fn url_field(field: &str, raw: &str, required: bool, v: &mut Violations) -> Option<Url> {
+    if raw.is_empty() {
+        if required {
+            v.add(field, "required");
+        }
+        return None;
+    }
+    if raw.len() > MAX_URL {
+        v.add(field, format!("at most {MAX_URL} bytes"));
+        return None;
+    }
+    match Url::parse(raw) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Some(url),
+        _ => {
+            v.add(field, "must be an absolute http(s) URL");
+            None
+        }
+    }
+}
+
+fn secret_field(
+    field: &str,
+    raw: String,
+    max: usize,
+    required: bool,
+    v: &mut Violations,
+) -> Option<SecretString> {
+    let secret = SecretString::from(raw);
+    if secret.is_empty() {
+        if required {
+            v.add(field, "required");
+        }
+        return None;
+    }
+    if secret.len() > max {
+        v.add(field, format!("at most {max} bytes"));
+        return None;
+    }
+    if secret.expose().chars().any(char::is_control) {
+        v.add(field, "must not contain control characters");
+        return None;
+    }
+    Some(secret)
+}
+
+fn refresh_grant(g: pb::RefreshTokenGrant, v: &mut Violations) -> Option<Grant> {
+    let refresh_token = secret_field(
+        "refresh_token.refresh_token",
+        g.refresh_token,
+        MAX_TOKEN,
+        true,
+        v,
+    );
+    let access = secret_field(
+        "refresh_token.access_token",
+        g.access_token,
+        MAX_TOKEN,
+        false,
+        v,
+    );
+    let expires_at = match g.access_token_expires_at {
+        None => None,
+        Some(ts) => match std::time::SystemTime::try_from(ts) {
+            Ok(t) => Some(t),
+            Err(_) => {
+                v.add(
+                    "refresh_token.access_token_expires_at",
+                    "must be a valid timestamp",
+                );
+                None
+            }
+        },
+    };
+    let access_token = match (access, expires_at) {
+        (Some(token), Some(expires_at)) => Some(AccessToken {
+            token,
+            token_type: "Bearer".to_owned(),
+            expires_at,
+            scopes: Vec::new(),
+        }),
+        (Some(_), None) => {
+            v.add(
+                "refresh_token.access_token_expires_at",
+                "required with access_token",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            v.add(
+                "refresh_token.access_token",
+                "required with access_token_expires_at",
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    Some(Grant::RefreshToken {
+        refresh_token: refresh_token?,
+        access_token,
+    })
+}
+
+fn code_grant(g: pb::AuthorizationCodeGrant, v: &mut Violations) -> Option<Grant> {
+    let code = secret_field("authorization_code.code", g.code, MAX_CODE, true, v);
+    let redirect_uri = url_field("authorization_code.redirect_uri", &g.redirect_uri, true, v);
+    let verifier = SecretString::from(g.code_verifier);
+    // RFC 7636 §4.1: 43 to 128 unreserved characters.
+    let verifier_ok = verifier.is_empty()
+        || ((43..=128).contains(&verifier.len())
+            && verifier
+                .expose()
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')));
+    if !verifier_ok {
+        v.add(
+            "authorization_code.code_verifier",
+            "must be 43-128 unreserved characters (RFC 7636)",
+        );
+    }
+    Some(Grant::AuthorizationCode {
+        code: code?,
+        redirect_uri: redirect_uri?,
+        code_verifier: (!verifier.is_empty()).then_some(verifier),
+    })
+}
+
+fn labels(
+    raw: std::collections::HashMap<String, String>,
+    v: &mut Violations,
+) -> BTreeMap<String, String> {
+    if raw.len() > MAX_LABELS {
+        v.add("labels", format!("at most {MAX_LABELS} labels"));
+    }
+    let mut labels = BTreeMap::new();
+    for (key, value) in raw {
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_LABEL_KEY
+            && key.bytes().all(|b| {
+                b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || matches!(b, b'.' | b'_' | b'-' | b'/')
+            });
+        if !key_ok {
+            v.add(
+                "labels",
+                format!("label keys are 1-{MAX_LABEL_KEY} of [a-z0-9._/-]"),
+            );
+        } else if value.len() > MAX_LABEL_VALUE || value.chars().any(char::is_control) {
+            v.add(
+                format!("labels[{key}]"),
+                format!("at most {MAX_LABEL_VALUE} bytes, no control characters"),
+            );
+        }
+        labels.insert(key, value);
+    }
+    labels
+}

@@ -1,0 +1,121 @@
+//! Who is calling and what they may do.
+//!
+//! Identity comes from the peer certificate ([`identity`]); grants come from
+//! the policy file ([`policy`]). [`Authenticator::authenticate`] turns a
+//! connection into a [`Principal`], and [`Principal::authorize`] turns a
+//! principal plus the request's tenant and action into a [`Caller`], the only
+//! proof of authorization the broker accepts from the API layer.
+//!
+//! Later sources of claims (a JWT in `authorization`, a mesh sidecar's
+//! forwarded identity) narrow a principal's grants before `authorize` runs.
+
+pub mod identity;
+pub mod policy;
+
+use std::sync::{Arc, RwLock};
+
+pub use self::identity::{Identity, IdentityError, IdentityRules};
+pub use self::policy::{Action, Grants, Policy, Tenants};
+
+/// Why a call is refused. Messages name identities and tenants (not secrets).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no client certificate was presented")]
+    NoCertificate,
+    #[error("client certificate carries no usable identity: {0}")]
+    BadIdentity(#[from] IdentityError),
+    #[error("`{identity}` may not act for tenant `{tenant}`")]
+    TenantNotPermitted { identity: String, tenant: String },
+    #[error("`{identity}` may not {action}")]
+    ActionNotPermitted { identity: String, action: Action },
+    #[error("a tenant is required: `{identity}` may act for several tenants")]
+    TenantRequired { identity: String },
+}
+
+/// An authenticated peer and what the policy grants it.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub identity: Identity,
+    pub grants: Grants,
+}
+
+/// An authorized caller, scoped to one tenant and one action.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub identity: Identity,
+    pub tenant: String,
+    pub action: Action,
+}
+
+impl Principal {
+    /// Scopes this principal to `tenant` (empty: its only tenant) and
+    /// `action`. Action is checked first so a caller learns nothing about
+    /// tenants it could not use anyway.
+    pub fn authorize(&self, tenant: &str, action: Action) -> Result<Caller, AuthError> {
+        if !self.grants.actions.contains(&action) {
+            return Err(AuthError::ActionNotPermitted {
+                identity: self.identity.to_string(),
+                action,
+            });
+        }
+        let tenant = if tenant.is_empty() {
+            self.grants
+                .tenants
+                .single()
+                .ok_or_else(|| AuthError::TenantRequired {
+                    identity: self.identity.to_string(),
+                })?
+        } else {
+            tenant
+        };
+        if !self.grants.tenants.contains(tenant) {
+            return Err(AuthError::TenantNotPermitted {
+                identity: self.identity.to_string(),
+                tenant: tenant.to_owned(),
+            });
+        }
+        Ok(Caller {
+            identity: self.identity.clone(),
+            tenant: tenant.to_owned(),
+            action,
+        })
+    }
+}
+
+/// Resolves principals. The policy sits behind a lock so it can be replaced
+/// while the server runs.
+pub struct Authenticator {
+    rules: IdentityRules,
+    policy: RwLock<Arc<Policy>>,
+}
+
+impl Authenticator {
+    pub fn new(rules: IdentityRules, policy: Policy) -> Self {
+        Self {
+            rules,
+            policy: RwLock::new(Arc::new(policy)),
+        }
+    }
+
+    pub fn identity_rules(&self) -> &IdentityRules {
+        &self.rules
+    }
+
+    /// Swaps in a new policy; calls already authorized keep their answer.
+    pub fn replace_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// The identity of a connection, from its verified leaf certificate.
+    pub fn identify(&self, leaf_der: Option<&[u8]>) -> Result<Identity, AuthError> {
+        let leaf = leaf_der.ok_or(AuthError::NoCertificate)?;
+        Ok(identity::identity_from_certificate(leaf, &self.rules)?)
+    }
+
+    /// The principal for an already identified peer.
+    pub fn principal(&self, identity: Identity) -> Principal {
+        let policy = Arc::clone(&self.policy.read().unwrap_or_else(|e| e.into_inner()));
+        let grants = policy.grants_for(&identity);
+        Principal { identity, grants }
+    }
+}

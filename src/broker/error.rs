@@ -1,0 +1,46 @@
+//! The broker's failures: one variant per condition a caller must tell apart.
+//! Mapped to gRPC statuses in exactly one place, `api::status`.
+
+use std::time::Duration;
+
+use super::model::ReauthCause;
+use crate::upstream::EndpointRejected;
+
+/// Everything that can go wrong in a broker operation. Cloneable because one
+/// refresh's outcome is handed to every caller waiting on it. No variant ever
+/// carries a token, a secret or key material.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("no credential for this reference")]
+    NotFound,
+    #[error("the user must re-consent at `{provider}` ({})", cause.as_str())]
+    ReauthRequired {
+        cause: ReauthCause,
+        provider: String,
+    },
+    #[error("the record's key version {version} is not in the keyring")]
+    KeyVersionUnavailable { version: u32 },
+    #[error("the stored record is unreadable: {0}")]
+    RecordUnreadable(&'static str),
+    #[error("the provider rejected the client: {oauth_error}")]
+    ProviderRejectedClient { oauth_error: String },
+    #[error("the provider is unavailable: {reason}")]
+    UpstreamUnavailable {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("{0}")]
+    EndpointNotAllowed(EndpointRejected),
+    #[error("no OAuth client given and no provider preset named `{provider}`")]
+    ClientRequired { provider: String },
+    #[error("storage is unavailable: {0}")]
+    Storage(String),
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl From<crate::store::StoreError> for BrokerError {
+    fn from(error: crate::store::StoreError) -> Self {
+        Self::Storage(error.to_string())
+    }
+}

@@ -1,0 +1,190 @@
+//! The broker's domain vocabulary: which credential, which OAuth client, which
+//! grant, which token. Constructed only from validated input (see `api/`).
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    time::{Duration, SystemTime},
+};
+
+use url::Url;
+
+use crate::{secret::SecretString, store::StoreKey};
+
+/// One credential: whose grant, at which provider, in which tenant.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CredentialId {
+    pub tenant: String,
+    pub subject: String,
+    pub provider: String,
+}
+
+impl CredentialId {
+    pub fn store_key(&self) -> StoreKey {
+        StoreKey::new(&self.tenant, &self.subject, &self.provider)
+    }
+}
+
+impl fmt::Debug for CredentialId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Subjects are user identifiers: personal data, not for logs.
+        f.debug_struct("CredentialId")
+            .field("tenant", &self.tenant)
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the vault authenticates to the token endpoint (RFC 6749 §2.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    SecretBasic,
+    SecretPost,
+    /// Public client: only `client_id` is sent.
+    None,
+}
+
+/// The OAuth client the vault uses on a credential's behalf.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub token_endpoint: Url,
+    pub client_id: String,
+    pub client_secret: Option<SecretString>,
+    pub auth: ClientAuth,
+    pub revocation_endpoint: Option<Url>,
+    pub scopes: Vec<String>,
+}
+
+/// An access token and what we know of it.
+#[derive(Clone, Debug)]
+pub struct AccessToken {
+    pub token: SecretString,
+    pub token_type: String,
+    pub expires_at: SystemTime,
+    pub scopes: Vec<String>,
+}
+
+impl AccessToken {
+    /// Whether the token stays valid for at least `margin` from `now`.
+    pub fn valid_for(&self, margin: Duration, now: SystemTime) -> bool {
+        self.expires_at
+            .duration_since(now)
+            .is_ok_and(|left| left >= margin)
+    }
+}
+
+/// What a Deposit hands the vault.
+#[derive(Debug)]
+pub enum Grant {
+    RefreshToken {
+        refresh_token: SecretString,
+        access_token: Option<AccessToken>,
+    },
+    AuthorizationCode {
+        code: SecretString,
+        redirect_uri: Url,
+        code_verifier: Option<SecretString>,
+    },
+    ClientCredentials,
+}
+
+/// Why a grant is dead and the user must go back through consent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReauthCause {
+    /// The provider answered `invalid_grant`.
+    InvalidGrant,
+    /// The provider answered `invalid_scope` to a refresh.
+    InvalidScope,
+    /// The record's key version is present but the AEAD rejects it.
+    Undecryptable,
+    /// The access token expired and the grant came without a refresh token.
+    NoRefreshToken,
+}
+
+impl ReauthCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidGrant => "invalid_grant",
+            Self::InvalidScope => "invalid_scope",
+            Self::Undecryptable => "undecryptable",
+            Self::NoRefreshToken => "no_refresh_token",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::InvalidGrant,
+            Self::InvalidScope,
+            Self::Undecryptable,
+            Self::NoRefreshToken,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+}
+
+/// Whether the grant still works.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialState {
+    Active,
+    /// Persisted so later calls fail fast without asking the provider again.
+    ReauthRequired(ReauthCause),
+}
+
+/// Everything stored for one credential; sealed as a whole.
+#[derive(Clone, Debug)]
+pub struct CredentialRecord {
+    /// Bumps on every Deposit; refresh write-backs keep it.
+    pub generation: u64,
+    pub state: CredentialState,
+    pub client: ClientConfig,
+    /// `None` for client-credentials grants, which mint tokens without one.
+    pub refresh_token: Option<SecretString>,
+    pub access_token: Option<AccessToken>,
+    /// Minted with the client alone (no user): refreshed by asking again.
+    pub client_credentials: bool,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+    pub last_refresh_at: Option<SystemTime>,
+}
+
+/// A new grant for a credential, after validation.
+#[derive(Debug)]
+pub struct DepositCommand {
+    pub id: CredentialId,
+    /// `None`: use the provider preset named by `id.provider`.
+    pub client: Option<ClientConfig>,
+    pub grant: Grant,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The answer to a Deposit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deposited {
+    pub generation: u64,
+    pub key_version: u32,
+}
+
+/// What a caller asks of GetAccessToken.
+#[derive(Clone, Debug)]
+pub struct TokenRequest {
+    pub id: CredentialId,
+    pub min_valid_for: Option<Duration>,
+    pub force_refresh: bool,
+}
+
+/// The outcome of upstream revocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamRevocation {
+    NotConfigured,
+    Revoked,
+    Failed,
+}
+
+/// The answer to a Revoke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Revoked {
+    pub existed: bool,
+    pub upstream: UpstreamRevocation,
+}

@@ -1,0 +1,364 @@
+//! Server settings: a TOML file, overridable by `CREDVAULT_*` environment
+//! variables (`__` separates sections: `CREDVAULT_TOKENS__REFRESH_SKEW=90s`).
+//!
+//! Relative paths in the file are resolved against the file's directory, so a
+//! config and the files it names can move together. Every field is documented
+//! in the README's configuration reference.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use figment::{
+    providers::{Env, Format, Toml},
+    Figment,
+};
+use serde::Deserialize;
+
+use crate::secret::SecretString;
+
+/// Why the configuration cannot be used. One line, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The mTLS gRPC listener.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// The plaintext ops listener (`/livez`, `/readyz`).
+    #[serde(default = "defaults::ops_listen")]
+    pub ops_listen: SocketAddr,
+    /// Where the embedded store keeps its files.
+    pub data_dir: PathBuf,
+    pub tls: TlsConfig,
+    pub keyring: KeyringConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub tokens: TokenConfig,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM, PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// CA bundle (PEM) that client certificates must chain to.
+    pub client_ca: PathBuf,
+    /// A client that has not finished its handshake by then is dropped.
+    #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyringConfig {
+    /// The sealed keyring file.
+    pub path: PathBuf,
+    /// A file holding the passphrase (trailing newline ignored).
+    #[serde(default)]
+    pub passphrase_file: Option<PathBuf>,
+    /// The passphrase itself, for `CREDVAULT_KEYRING__PASSPHRASE`.
+    #[serde(default)]
+    pub passphrase: Option<SecretString>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The policy file mapping identities to tenants and actions.
+    pub policy: PathBuf,
+    /// Pin SPIFFE IDs to this trust domain.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    /// Accept a certificate's subject CN when it has no URI SAN.
+    #[serde(default)]
+    pub allow_common_name: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// Cached tokens are served only while valid at least this long.
+    #[serde(with = "humantime_serde")]
+    pub refresh_skew: Duration,
+    /// Lifetime assumed when a token response has no `expires_in`.
+    #[serde(with = "humantime_serde")]
+    pub default_lifetime: Duration,
+    /// Upper bound on a request's `min_valid_for`.
+    #[serde(with = "humantime_serde")]
+    pub max_min_valid_for: Duration,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            refresh_skew: Duration::from_secs(60),
+            default_lifetime: Duration::from_secs(3600),
+            max_min_valid_for: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    pub max_response_bytes: usize,
+    /// Allow plain `http` token endpoints on loopback (dev and tests).
+    pub allow_http_loopback: bool,
+    /// Allow endpoints on private, link-local or loopback addresses.
+    pub allow_private_networks: bool,
+    /// If non-empty, the only hosts token endpoints may use (`*.example.com`).
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(15),
+            max_response_bytes: 64 * 1024,
+            allow_http_loopback: false,
+            allow_private_networks: false,
+            allowed_hosts: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Upper bound for one RPC, upstream calls included.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long in-flight calls may drain after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Largest accepted request message.
+    pub max_request_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+            max_request_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter directives; `RUST_LOG` wins when set.
+    pub filter: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+mod defaults {
+    use std::{net::SocketAddr, time::Duration};
+
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 50051))
+    }
+
+    pub fn ops_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9090))
+    }
+
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+impl Config {
+    /// Loads `path`, applies `CREDVAULT_*` overrides, resolves relative paths.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        if !path.is_file() {
+            return Err(ConfigError::Invalid {
+                path: shown,
+                message: "no such file".to_owned(),
+            });
+        }
+        let env = Env::prefixed("CREDVAULT_")
+            .split("__")
+            // CREDVAULT_CONFIG names this file; it is not a setting in it.
+            .filter(|key| key.as_str() != "config");
+        let mut config: Config = Figment::new()
+            .merge(Toml::file(path))
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Invalid {
+                path: shown.clone(),
+                message: one_line(&e),
+            })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: shown,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        fix(&mut self.tls.client_ca);
+        fix(&mut self.keyring.path);
+        if let Some(p) = self.keyring.passphrase_file.as_mut() {
+            fix(p);
+        }
+        fix(&mut self.auth.policy);
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.keyring.passphrase.is_none() && self.keyring.passphrase_file.is_none() {
+            return Err(
+                "keyring: set `passphrase_file` or CREDVAULT_KEYRING__PASSPHRASE".to_owned(),
+            );
+        }
+        if let Some(domain) = &self.auth.trust_domain {
+            crate::auth::identity::validate_trust_domain(domain)
+                .map_err(|e| format!("auth.trust_domain: {e}"))?;
+        }
+        if self.tokens.refresh_skew > self.tokens.max_min_valid_for {
+            return Err("tokens.refresh_skew must not exceed tokens.max_min_valid_for".to_owned());
+        }
+        if self.upstream.max_response_bytes < 1024 {
+            return Err("upstream.max_response_bytes must be at least 1024".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The keyring passphrase, from the environment or its file.
+    pub fn keyring_passphrase(&self) -> Result<SecretString, ConfigError> {
+        if let Some(passphrase) = &self.keyring.passphrase {
+            return Ok(passphrase.clone());
+        }
+        let Some(path) = &self.keyring.passphrase_file else {
+            return Err(ConfigError::Invalid {
+                path: "keyring".to_owned(),
+                message: "no passphrase configured".to_owned(),
+            });
+        };
+        read_passphrase(path)
+    }
+}
+
+/// Reads a passphrase file; one trailing newline is not part of it.
+pub fn read_passphrase(path: &Path) -> Result<SecretString, ConfigError> {
+    let text =
+        SecretString::from(
+            std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                message: format!("cannot read passphrase file: {e}"),
+            })?,
+        );
+    let trimmed = text.expose().trim_end_matches(['\n', '\r']);
+    if trimmed.is_empty() {
+        return Err(ConfigError::File {
+            path: path.display().to_string(),
+            message: "passphrase file is empty".to_owned(),
+        });
+    }
+    Ok(SecretString::from(trimmed))
+}
+
+fn one_line(error: &figment::Error) -> String {
+    error.to_string().replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        data_dir = "data"
+        [tls]
+        cert = "server.pem"
+        key = "server-key.pem"
+        client_ca = "ca.pem"
+        [keyring]
+        path = "keyring.cvk"
+        passphrase_file = "keyring.pass"
+        [auth]
+        policy = "policy.toml"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolved_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credvault.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.tokens.refresh_skew, Duration::from_secs(60));
+        assert_eq!(config.data_dir, dir.path().join("data"));
+        assert_eq!(config.tls.client_ca, dir.path().join("ca.pem"));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_problem_on_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credvault.toml");
+        std::fs::write(
+            &path,
+            format!("{MINIMAL}\n[tokens]\nrefresh_skew = \"soon\"\n"),
+        )
+        .unwrap();
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(message.contains("credvault.toml"), "{message}");
+        assert!(message.contains("refresh_skew"), "{message}");
+        assert!(!message.contains('\n'));
+
+        std::fs::write(&path, format!("{MINIMAL}\nlisten_typo = 1\n")).unwrap();
+        let message = Config::load(&path).unwrap_err().to_string();
+        assert!(message.contains("listen_typo"), "{message}");
+    }
+}

@@ -1,0 +1,28 @@
+//! Encryption at rest (DESIGN §5a): everything that touches key material.
+//!
+//! - [`keyring`]: versioned 256-bit keys with a state each (active,
+//!   decrypt-only, destroyed), one primary for new writes, fingerprints, and
+//!   the rotation operations (add, promote, retire, destroy).
+//! - [`envelope`]: the per-record AES-256-GCM-SIV envelope, bound to
+//!   (tenant, subject, provider, key version), and the classification of
+//!   failures into corrupt / unsupported / key unavailable / undecryptable.
+//! - [`keyring_file`]: the keyring sealed at rest under an Argon2id-derived
+//!   key, written atomically.
+//! - [`shared`]: the running server's keyring, swapped atomically on reload.
+//!
+//! Nothing printable from this module (errors, `Debug`, `Display`) carries key
+//! bytes or plaintext. Randomness comes from the OS RNG; if the OS cannot
+//! provide it, `rand` panics, since there is no safe way to continue.
+
+pub mod envelope;
+pub mod keyring;
+pub mod keyring_file;
+pub mod shared;
+
+pub use envelope::{key_version_of, open, seal, seal_with, OpenError, RecordIdentity, SealError};
+pub use keyring::{
+    Fingerprint, InvalidFingerprint, KeyInfo, KeyMaterial, KeyState, KeyUnavailable, KeyVersion,
+    Keyring, KeyringError, KEY_LEN,
+};
+pub use keyring_file::{load, open_keyring, seal_keyring, store, KdfParams, KeyringFileError};
+pub use shared::SharedKeyring;

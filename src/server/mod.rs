@@ -1,0 +1,203 @@
+//! Assembly: opens the store, loads the keyring and the policy, wires the
+//! broker into the gRPC services, and runs the mTLS and ops listeners until
+//! shutdown.
+//!
+//! [`run`] takes bound listeners and a shutdown future, so tests run the real
+//! server on `127.0.0.1:0` and stop it when they like (the mini-redis shape).
+//!
+//! Shutdown: readiness and health go NOT_SERVING first (so balancers stop
+//! sending), tonic stops accepting and drains in-flight calls for at most
+//! `server.shutdown_grace`, then the store is flushed.
+
+pub mod ops;
+pub mod tls;
+
+use std::{future::Future, sync::Arc};
+
+use tokio::net::TcpListener;
+
+use crate::{
+    api::{pb::credential_vault_server::CredentialVaultServer, VaultService},
+    auth::{Authenticator, IdentityRules, Policy},
+    broker::{keyguard, Broker, BrokerSettings},
+    config::Config,
+    crypto::{self, SharedKeyring},
+    store::{CredentialStore, SledStore},
+    upstream::{EndpointPolicy, HttpSettings, Upstream, UpstreamSettings},
+};
+
+/// Why the server could not start or stopped abnormally. One line each.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("keyring {path}: {source}")]
+    Keyring {
+        path: String,
+        source: crypto::KeyringFileError,
+    },
+    #[error("{0}")]
+    KeyGuard(#[from] keyguard::KeyGuardError),
+    #[error("store {path}: {message}")]
+    Store { path: String, message: String },
+    #[error("{0}")]
+    Policy(#[from] crate::auth::policy::PolicyError),
+    #[error("upstream http client: {0}")]
+    Upstream(String),
+    #[error("grpc server: {0}")]
+    Transport(String),
+    #[error("ops listener: {0}")]
+    Ops(std::io::Error),
+}
+
+/// The listeners the server runs on; bind them with port 0 in tests.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub ops: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> std::io::Result<Self> {
+        Ok(Self {
+            grpc: TcpListener::bind(config.listen).await?,
+            ops: TcpListener::bind(config.ops_listen).await?,
+        })
+    }
+}
+
+/// Runs the vault until `shutdown` resolves, then drains and flushes.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    tls::install_crypto_provider();
+
+    // Probes answer from the first moment, "not ready" until we are.
+    let readiness = ops::Readiness::default();
+    let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ops_task = tokio::spawn(ops::serve(listeners.ops, readiness.clone(), async move {
+        let _ = ops_stopped.await;
+    }));
+
+    let tls_config = tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca)?;
+    let passphrase = config.keyring_passphrase()?;
+    let keyring =
+        crypto::load(&config.keyring.path, &passphrase).map_err(|source| ServerError::Keyring {
+            path: config.keyring.path.display().to_string(),
+            source,
+        })?;
+    drop(passphrase);
+    let store = SledStore::open(&config.data_dir).map_err(|e| ServerError::Store {
+        path: config.data_dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    keyguard::check_and_remember(&store, &keyring).await?;
+    let policy = Policy::load(&config.auth.policy)?;
+    let auth = Arc::new(Authenticator::new(
+        IdentityRules {
+            trust_domain: config.auth.trust_domain.clone(),
+            allow_common_name: config.auth.allow_common_name,
+        },
+        policy,
+    ));
+    let upstream = Upstream::new(UpstreamSettings {
+        http: HttpSettings {
+            connect_timeout: config.upstream.connect_timeout,
+            request_timeout: config.upstream.request_timeout,
+            max_response_bytes: config.upstream.max_response_bytes,
+        },
+        policy: EndpointPolicy {
+            allow_http_loopback: config.upstream.allow_http_loopback,
+            allowed_hosts: config.upstream.allowed_hosts.clone(),
+            allow_private_networks: config.upstream.allow_private_networks,
+        },
+        default_token_lifetime: config.tokens.default_lifetime,
+    })
+    .map_err(|e| ServerError::Upstream(e.to_string()))?;
+    let store: Arc<dyn CredentialStore> = Arc::new(store);
+    let broker = Broker::new(
+        Arc::clone(&store),
+        SharedKeyring::new(keyring),
+        upstream,
+        BrokerSettings {
+            refresh_skew: config.tokens.refresh_skew,
+            max_min_valid_for: config.tokens.max_min_valid_for,
+        },
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<CredentialVaultServer<VaultService>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
+            // So grpcurl can render google.rpc error details from any status.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| ServerError::Transport(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| ServerError::Transport(e.to_string()))?;
+    let vault = CredentialVaultServer::new(VaultService::new(broker, Arc::clone(&auth)))
+        .max_decoding_message_size(config.server.max_request_bytes);
+
+    let incoming = tls::incoming(
+        listeners.grpc,
+        tls_config,
+        auth,
+        config.tls.handshake_timeout,
+    );
+    let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
+    let grpc = tonic::transport::Server::builder()
+        // Bounds every call, upstream round trips included, so a hung
+        // provider cannot pin a client's request forever.
+        .timeout(config.server.request_timeout)
+        // Detects dead peers on long-lived mesh connections.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(vault)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = grpc_stopped.await;
+        });
+    tokio::pin!(grpc);
+
+    readiness.set(true);
+    tracing::info!(listen = %config.listen, ops_listen = %config.ops_listen, "credvault is serving");
+
+    let result = tokio::select! {
+        result = &mut grpc => result.map_err(|e| ServerError::Transport(e.to_string())),
+        () = shutdown => {
+            tracing::info!("shutting down: draining in-flight calls");
+            readiness.set(false);
+            health.set_not_serving::<CredentialVaultServer<VaultService>>().await;
+            let _ = stop_grpc.send(());
+            match tokio::time::timeout(config.server.shutdown_grace, &mut grpc).await {
+                Ok(result) => result.map_err(|e| ServerError::Transport(e.to_string())),
+                Err(_) => {
+                    tracing::warn!(grace = ?config.server.shutdown_grace, "drain timed out; dropping remaining calls");
+                    Ok(())
+                }
+            }
+        }
+    };
+
+    // Acknowledged writes are already durable; this covers bookkeeping.
+    if let Err(error) = store.flush().await {
+        tracing::error!(%error, "final store flush failed");
+    }
+    let _ = ops_stop.send(());
+    if let Ok(Err(error)) = ops_task.await {
+        return Err(ServerError::Ops(error));
+    }
+    tracing::info!("credvault stopped");
+    result
+}

@@ -1,0 +1,222 @@
+//! The mTLS transport: a rustls server that requires a client certificate
+//! chaining to the configured CA, and an accept loop that hands tonic only
+//! finished, identified connections.
+//!
+//! Handshakes run concurrently and under a timeout, so a client that opens a
+//! socket and stalls cannot hold up anyone else's accept. The peer's identity
+//! is derived once per connection, here, and travels with every request on it
+//! as [`PeerIdentity`].
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::Path,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer},
+    server::WebPkiClientVerifier,
+    RootCertStore, ServerConfig,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_rustls::{server::TlsStream, TlsAcceptor};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use crate::{api::vault::PeerIdentity, auth::Authenticator};
+
+/// Why TLS material could not be loaded. Names the file, never key bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("tls configuration: {0}")]
+    Config(String),
+}
+
+/// Installs ring as the process's rustls provider (idempotent). Every rustls
+/// user in the process (server, reqwest, test clients) then agrees.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn file_error(path: &Path, message: impl Into<String>) -> TlsError {
+    TlsError::File {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// Reads a PEM certificate chain.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = std::fs::read(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| file_error(path, "not a PEM certificate file"))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "contains no certificate"));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = zeroize::Zeroizing::new(
+        std::fs::read(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?,
+    );
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|_| file_error(path, "not a PEM private key file"))?
+        .ok_or_else(|| file_error(path, "contains no private key"))
+}
+
+/// The server's rustls configuration: TLS 1.2+, h2 only, client certificate
+/// required and verified against `client_ca`.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    install_crypto_provider();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for ca in load_certs(client_ca)? {
+        roots
+            .add(ca)
+            .map_err(|e| file_error(client_ca, format!("unusable CA certificate: {e}")))?;
+    }
+    // Required client auth: the builder rejects anonymous clients by default.
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .build()
+            .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| file_error(key, format!("does not match the certificate: {e}")))?;
+    // gRPC is HTTP/2 only.
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// An established, identified mTLS connection.
+pub struct TlsConnection {
+    stream: TlsStream<TcpStream>,
+    peer: PeerIdentity,
+}
+
+impl Connected for TlsConnection {
+    type ConnectInfo = PeerIdentity;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections, runs their handshakes concurrently, and yields
+/// the ones that complete. The loop ends when the returned stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    auth: Arc<Authenticator>,
+    handshake_timeout: Duration,
+) -> ReceiverStream<Result<TlsConnection, io::Error>> {
+    let (tx, rx) = mpsc::channel(128);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(error) => {
+                        // Usually EMFILE: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = tx.closed() => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, auth, tx) = (acceptor.clone(), Arc::clone(&auth), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let peer = identify(&stream, &auth, remote);
+                        let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(%remote, %error, "tls handshake failed");
+                    }
+                    Err(_) => tracing::debug!(%remote, "tls handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+fn identify(
+    stream: &TlsStream<TcpStream>,
+    auth: &Authenticator,
+    remote: SocketAddr,
+) -> PeerIdentity {
+    let (_, session) = stream.get_ref();
+    let leaf = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|cert| cert.as_ref());
+    let identity = auth.identify(leaf);
+    if let Err(error) = &identity {
+        tracing::info!(%remote, %error, "peer certificate names no usable identity");
+    }
+    PeerIdentity(identity)
+}

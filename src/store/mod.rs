@@ -1,0 +1,126 @@
+//! Durable storage of sealed credential records.
+//!
+//! The store knows keys, opaque bytes and revisions; it never sees plaintext
+//! and never interprets a record. [`CredentialStore`] is the seam that lets a
+//! replicated engine replace the embedded [`SledStore`] when one node is not
+//! enough: nothing above this module names sled.
+//!
+//! Every write is a compare-and-swap on the record's *revision*, a counter the
+//! store bumps on every write of a key. The broker builds its own
+//! compare-and-swap-by-generation on top of it (a generation only changes on
+//! Deposit; a revision changes on every write, including refresh write-backs
+//! and rewraps), so no write can silently overwrite another.
+//! A write that returns `Ok` is durable.
+
+mod sled_store;
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+pub use sled_store::SledStore;
+
+/// Identifies one record: (tenant, subject, provider), length-prefixed so that
+/// no two distinct triples share an encoding and a tenant is a key prefix.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct StoreKey(Vec<u8>);
+
+impl StoreKey {
+    pub fn new(tenant: &str, subject: &str, provider: &str) -> Self {
+        let mut bytes = Self::tenant_prefix(tenant).0;
+        for part in [subject, provider] {
+            push_len_prefixed(&mut bytes, part);
+        }
+        Self(bytes)
+    }
+
+    /// The prefix shared by every key of `tenant`, for scans.
+    pub fn tenant_prefix(tenant: &str) -> Self {
+        let mut bytes = Vec::with_capacity(64);
+        push_len_prefixed(&mut bytes, tenant);
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+}
+
+fn push_len_prefixed(out: &mut Vec<u8>, part: &str) {
+    // Parts are validated to well under 64 KiB before they reach the store.
+    let len = u16::try_from(part.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&part.as_bytes()[..usize::from(len)]);
+}
+
+impl fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys carry subjects (user ids); show their shape only.
+        write!(f, "StoreKey({} bytes)", self.0.len())
+    }
+}
+
+/// The store's per-key write counter. Starts at 1, never reused for a key
+/// while the store lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Revision(pub u64);
+
+/// A stored value together with the revision it was read at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned {
+    pub revision: Revision,
+    pub value: Vec<u8>,
+}
+
+/// What a compare-and-swap did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// Written (or deleted) and durable; the new revision, `None` after a delete.
+    Written(Option<Revision>),
+    /// Someone wrote first; here is what is stored now.
+    Conflict(Option<Versioned>),
+}
+
+/// Storage failures. None of them carries record bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage i/o failed: {0}")]
+    Io(String),
+    #[error("stored entry is malformed: {0}")]
+    Malformed(&'static str),
+}
+
+/// The storage seam. Implementations must make `Ok` writes durable.
+#[async_trait]
+pub trait CredentialStore: Send + Sync + 'static {
+    async fn get(&self, key: &StoreKey) -> Result<Option<Versioned>, StoreError>;
+
+    /// Replaces the value only if the stored revision equals `expected`
+    /// (`None`: only if absent). `value: None` deletes.
+    async fn compare_and_swap(
+        &self,
+        key: &StoreKey,
+        expected: Option<Revision>,
+        value: Option<Vec<u8>>,
+    ) -> Result<CasOutcome, StoreError>;
+
+    /// Up to `limit` records whose key starts with `prefix`, strictly after
+    /// `after`, in key order.
+    async fn scan(
+        &self,
+        prefix: &StoreKey,
+        after: Option<&StoreKey>,
+        limit: usize,
+    ) -> Result<Vec<(StoreKey, Versioned)>, StoreError>;
+
+    /// Small non-secret bookkeeping values (e.g. key fingerprints).
+    async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn put_meta(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError>;
+
+    /// Makes every acknowledged write durable; used at shutdown.
+    async fn flush(&self) -> Result<(), StoreError>;
+}

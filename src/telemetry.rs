@@ -1,0 +1,16 @@
+//! Logging setup. Structured fields, lowercase messages; secrets never reach
+//! a log line because every type that holds one prints `[redacted]`.
+
+use tracing_subscriber::{fmt, EnvFilter};
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber: `RUST_LOG` wins over `filter`.
+pub fn init(filter: &str, format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

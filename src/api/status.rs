@@ -169,10 +169,11 @@ impl From<ApiError> for Status {
             ApiError::Broker(BrokerError::ProviderRejectedClient { oauth_error }) => {
                 metadata.insert("oauth_error".to_owned(), oauth_error.clone());
             }
-            ApiError::Broker(BrokerError::UpstreamUnavailable { retry_after, .. }) => {
-                if let Some(delay) = retry_after {
-                    details.set_retry_info(Some(*delay));
-                }
+            ApiError::Broker(BrokerError::UpstreamUnavailable {
+                retry_after: Some(delay),
+                ..
+            }) => {
+                details.set_retry_info(Some(*delay));
             }
             ApiError::Broker(BrokerError::ClientRequired { .. }) => {
                 details.add_bad_request_violation(

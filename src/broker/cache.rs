@@ -5,7 +5,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, Hash, Hasher, RandomState},
+    hash::{BuildHasher, RandomState},
     sync::Mutex,
     time::{Duration, SystemTime},
 };
@@ -31,9 +31,7 @@ impl Default for TokenCache {
 
 impl TokenCache {
     fn shard(&self, id: &CredentialId) -> &Mutex<HashMap<CredentialId, AccessToken>> {
-        let mut hasher = self.hasher.build_hasher();
-        id.hash(&mut hasher);
-        &self.shards[(hasher.finish() as usize) % SHARDS]
+        &self.shards[(self.hasher.hash_one(id) as usize) % SHARDS]
     }
 
     /// The cached token, if it stays valid for `margin`.

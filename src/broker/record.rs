@@ -211,6 +211,26 @@ fn from_millis(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
+/// The stored value: `generation (u64 BE) || envelope`.
+///
+/// The generation is also inside the sealed payload (authenticated); this
+/// clear copy exists so a Deposit can bump the generation of a record that can
+/// no longer be opened, and so operators can count without decrypting. A clear
+/// copy that disagrees with the sealed one marks the record corrupt.
+pub fn frame(generation: u64, envelope: Vec<u8>) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + envelope.len());
+    value.extend_from_slice(&generation.to_be_bytes());
+    value.extend_from_slice(&envelope);
+    value
+}
+
+/// Splits a stored value into its clear generation and its envelope.
+pub fn unframe(value: &[u8]) -> Option<(u64, &[u8])> {
+    let (generation, envelope) = value.split_at_checked(8)?;
+    let generation = u64::from_be_bytes(generation.try_into().ok()?);
+    Some((generation, envelope))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,24 +284,4 @@ mod tests {
             assert!(decode(bytes).is_err());
         }
     }
-}
-
-/// The stored value: `generation (u64 BE) || envelope`.
-///
-/// The generation is also inside the sealed payload (authenticated); this
-/// clear copy exists so a Deposit can bump the generation of a record that can
-/// no longer be opened, and so operators can count without decrypting. A clear
-/// copy that disagrees with the sealed one marks the record corrupt.
-pub fn frame(generation: u64, envelope: Vec<u8>) -> Vec<u8> {
-    let mut value = Vec::with_capacity(8 + envelope.len());
-    value.extend_from_slice(&generation.to_be_bytes());
-    value.extend_from_slice(&envelope);
-    value
-}
-
-/// Splits a stored value into its clear generation and its envelope.
-pub fn unframe(value: &[u8]) -> Option<(u64, &[u8])> {
-    let (generation, envelope) = value.split_at_checked(8)?;
-    let generation = u64::from_be_bytes(generation.try_into().ok()?);
-    Some((generation, envelope))
 }

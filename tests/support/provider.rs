@@ -21,6 +21,8 @@
 //! Every response carries `Cache-Control: no-store` and a JSON content type. State lives behind
 //! a std `Mutex` that is never held across an `.await`; the server never panics on client input.
 #![allow(dead_code)]
+// Handlers bail out with a ready `Response`; boxing it would only add noise to a test double.
+#![allow(clippy::result_large_err)]
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -44,7 +46,11 @@ use tokio::task::JoinHandle;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// Arbitrary status and raw body, optionally with `Retry-After: <secs>` (e.g. 503, 429).
-    Status { status: u16, body: String, retry_after: Option<u64> },
+    Status {
+        status: u16,
+        body: String,
+        retry_after: Option<u64>,
+    },
     /// RFC 6749 §5.2 error: `{"error": error, "error_description": "injected fault"}`.
     OAuthError { status: u16, error: String },
     /// `200 OK` whose body is not JSON.
@@ -144,15 +150,30 @@ impl State {
     fn new_family(&mut self, client_id: &str, scope: Option<String>) -> (u64, String) {
         let rt = self.next("rt");
         let id = self.next_id;
-        let family = Family { client_id: client_id.to_owned(), scope, latest: rt.clone(), revoked: false };
+        let family = Family {
+            client_id: client_id.to_owned(),
+            scope,
+            latest: rt.clone(),
+            revoked: false,
+        };
         self.families.insert(id, family);
-        self.refresh_tokens.insert(rt.clone(), RefreshRecord { family: id, rotated: false });
+        self.refresh_tokens.insert(
+            rt.clone(),
+            RefreshRecord {
+                family: id,
+                rotated: false,
+            },
+        );
         (id, rt)
     }
 
     fn issue_access(&mut self, client_id: &str, family: Option<u64>) -> String {
         let at = self.next("at");
-        let rec = AccessRecord { client_id: client_id.to_owned(), family, revoked: false };
+        let rec = AccessRecord {
+            client_id: client_id.to_owned(),
+            family,
+            revoked: false,
+        };
         self.access_tokens.insert(at.clone(), rec);
         self.issued_access.push(at.clone());
         at
@@ -165,9 +186,9 @@ impl State {
     }
 
     fn rt_live(&self, rt: &str) -> bool {
-        self.refresh_tokens.get(rt).is_some_and(|r| {
-            !r.rotated && self.families.get(&r.family).is_some_and(|f| !f.revoked)
-        })
+        self.refresh_tokens
+            .get(rt)
+            .is_some_and(|r| !r.rotated && self.families.get(&r.family).is_some_and(|f| !f.revoked))
     }
 }
 
@@ -195,7 +216,9 @@ pub struct ProviderDouble {
 impl ProviderDouble {
     /// Binds `127.0.0.1:0` and serves in a background task.
     pub async fn start() -> ProviderDouble {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind provider double");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind provider double");
         let addr = listener.local_addr().expect("provider double local addr");
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let state = State {
@@ -228,16 +251,25 @@ impl ProviderDouble {
         let app = Router::new()
             .route("/token", any(token_endpoint))
             .route("/revoke", any(revoke_endpoint))
-            .fallback(|| async { oauth_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+            .fallback(|| async {
+                oauth_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+            })
             .with_state(shared.clone());
         let mut signal = shutdown_rx;
         let task = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = signal.wait_for(|s| *s).await;
             };
-            let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await;
         });
-        ProviderDouble { addr, shared, shutdown_tx, task: Mutex::new(Some(task)) }
+        ProviderDouble {
+            addr,
+            shared,
+            shutdown_tx,
+            task: Mutex::new(Some(task)),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -259,7 +291,10 @@ impl ProviderDouble {
         self.shutdown_tx.send_replace(true);
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut task) = task {
-            if tokio::time::timeout(Duration::from_secs(5), &mut task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+            {
                 task.abort();
             }
         }
@@ -267,7 +302,10 @@ impl ProviderDouble {
 
     /// Registers (or replaces) a client. `None` secret = public client.
     pub fn register_client(&self, client_id: &str, client_secret: Option<&str>) {
-        self.shared.lock().clients.insert(client_id.to_owned(), client_secret.map(str::to_owned));
+        self.shared
+            .lock()
+            .clients
+            .insert(client_id.to_owned(), client_secret.map(str::to_owned));
     }
 
     /// Seeds a new grant (token family) for `client_id` and returns its refresh token.
@@ -278,11 +316,19 @@ impl ProviderDouble {
     /// Like `issue_refresh_token`, with the scope the grant was consented for. Refreshes may
     /// request a subset (else `invalid_scope`); responses echo the request's or this scope.
     pub fn issue_refresh_token_with_scope(&self, client_id: &str, scope: Option<&str>) -> String {
-        self.shared.lock().new_family(client_id, scope.map(str::to_owned)).1
+        self.shared
+            .lock()
+            .new_family(client_id, scope.map(str::to_owned))
+            .1
     }
 
     /// Issues a single-use authorization code. `code_challenge` is an S256 challenge.
-    pub fn issue_authorization_code(&self, client_id: &str, redirect_uri: &str, code_challenge: Option<&str>) -> String {
+    pub fn issue_authorization_code(
+        &self,
+        client_id: &str,
+        redirect_uri: &str,
+        code_challenge: Option<&str>,
+    ) -> String {
         let mut st = self.shared.lock();
         let code = st.next("code");
         let rec = CodeRecord {
@@ -344,7 +390,9 @@ impl ProviderDouble {
     /// Parks token requests (after they are counted) until the guard is released or dropped.
     pub fn hold_token_calls(&self) -> HoldGuard {
         self.shared.holds.send_modify(|n| *n += 1);
-        HoldGuard { shared: self.shared.clone() }
+        HoldGuard {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Resolves once at least `n` token calls have arrived (counted, possibly still held).
@@ -361,7 +409,12 @@ impl ProviderDouble {
         self.calls_by_grant_type("refresh_token")
     }
     pub fn calls_by_grant_type(&self, grant_type: &str) -> usize {
-        self.shared.lock().calls_by_grant.get(grant_type).copied().unwrap_or(0)
+        self.shared
+            .lock()
+            .calls_by_grant
+            .get(grant_type)
+            .copied()
+            .unwrap_or(0)
     }
     pub fn revocation_calls(&self) -> usize {
         self.shared.lock().revocation_calls
@@ -380,7 +433,9 @@ impl ProviderDouble {
     pub fn is_access_token_live(&self, access_token: &str) -> bool {
         let st = self.shared.lock();
         st.access_tokens.get(access_token).is_some_and(|a| {
-            !a.revoked && a.family.is_none_or(|f| st.families.get(&f).is_some_and(|f| !f.revoked))
+            !a.revoked
+                && a.family
+                    .is_none_or(|f| st.families.get(&f).is_some_and(|f| !f.revoked))
         })
     }
     /// All access tokens issued so far, oldest first.
@@ -402,7 +457,12 @@ impl ProviderDouble {
 impl Drop for ProviderDouble {
     fn drop(&mut self) {
         self.shutdown_tx.send_replace(true);
-        if let Some(task) = self.task.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(task) = self
+            .task
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             task.abort();
         }
     }
@@ -422,7 +482,10 @@ fn json_response(status: StatusCode, body: String) -> Response {
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     resp
@@ -433,7 +496,10 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     let mut resp = json_response(status, body.to_string());
     if status == StatusCode::UNAUTHORIZED {
         let h = resp.headers_mut();
-        h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"provider-double\""));
+        h.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"provider-double\""),
+        );
     }
     resp
 }
@@ -448,11 +514,16 @@ fn invalid_grant(description: &str) -> Response {
 
 async fn fault_response(fault: Fault, mut shutdown: watch::Receiver<bool>) -> Response {
     match fault {
-        Fault::Status { status, body, retry_after } => {
+        Fault::Status {
+            status,
+            body,
+            retry_after,
+        } => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut resp = json_response(status, body);
             if let Some(secs) = retry_after {
-                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             resp
         }
@@ -463,7 +534,11 @@ async fn fault_response(fault: Fault, mut shutdown: watch::Receiver<bool>) -> Re
         Fault::Garbage => json_response(StatusCode::OK, "<html><body>Service Unavailable".into()),
         Fault::Hang => {
             let _ = shutdown.wait_for(|s| *s).await;
-            oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "shutting down")
+            oauth_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "shutting down",
+            )
         }
     }
 }
@@ -476,7 +551,9 @@ fn percent_decode(s: &str) -> Result<String, String> {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit));
                 let hex = hex.and_then(|h| std::str::from_utf8(h).ok());
                 let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
                 out.push(byte.ok_or_else(|| "malformed percent-encoding".to_owned())?);
@@ -499,34 +576,58 @@ fn parse_form(s: &str) -> Result<Params, String> {
 }
 
 async fn read_form(headers: &HeaderMap, body: Body) -> Result<Params, String> {
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let mime = ct.split(';').next().unwrap_or("").trim();
     if !mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
-        return Err(format!("content-type must be application/x-www-form-urlencoded, got {ct:?}"));
+        return Err(format!(
+            "content-type must be application/x-www-form-urlencoded, got {ct:?}"
+        ));
     }
-    let bytes = axum::body::to_bytes(body, 64 * 1024).await.map_err(|e| format!("body: {e}"))?;
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map_err(|e| format!("body: {e}"))?;
     parse_form(std::str::from_utf8(&bytes).map_err(|_| "body is not UTF-8".to_owned())?)
 }
 
 /// RFC 6749 §3.1: empty parameters are treated as omitted.
 fn param<'a>(params: &'a Params, name: &str) -> Option<&'a str> {
-    params.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty())
+    params
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .filter(|v| !v.is_empty())
 }
 
 fn duplicate_param(params: &Params) -> Option<&str> {
     let mut seen = std::collections::HashSet::new();
-    params.iter().find(|(k, _)| !seen.insert(k.as_str())).map(|(k, _)| k.as_str())
+    params
+        .iter()
+        .find(|(k, _)| !seen.insert(k.as_str()))
+        .map(|(k, _)| k.as_str())
 }
 
 /// Authenticates the client (RFC 6749 §2.3); records what was presented.
 fn authenticate(st: &mut State, headers: &HeaderMap, params: &Params) -> Result<String, Response> {
     let unauthorized = |d: &str| oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", d);
-    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let basic = auth.and_then(|a| a.split_once(' ')).filter(|(s, _)| s.eq_ignore_ascii_case("basic"));
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let basic = auth
+        .and_then(|a| a.split_once(' '))
+        .filter(|(s, _)| s.eq_ignore_ascii_case("basic"));
     let (method, id, secret) = if let Some((_, b64)) = basic {
-        st.last_client_auth = Some(ClientAuthSeen { method: ClientAuthMethod::Basic, client_id: String::new() });
+        st.last_client_auth = Some(ClientAuthSeen {
+            method: ClientAuthMethod::Basic,
+            client_id: String::new(),
+        });
         let b64 = b64.trim();
-        let decoded = STANDARD.decode(b64).or_else(|_| STANDARD_NO_PAD.decode(b64));
+        let decoded = STANDARD
+            .decode(b64)
+            .or_else(|_| STANDARD_NO_PAD.decode(b64));
         let text = decoded.ok().and_then(|d| String::from_utf8(d).ok());
         let Some((id, secret)) = text.as_deref().and_then(|t| t.split_once(':')) else {
             return Err(unauthorized("malformed Basic credentials"));
@@ -534,21 +635,38 @@ fn authenticate(st: &mut State, headers: &HeaderMap, params: &Params) -> Result<
         let (Ok(id), Ok(secret)) = (percent_decode(id), percent_decode(secret)) else {
             return Err(unauthorized("malformed Basic credentials"));
         };
-        st.last_client_auth = Some(ClientAuthSeen { method: ClientAuthMethod::Basic, client_id: id.clone() });
+        st.last_client_auth = Some(ClientAuthSeen {
+            method: ClientAuthMethod::Basic,
+            client_id: id.clone(),
+        });
         if param(params, "client_secret").is_some() {
-            return Err(bad_request("invalid_request", "multiple client authentication methods"));
+            return Err(bad_request(
+                "invalid_request",
+                "multiple client authentication methods",
+            ));
         }
         if param(params, "client_id").is_some_and(|body_id| body_id != id) {
             return Err(unauthorized("client_id does not match Basic credentials"));
         }
-        (ClientAuthMethod::Basic, id, Some(secret).filter(|s| !s.is_empty()))
+        (
+            ClientAuthMethod::Basic,
+            id,
+            Some(secret).filter(|s| !s.is_empty()),
+        )
     } else {
         let id = param(params, "client_id").unwrap_or("").to_owned();
         let secret = param(params, "client_secret").map(str::to_owned);
-        let method = if secret.is_some() { ClientAuthMethod::Post } else { ClientAuthMethod::None };
+        let method = if secret.is_some() {
+            ClientAuthMethod::Post
+        } else {
+            ClientAuthMethod::None
+        };
         (method, id, secret)
     };
-    st.last_client_auth = Some(ClientAuthSeen { method, client_id: id.clone() });
+    st.last_client_auth = Some(ClientAuthSeen {
+        method,
+        client_id: id.clone(),
+    });
     if id.is_empty() {
         return Err(unauthorized("client authentication required"));
     }
@@ -560,9 +678,18 @@ fn authenticate(st: &mut State, headers: &HeaderMap, params: &Params) -> Result<
 }
 
 /// `POST /token`: count, record, pick a fault (arrival order), hold, latency, then process.
-async fn token_endpoint(AxState(shared): AxState<Arc<Shared>>, method: Method, headers: HeaderMap, body: Body) -> Response {
+async fn token_endpoint(
+    AxState(shared): AxState<Arc<Shared>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     if method != Method::POST {
-        return oauth_error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request", "use POST");
+        return oauth_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "use POST",
+        );
     }
     let form = read_form(&headers, body).await;
     let (fault, latency) = {
@@ -620,11 +747,19 @@ fn handle_token(st: &mut State, headers: &HeaderMap, params: &Params) -> Respons
         },
         "client_credentials" => {
             if st.clients.get(&client_id).is_some_and(Option::is_none) {
-                return bad_request("unauthorized_client", "public clients cannot use client_credentials");
+                return bad_request(
+                    "unauthorized_client",
+                    "public clients cannot use client_credentials",
+                );
             }
             (None, None, requested_scope)
         }
-        other => return bad_request("unsupported_grant_type", &format!("grant_type {other} not supported")),
+        other => {
+            return bad_request(
+                "unsupported_grant_type",
+                &format!("grant_type {other} not supported"),
+            )
+        }
     };
     let access_token = st.issue_access(&client_id, family);
     let mut body = json!({ "access_token": access_token, "token_type": "Bearer" });
@@ -642,7 +777,12 @@ fn handle_token(st: &mut State, headers: &HeaderMap, params: &Params) -> Respons
 
 type GrantResult = Result<(Option<u64>, Option<String>, Option<String>), Response>;
 
-fn refresh_grant(st: &mut State, client_id: &str, params: &Params, requested: Option<String>) -> GrantResult {
+fn refresh_grant(
+    st: &mut State,
+    client_id: &str,
+    params: &Params,
+    requested: Option<String>,
+) -> GrantResult {
     let Some(rt) = param(params, "refresh_token") else {
         return Err(bad_request("invalid_request", "missing refresh_token"));
     };
@@ -653,7 +793,11 @@ fn refresh_grant(st: &mut State, client_id: &str, params: &Params, requested: Op
     let Some(family) = st.families.get(&family_id) else {
         return Err(invalid_grant("unknown refresh token"));
     };
-    let (family_client, revoked, granted) = (family.client_id.clone(), family.revoked, family.scope.clone());
+    let (family_client, revoked, granted) = (
+        family.client_id.clone(),
+        family.revoked,
+        family.scope.clone(),
+    );
     if family_client != client_id {
         return Err(invalid_grant("refresh token was issued to another client"));
     }
@@ -668,15 +812,28 @@ fn refresh_grant(st: &mut State, client_id: &str, params: &Params, requested: Op
     }
     if let (Some(req), Some(granted)) = (&requested, &granted) {
         let granted: Vec<&str> = granted.split(' ').collect();
-        if !req.split(' ').filter(|s| !s.is_empty()).all(|s| granted.contains(&s)) {
-            return Err(bad_request("invalid_scope", "requested scope exceeds the grant"));
+        if !req
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .all(|s| granted.contains(&s))
+        {
+            return Err(bad_request(
+                "invalid_scope",
+                "requested scope exceeds the grant",
+            ));
         }
     }
     let scope = requested.or(granted);
     let mut new_rt = None;
     if st.rotation {
         let next = st.next("rt");
-        st.refresh_tokens.insert(next.clone(), RefreshRecord { family: family_id, rotated: false });
+        st.refresh_tokens.insert(
+            next.clone(),
+            RefreshRecord {
+                family: family_id,
+                rotated: false,
+            },
+        );
         if let Some(old) = st.refresh_tokens.get_mut(rt) {
             old.rotated = true;
         }
@@ -698,7 +855,9 @@ fn code_grant(st: &mut State, client_id: &str, params: &Params) -> Result<(u64, 
     let (rec_client, used, issued_family) = (rec.client_id.clone(), rec.used, rec.family);
     let (redirect_uri, challenge) = (rec.redirect_uri.clone(), rec.challenge.clone());
     if rec_client != client_id {
-        return Err(invalid_grant("authorization code was issued to another client"));
+        return Err(invalid_grant(
+            "authorization code was issued to another client",
+        ));
     }
     if used {
         // RFC 6749 §4.1.2: SHOULD revoke tokens previously issued from a replayed code.
@@ -714,7 +873,9 @@ fn code_grant(st: &mut State, client_id: &str, params: &Params) -> Result<(u64, 
         let Some(verifier) = param(params, "code_verifier") else {
             return Err(invalid_grant("code_verifier required"));
         };
-        let charset_ok = verifier.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+        let charset_ok = verifier
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
         if !(43..=128).contains(&verifier.len()) || !charset_ok {
             return Err(invalid_grant("malformed code_verifier"));
         }
@@ -730,9 +891,18 @@ fn code_grant(st: &mut State, client_id: &str, params: &Params) -> Result<(u64, 
     Ok((family, rt))
 }
 
-async fn revoke_endpoint(AxState(shared): AxState<Arc<Shared>>, method: Method, headers: HeaderMap, body: Body) -> Response {
+async fn revoke_endpoint(
+    AxState(shared): AxState<Arc<Shared>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     if method != Method::POST {
-        return oauth_error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request", "use POST");
+        return oauth_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "use POST",
+        );
     }
     let form = read_form(&headers, body).await;
     let fault = {
@@ -764,7 +934,11 @@ async fn revoke_endpoint(AxState(shared): AxState<Arc<Shared>>, method: Method, 
     // token_type_hint is only a hint (RFC 7009 §2.1): look the token up in both stores.
     let not_yours = || bad_request("unauthorized_client", "token was issued to another client");
     if let Some(family) = st.refresh_tokens.get(token).map(|r| r.family) {
-        if st.families.get(&family).is_some_and(|f| f.client_id != client_id) {
+        if st
+            .families
+            .get(&family)
+            .is_some_and(|f| f.client_id != client_id)
+        {
             return not_yours();
         }
         st.revoke_family(family);
@@ -775,17 +949,4 @@ async fn revoke_endpoint(AxState(shared): AxState<Arc<Shared>>, method: Method, 
         at.revoked = true;
     }
     json_response(StatusCode::OK, "{}".into())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn pkce_and_form_decoding() {
-        // RFC 7636 Appendix B.
-        let challenge = super::pkce_challenge("dBjftJeZ4CVP-mB92K_uyaHAEyTaSrX-eYMhm8YO6v8");
-        assert_eq!(challenge, "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
-        let form = super::parse_form("a=b+c%2Fd&e=&f").unwrap();
-        assert_eq!(form, vec![("a".into(), "b c/d".into()), ("e".into(), "".into()), ("f".into(), "".into())]);
-        assert!(super::parse_form("a=%zz").is_err() && super::parse_form("a=%4").is_err());
-    }
 }

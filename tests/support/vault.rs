@@ -1,0 +1,300 @@
+//! Starts the real credvault server in-process on 127.0.0.1:0 with real mTLS
+//! (certificates generated per test), a real sealed keyring and a real sled
+//! store, and builds real gRPC clients for it.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use credvault::{
+    api::pb::{self, credential_vault_client::CredentialVaultClient},
+    config::Config,
+    crypto::{self, KdfParams, Keyring},
+    dev::pki::{CertifiedKey, ClientCertSpec, DevCa},
+    secret::SecretString,
+    server::{self, Listeners, ServerError},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic_types::StatusExt;
+
+pub const PASSPHRASE: &str = "test passphrase, not a secret";
+pub const TRUST_DOMAIN: &str = "credvault.test";
+
+/// Certificates for one test: a CA, the server, and named clients.
+pub struct TestPki {
+    pub ca: DevCa,
+    pub server: CertifiedKey,
+    pub clients: HashMap<&'static str, CertifiedKey>,
+}
+
+impl TestPki {
+    pub fn generate() -> Self {
+        let ca = DevCa::generate("credvault test CA").unwrap();
+        let server = ca
+            .issue_server(&["localhost"], &["127.0.0.1".parse().unwrap()])
+            .unwrap();
+        let mut clients = HashMap::new();
+        for name in ["admin", "acme", "stranger"] {
+            let cert = ca
+                .issue_client(&ClientCertSpec {
+                    uri_sans: vec![format!("spiffe://{TRUST_DOMAIN}/{name}")],
+                    ..Default::default()
+                })
+                .unwrap();
+            clients.insert(name, cert);
+        }
+        Self {
+            ca,
+            server,
+            clients,
+        }
+    }
+}
+
+const POLICY: &str = r#"
+[[rule]]
+identity = "spiffe://credvault.test/admin"
+tenants = ["*"]
+actions = ["deposit", "get", "revoke", "admin"]
+
+[[rule]]
+identity = "spiffe://credvault.test/acme"
+tenants = ["acme"]
+actions = ["deposit", "get", "revoke"]
+"#;
+
+/// A vault's on-disk home: certificates, keyring, policy, config, data.
+pub struct VaultDir {
+    pub dir: tempfile::TempDir,
+    pub pki: TestPki,
+}
+
+impl VaultDir {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = TestPki::generate();
+        let p = dir.path();
+        std::fs::write(p.join("ca.pem"), pki.ca.ca_cert_pem()).unwrap();
+        std::fs::write(p.join("server.pem"), &pki.server.cert_pem).unwrap();
+        std::fs::write(p.join("server-key.pem"), &pki.server.key_pem).unwrap();
+        std::fs::write(p.join("policy.toml"), POLICY).unwrap();
+        std::fs::write(p.join("keyring.passphrase"), PASSPHRASE).unwrap();
+        write_keyring(&p.join("keyring.cvk"), &Keyring::generate());
+        std::fs::write(
+            p.join("credvault.toml"),
+            format!(
+                r#"
+data_dir = "data"
+[tls]
+cert = "server.pem"
+key = "server-key.pem"
+client_ca = "ca.pem"
+[keyring]
+path = "keyring.cvk"
+passphrase_file = "keyring.passphrase"
+[auth]
+policy = "policy.toml"
+trust_domain = "{TRUST_DOMAIN}"
+[upstream]
+allow_http_loopback = true
+request_timeout = "5s"
+[server]
+shutdown_grace = "5s"
+"#
+            ),
+        )
+        .unwrap();
+        Self { dir, pki }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn keyring_path(&self) -> PathBuf {
+        self.path().join("keyring.cvk")
+    }
+
+    pub fn config(&self) -> Config {
+        Config::load(&self.path().join("credvault.toml")).unwrap()
+    }
+
+    pub fn keyring(&self) -> Keyring {
+        crypto::load(&self.keyring_path(), &SecretString::from(PASSPHRASE)).unwrap()
+    }
+}
+
+pub fn write_keyring(path: &Path, keyring: &Keyring) {
+    crypto::store(
+        path,
+        keyring,
+        &SecretString::from(PASSPHRASE),
+        KdfParams::fast_for_tests(),
+    )
+    .unwrap();
+}
+
+/// A running vault.
+pub struct TestVault {
+    pub addr: SocketAddr,
+    pub ops_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl TestVault {
+    /// Starts the vault on `dir` and waits until it is ready.
+    pub async fn start(dir: &VaultDir) -> Self {
+        Self::try_start(dir.config()).await.unwrap()
+    }
+
+    /// Starts the vault, returning the start-up error if it refuses to run.
+    pub async fn try_start(config: Config) -> Result<Self, ServerError> {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let ops_addr = ops.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let mut task = tokio::spawn(server::run(config, Listeners { grpc, ops }, async move {
+            let _ = stopped.await;
+        }));
+        // Ready means /readyz says so; a start-up error ends the task first.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if task.is_finished() {
+                return Err((&mut task).await.unwrap().unwrap_err());
+            }
+            if readyz(ops_addr).await == Some(200) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "vault did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self {
+            addr,
+            ops_addr,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Graceful shutdown; returns what `server::run` returned.
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().unwrap().await.unwrap()
+    }
+
+    pub async fn channel(&self, client: Option<&CertifiedKey>, ca_pem: &str) -> Channel {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca_pem))
+            .domain_name("localhost");
+        if let Some(client) = client {
+            tls = tls.identity(Identity::from_pem(&client.cert_pem, &client.key_pem));
+        }
+        Endpoint::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy()
+    }
+
+    /// A CredentialVault client with the named client certificate.
+    pub async fn client(&self, dir: &VaultDir, name: &str) -> CredentialVaultClient<Channel> {
+        let cert = &dir.pki.clients[name];
+        CredentialVaultClient::new(self.channel(Some(cert), dir.pki.ca.ca_cert_pem()).await)
+    }
+}
+
+impl Drop for TestVault {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The HTTP status of `/readyz`, or `None` if nothing answers.
+pub async fn readyz(ops: SocketAddr) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(ops).await.ok()?;
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+pub fn reference(tenant: &str, subject: &str, provider: &str) -> Option<pb::CredentialRef> {
+    Some(pb::CredentialRef {
+        tenant: tenant.into(),
+        subject: subject.into(),
+        provider: provider.into(),
+    })
+}
+
+/// An OAuth client for the provider double (client_secret_basic).
+pub fn oauth_client(token_url: &str, client_id: &str, secret: &str) -> Option<pb::OAuthClient> {
+    Some(pb::OAuthClient {
+        token_endpoint: token_url.into(),
+        client_id: client_id.into(),
+        client_secret: secret.into(),
+        auth_method: pb::ClientAuthMethod::ClientSecretBasic as i32,
+        revocation_endpoint: String::new(),
+        scopes: vec![],
+    })
+}
+
+pub fn refresh_grant(
+    refresh_token: &str,
+    access: Option<(&str, std::time::SystemTime)>,
+) -> Option<pb::deposit_request::Grant> {
+    Some(pb::deposit_request::Grant::RefreshToken(
+        pb::RefreshTokenGrant {
+            refresh_token: refresh_token.into(),
+            access_token: access.map(|(t, _)| t.to_owned()).unwrap_or_default(),
+            access_token_expires_at: access.map(|(_, at)| prost_types::Timestamp::from(at)),
+        },
+    ))
+}
+
+pub fn get_request(tenant: &str, subject: &str, provider: &str) -> pb::GetAccessTokenRequest {
+    pb::GetAccessTokenRequest {
+        credential: reference(tenant, subject, provider),
+        min_valid_for: None,
+        force_refresh: false,
+    }
+}
+
+/// The `google.rpc.ErrorInfo` of a status: (reason, domain, metadata).
+pub fn error_info(status: &tonic::Status) -> (String, String, HashMap<String, String>) {
+    let details = status.get_error_details();
+    let info = details
+        .error_info()
+        .unwrap_or_else(|| panic!("status without ErrorInfo: {status:?}"));
+    (
+        info.reason.clone(),
+        info.domain.clone(),
+        info.metadata.clone(),
+    )
+}
+
+/// The BadRequest field names of a status.
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}

@@ -137,6 +137,9 @@ pub async fn run(
             .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
             // So grpcurl can render google.rpc error details from any status.
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            // So `grpcurl list` shows every service the port really serves.
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection()
         .build_v1()

@@ -1,0 +1,202 @@
+//! No secret ever reaches a log line or an error message.
+//!
+//! Every path that handles secrets (deposit of each grant type, cache hits,
+//! refresh with rotation, upstream failures, reauth, revocation, bad input) runs
+//! with TRACE logging captured from every crate in the process; then the
+//! capture and every status message are searched for each secret involved.
+
+mod support;
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use credvault::api::pb;
+use support::{
+    provider::{Fault, ProviderDouble},
+    vault::*,
+};
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const CLIENT_SECRET: &str = "cs-4f9a1c77e2b04d36";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_logs_or_error_messages() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+
+    let provider = ProviderDouble::start().await;
+    provider.register_client("app", Some(CLIENT_SECRET));
+    let dir = VaultDir::new();
+    let vault = TestVault::start(&dir).await;
+    let mut client = vault.client(&dir, "admin").await;
+    let mut messages = Vec::new();
+    let mut secrets = vec![CLIENT_SECRET.to_owned(), PASSPHRASE.to_owned()];
+
+    let oauth = |revocation: bool| {
+        let mut c = oauth_client(&provider.token_url(), "app", CLIENT_SECRET).unwrap();
+        if revocation {
+            c.revocation_endpoint = provider.revocation_url();
+        }
+        Some(c)
+    };
+    let deposit = |subject: &str, grant| pb::DepositRequest {
+        credential: reference("acme", subject, "idp"),
+        client: oauth(true),
+        grant,
+        labels: Default::default(),
+    };
+
+    // Refresh-token grant with an initial access token; cache hit; refreshes.
+    let rt = provider.issue_refresh_token("app");
+    let initial_at = "at-initial-9c1e5d0b".to_owned();
+    secrets.extend([rt.clone(), initial_at.clone()]);
+    client
+        .deposit(deposit(
+            "alice",
+            refresh_grant(
+                &rt,
+                Some((&initial_at, SystemTime::now() + Duration::from_secs(3600))),
+            ),
+        ))
+        .await
+        .unwrap();
+    client
+        .get_access_token(get_request("acme", "alice", "idp"))
+        .await
+        .unwrap();
+    let mut force = get_request("acme", "alice", "idp");
+    force.force_refresh = true;
+    client.get_access_token(force.clone()).await.unwrap();
+    client.get_access_token(force.clone()).await.unwrap();
+    secrets.push(provider.current_refresh_token(&rt).unwrap());
+
+    // Upstream failures of every kind.
+    for fault in [
+        Fault::Status {
+            status: 503,
+            body: format!("upstream body mentions {rt}"),
+            retry_after: Some(1),
+        },
+        Fault::Garbage,
+        Fault::OAuthError {
+            status: 401,
+            error: "invalid_client".into(),
+        },
+    ] {
+        provider.fail_next(1, fault);
+        messages.push(client.get_access_token(force.clone()).await.unwrap_err());
+    }
+
+    // Authorization code with PKCE, and client credentials.
+    let verifier = "pkce-verifier-".to_owned() + &"x".repeat(40);
+    let code = provider.issue_authorization_code(
+        "app",
+        "https://app.example/cb",
+        Some(&support::provider::pkce_challenge(&verifier)),
+    );
+    secrets.extend([code.clone(), verifier.clone()]);
+    let code_grant = || {
+        Some(pb::deposit_request::Grant::AuthorizationCode(
+            pb::AuthorizationCodeGrant {
+                code: code.clone(),
+                redirect_uri: "https://app.example/cb".into(),
+                code_verifier: verifier.clone(),
+            },
+        ))
+    };
+    client.deposit(deposit("bob", code_grant())).await.unwrap();
+    // A replayed code: the error must not echo it.
+    messages.push(
+        client
+            .deposit(deposit("bob", code_grant()))
+            .await
+            .unwrap_err(),
+    );
+    client
+        .deposit(deposit(
+            "svc",
+            Some(pb::deposit_request::Grant::ClientCredentials(
+                pb::ClientCredentialsGrant {},
+            )),
+        ))
+        .await
+        .unwrap();
+
+    // A dead grant.
+    let dead = provider.issue_refresh_token("app");
+    secrets.push(dead.clone());
+    client
+        .deposit(deposit("carol", refresh_grant(&dead, None)))
+        .await
+        .unwrap();
+    provider.revoke_grant(&dead);
+    messages.push(
+        client
+            .get_access_token(get_request("acme", "carol", "idp"))
+            .await
+            .unwrap_err(),
+    );
+
+    // Bad input that carries secrets in other fields.
+    let mut bad = deposit("dave", refresh_grant(&rt, None));
+    bad.client.as_mut().unwrap().token_endpoint = format!("not a url {CLIENT_SECRET}");
+    messages.push(client.deposit(bad).await.unwrap_err());
+    let mut bad = deposit("dave", refresh_grant(&format!("{rt}\u{0}"), None));
+    bad.credential.as_mut().unwrap().subject.clear();
+    messages.push(client.deposit(bad).await.unwrap_err());
+
+    // Revocation, upstream included.
+    let revoked = client
+        .revoke(pb::RevokeRequest {
+            credential: reference("acme", "alice", "idp"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.upstream, pb::UpstreamRevocation::Revoked as i32);
+    vault.stop().await.unwrap();
+
+    secrets.extend(provider.issued_access_tokens());
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("access token refreshed") && logs.contains("credential revoked"),
+        "the capture must actually contain the vault's logs"
+    );
+    let statuses: Vec<String> = messages
+        .iter()
+        .map(|s| format!("{} {:?}", s.message(), s))
+        .collect();
+    for secret in &secrets {
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a secret leaked into the logs"
+        );
+        for status in &statuses {
+            assert!(
+                !status.contains(secret.as_str()),
+                "a secret leaked into a status: {status}"
+            );
+        }
+    }
+}

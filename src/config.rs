@@ -6,6 +6,7 @@
 //! in the README's configuration reference.
 
 use std::{
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -17,7 +18,12 @@ use figment::{
 };
 use serde::Deserialize;
 
-use crate::secret::SecretString;
+use url::Url;
+
+use crate::{
+    broker::model::{ClientAuth, ClientConfig},
+    secret::SecretString,
+};
 
 /// Why the configuration cannot be used. One line, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +57,41 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Provider presets: a Deposit whose `provider` names one may omit `client`.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderPreset>,
+}
+
+/// A provider preset: a complete OAuth client kept in the server's config, so
+/// callers need not know client secrets and operators can rotate them in one
+/// place (credentials deposited under a preset use the preset's current
+/// settings on every refresh).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderPreset {
+    pub token_endpoint: String,
+    #[serde(default)]
+    pub revocation_endpoint: Option<String>,
+    /// `client_secret_basic` (default), `client_secret_post` or `none`.
+    #[serde(default)]
+    pub auth_method: PresetAuthMethod,
+    pub client_id: String,
+    /// For `CREDVAULT_PROVIDERS__<NAME>__CLIENT_SECRET`.
+    #[serde(default)]
+    pub client_secret: Option<SecretString>,
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PresetAuthMethod {
+    #[default]
+    ClientSecretBasic,
+    ClientSecretPost,
+    None,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -105,6 +146,9 @@ pub struct TokenConfig {
     /// Upper bound on a request's `min_valid_for`.
     #[serde(with = "humantime_serde")]
     pub max_min_valid_for: Duration,
+    /// At most one forced refresh per credential per this interval.
+    #[serde(with = "humantime_serde")]
+    pub force_refresh_interval: Duration,
 }
 
 impl Default for TokenConfig {
@@ -113,6 +157,7 @@ impl Default for TokenConfig {
             refresh_skew: Duration::from_secs(60),
             default_lifetime: Duration::from_secs(3600),
             max_min_valid_for: Duration::from_secs(24 * 3600),
+            force_refresh_interval: Duration::from_secs(15),
         }
     }
 }
@@ -256,6 +301,61 @@ impl Config {
             fix(p);
         }
         fix(&mut self.auth.policy);
+        for preset in self.providers.values_mut() {
+            if let Some(p) = preset.client_secret_file.as_mut() {
+                fix(p);
+            }
+        }
+    }
+
+    /// The provider presets as OAuth clients; secrets read from their files.
+    pub fn provider_presets(&self) -> Result<HashMap<String, ClientConfig>, ConfigError> {
+        let invalid = |name: &str, message: String| ConfigError::Invalid {
+            path: format!("providers.{name}"),
+            message,
+        };
+        let mut presets = HashMap::new();
+        for (name, preset) in &self.providers {
+            let url = |field: &str, raw: &str| {
+                Url::parse(raw).map_err(|e| invalid(name, format!("{field}: {e}")))
+            };
+            let secret = match (&preset.client_secret, &preset.client_secret_file) {
+                (Some(secret), _) => Some(secret.clone()),
+                (None, Some(path)) => Some(read_passphrase(path)?),
+                (None, None) => None,
+            };
+            let auth = match preset.auth_method {
+                PresetAuthMethod::ClientSecretBasic => ClientAuth::SecretBasic,
+                PresetAuthMethod::ClientSecretPost => ClientAuth::SecretPost,
+                PresetAuthMethod::None => ClientAuth::None,
+            };
+            if auth != ClientAuth::None && secret.is_none() {
+                return Err(invalid(
+                    name,
+                    "client_secret or client_secret_file is required unless auth_method = \"none\""
+                        .to_owned(),
+                ));
+            }
+            if preset.client_id.is_empty() {
+                return Err(invalid(name, "client_id is required".to_owned()));
+            }
+            presets.insert(
+                name.clone(),
+                ClientConfig {
+                    token_endpoint: url("token_endpoint", &preset.token_endpoint)?,
+                    client_id: preset.client_id.clone(),
+                    client_secret: secret,
+                    auth,
+                    revocation_endpoint: preset
+                        .revocation_endpoint
+                        .as_deref()
+                        .map(|raw| url("revocation_endpoint", raw))
+                        .transpose()?,
+                    scopes: preset.scopes.clone(),
+                },
+            );
+        }
+        Ok(presets)
     }
 
     fn validate(&self) -> Result<(), String> {

@@ -85,8 +85,12 @@ async fn secrets_never_reach_logs_or_error_messages() {
         .get_access_token(get_request("acme", "alice", "idp"))
         .await
         .unwrap();
+    // Needing two hours of one-hour tokens: every call goes upstream.
     let mut force = get_request("acme", "alice", "idp");
-    force.force_refresh = true;
+    force.min_valid_for = Some(prost_types::Duration {
+        seconds: 7200,
+        nanos: 0,
+    });
     client.get_access_token(force.clone()).await.unwrap();
     client.get_access_token(force.clone()).await.unwrap();
     secrets.push(provider.current_refresh_token(&rt).unwrap());

@@ -135,10 +135,14 @@ async fn a_provider_without_rotation_keeps_the_old_refresh_token() {
         .deposit(deposit_request(&provider, "acme", "bob", &rt, None))
         .await
         .unwrap();
-    let mut force = get_request("acme", "bob", "idp");
-    force.force_refresh = true;
-    client.get_access_token(force.clone()).await.unwrap();
-    client.get_access_token(force).await.unwrap();
+    // Needing two hours of a one-hour token refreshes every time.
+    let mut long = get_request("acme", "bob", "idp");
+    long.min_valid_for = Some(prost_types::Duration {
+        seconds: 7200,
+        nanos: 0,
+    });
+    client.get_access_token(long.clone()).await.unwrap();
+    client.get_access_token(long).await.unwrap();
     assert_eq!(provider.refresh_calls(), 2);
     assert_eq!(provider.last_token_request().unwrap()["refresh_token"], rt);
 }
@@ -844,9 +848,12 @@ async fn authorization_code_and_client_credentials_deposits() {
         .await
         .unwrap()
         .into_inner();
-    let mut force = get_request("acme", "svc", "idp");
-    force.force_refresh = true;
-    let second = client.get_access_token(force).await.unwrap().into_inner();
+    let mut long = get_request("acme", "svc", "idp");
+    long.min_valid_for = Some(prost_types::Duration {
+        seconds: 7200,
+        nanos: 0,
+    });
+    let second = client.get_access_token(long).await.unwrap().into_inner();
     assert_ne!(first.access_token, second.access_token);
     assert_eq!(provider.calls_by_grant_type("client_credentials"), 2);
 }

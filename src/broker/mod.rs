@@ -19,7 +19,7 @@ pub mod model;
 pub mod record;
 
 use std::{
-    collections::hash_map::DefaultHasher,
+    collections::{hash_map::DefaultHasher, HashMap},
     hash::{Hash, Hasher},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -32,8 +32,8 @@ use self::{
     cache::TokenCache,
     flight::SingleFlight,
     model::{
-        AccessToken, CredentialId, CredentialRecord, CredentialState, DepositCommand, Deposited,
-        Grant, ReauthCause, Revoked, TokenRequest, UpstreamRevocation,
+        AccessToken, ClientConfig, CredentialId, CredentialRecord, CredentialState, DepositCommand,
+        Deposited, Grant, ReauthCause, Revoked, TokenRequest, UpstreamRevocation,
     },
 };
 use crate::{
@@ -54,6 +54,12 @@ pub struct BrokerSettings {
     pub refresh_skew: Duration,
     /// Upper bound on a caller's `min_valid_for`.
     pub max_min_valid_for: Duration,
+    /// Provider presets by name: the OAuth client of Deposits that omit one.
+    pub presets: HashMap<String, ClientConfig>,
+    /// A `force_refresh` within this long of the last refresh is answered
+    /// with that refresh's token: a client looping on 401 cannot hammer the
+    /// provider.
+    pub force_refresh_interval: Duration,
 }
 
 impl Default for BrokerSettings {
@@ -61,6 +67,8 @@ impl Default for BrokerSettings {
         Self {
             refresh_skew: Duration::from_secs(60),
             max_min_valid_for: Duration::from_secs(24 * 3600),
+            force_refresh_interval: Duration::from_secs(15),
+            presets: HashMap::new(),
         }
     }
 }
@@ -71,6 +79,8 @@ struct FlightOutcome {
     token: AccessToken,
     /// Issued by the provider during this flight (not read from storage).
     fresh: bool,
+    /// Issued within `force_refresh_interval`: good enough for a forced call.
+    recent: bool,
 }
 
 type FlightResult = Result<FlightOutcome, BrokerError>;
@@ -117,11 +127,20 @@ impl Broker {
             grant,
             labels,
         } = cmd;
-        let client = client.ok_or_else(|| BrokerError::ClientRequired {
-            provider: id.provider.clone(),
-        })?;
+        let (client, preset) = match client {
+            Some(client) => (client, None),
+            None => match self.settings.presets.get(&id.provider) {
+                Some(preset) => (preset.clone(), Some(id.provider.clone())),
+                None => {
+                    return Err(BrokerError::ClientRequired {
+                        provider: id.provider.clone(),
+                    })
+                }
+            },
+        };
         self.upstream
             .check_client(&client)
+            .await
             .map_err(|e| upstream_error(e, &id))?;
 
         // The exchange happens before the write lock: a slow provider must not
@@ -167,6 +186,7 @@ impl Broker {
                 generation: previous + 1,
                 state: CredentialState::Active,
                 client: client.clone(),
+                preset: preset.clone(),
                 refresh_token: refresh_token.clone(),
                 access_token: access_token.clone(),
                 client_credentials,
@@ -236,9 +256,12 @@ impl Broker {
                     Err(BrokerError::Internal("refresh task failed")),
                 )
                 .await?;
-            if outcome.fresh
-                || (!request.force_refresh && outcome.token.valid_for(margin, SystemTime::now()))
-            {
+            let acceptable = if request.force_refresh {
+                outcome.recent
+            } else {
+                outcome.fresh || outcome.token.valid_for(margin, SystemTime::now())
+            };
+            if acceptable {
                 return Ok(outcome.token);
             }
         }
@@ -290,11 +313,13 @@ impl Broker {
         let Ok(record) = self.open(id, removed) else {
             return UpstreamRevocation::NotConfigured;
         };
-        let (Some(_), Some(token)) = (&record.client.revocation_endpoint, &record.refresh_token)
-        else {
+        let Ok(client) = self.client_for(&record) else {
             return UpstreamRevocation::NotConfigured;
         };
-        match self.upstream.revoke(&record.client, token).await {
+        let (Some(_), Some(token)) = (&client.revocation_endpoint, &record.refresh_token) else {
+            return UpstreamRevocation::NotConfigured;
+        };
+        match self.upstream.revoke(&client, token).await {
             Ok(()) => UpstreamRevocation::Revoked,
             Err(error) => {
                 tracing::warn!(provider = %id.provider, %error, "upstream revocation failed");
@@ -316,31 +341,45 @@ impl Broker {
             if let CredentialState::ReauthRequired(cause) = record.state {
                 return Err(reauth(cause, &id));
             }
-            if !force {
+            let now = SystemTime::now();
+            let recent = record.last_refresh_at.is_some_and(|at| {
+                now.duration_since(at)
+                    .map_or(true, |age| age < self.settings.force_refresh_interval)
+            });
+            if !force || recent {
                 if let Some(token) = record
                     .access_token
                     .as_ref()
-                    .filter(|t| t.valid_for(margin, SystemTime::now()))
+                    .filter(|t| t.valid_for(margin, now))
                 {
+                    if force {
+                        tracing::debug!(provider = %id.provider, "forced refresh coalesced with a recent one");
+                    }
                     self.cache_if_current(&id, &versioned, token).await;
                     return Ok(FlightOutcome {
                         token: token.clone(),
                         fresh: false,
+                        recent,
                     });
                 }
             }
 
+            let client = self.client_for(&record)?;
             let issued = match (&record.refresh_token, record.client_credentials) {
-                (Some(refresh_token), _) => {
-                    self.upstream.refresh(&record.client, refresh_token).await
-                }
-                (None, true) => self.upstream.client_credentials(&record.client).await,
+                (Some(refresh_token), _) => self.upstream.refresh(&client, refresh_token).await,
+                (None, true) => self.upstream.client_credentials(&client).await,
                 (None, false) => return Err(reauth(ReauthCause::NoRefreshToken, &id)),
             };
 
             match issued {
                 Ok(tokens) => match self.write_back(&id, &versioned, &record, tokens).await? {
-                    WriteBack::Stored(token) => return Ok(FlightOutcome { token, fresh: true }),
+                    WriteBack::Stored(token) => {
+                        return Ok(FlightOutcome {
+                            token,
+                            fresh: true,
+                            recent: true,
+                        })
+                    }
                     // A Deposit replaced the grant meanwhile; serve the new one.
                     WriteBack::Superseded => continue,
                 },
@@ -542,6 +581,19 @@ impl Broker {
             record::frame(record.generation, envelope),
             keyring.primary().get(),
         ))
+    }
+
+    /// The OAuth client to use for a record: its preset's current settings
+    /// (so an operator's secret rotation applies at once), else its own.
+    fn client_for(&self, record: &CredentialRecord) -> Result<ClientConfig, BrokerError> {
+        match &record.preset {
+            None => Ok(record.client.clone()),
+            Some(name) => self.settings.presets.get(name).cloned().ok_or_else(|| {
+                BrokerError::ProviderRejectedClient {
+                    oauth_error: "preset_not_configured".to_owned(),
+                }
+            }),
+        }
     }
 
     async fn write_lock(&self, id: &CredentialId) -> MutexGuard<'_, ()> {

@@ -138,6 +138,8 @@ pub struct CredentialRecord {
     pub generation: u64,
     pub state: CredentialState,
     pub client: ClientConfig,
+    /// Deposited without a client: the preset whose current settings apply.
+    pub preset: Option<String>,
     /// `None` for client-credentials grants, which mint tokens without one.
     pub refresh_token: Option<SecretString>,
     pub access_token: Option<AccessToken>,

@@ -51,6 +51,8 @@ struct RecordPayload {
     last_refresh_at_ms: Option<i64>,
     #[prost(bool, tag = "10")]
     client_credentials: bool,
+    #[prost(string, optional, tag = "11")]
+    preset: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -144,6 +146,7 @@ pub fn encode(record: &CredentialRecord) -> Zeroizing<Vec<u8>> {
         updated_at_ms: to_millis(record.updated_at),
         last_refresh_at_ms: record.last_refresh_at.map(to_millis),
         client_credentials: record.client_credentials,
+        preset: record.preset.clone(),
     };
     Zeroizing::new(payload.encode_to_vec())
 }
@@ -193,6 +196,7 @@ pub fn decode(bytes: &[u8]) -> Result<CredentialRecord, RecordDecodeError> {
         refresh_token: payload.refresh_token.take().map(SecretString::from),
         access_token,
         client_credentials: payload.client_credentials,
+        preset: payload.preset.take(),
         labels: std::mem::take(&mut payload.labels),
         created_at: from_millis(payload.created_at_ms),
         updated_at: from_millis(payload.updated_at_ms),
@@ -256,6 +260,7 @@ mod tests {
                 scopes: vec!["read".into()],
             }),
             client_credentials: false,
+            preset: None,
             labels: [("team".to_string(), "core".to_string())].into(),
             created_at: now,
             updated_at: now,

@@ -117,6 +117,15 @@ pub async fn run(
         default_token_lifetime: config.tokens.default_lifetime,
     })
     .map_err(|e| ServerError::Upstream(e.to_string()))?;
+    let presets = config.provider_presets()?;
+    for (name, preset) in &presets {
+        upstream.check_client(preset).await.map_err(|e| {
+            ServerError::Config(crate::config::ConfigError::Invalid {
+                path: format!("providers.{name}"),
+                message: e.to_string(),
+            })
+        })?;
+    }
     let store: Arc<dyn CredentialStore> = Arc::new(store);
     let broker = Broker::new(
         Arc::clone(&store),
@@ -125,6 +134,8 @@ pub async fn run(
         BrokerSettings {
             refresh_skew: config.tokens.refresh_skew,
             max_min_valid_for: config.tokens.max_min_valid_for,
+            force_refresh_interval: config.tokens.force_refresh_interval,
+            presets,
         },
     );
 

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use oauth2::{HttpRequest, HttpResponse};
 
+use super::policy::PolicyResolver;
+
 /// Outcomes of one HTTP exchange that are not a usable response.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HttpError {
@@ -53,7 +55,7 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
-    pub fn new(settings: &HttpSettings) -> Result<Self, reqwest::Error> {
+    pub fn new(settings: &HttpSettings, resolver: PolicyResolver) -> Result<Self, reqwest::Error> {
         crate::server::tls::install_crypto_provider();
         let client = reqwest::Client::builder()
             // A redirect would let a provider steer our credentials to a host
@@ -62,6 +64,8 @@ impl HttpClient {
             .connect_timeout(settings.connect_timeout)
             .timeout(settings.request_timeout)
             .https_only(false)
+            // Every name is resolved through the endpoint policy.
+            .dns_resolver(std::sync::Arc::new(resolver))
             .build()?;
         Ok(Self {
             client,

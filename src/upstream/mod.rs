@@ -19,7 +19,7 @@ use oauth2::{
 use url::Url;
 
 pub use self::http::{HttpClient, HttpError, HttpSettings};
-pub use self::policy::{EndpointPolicy, EndpointRejected};
+pub use self::policy::{EndpointPolicy, EndpointRejected, PolicyResolver};
 use crate::{
     broker::model::{AccessToken, ClientAuth, ClientConfig},
     secret::SecretString,
@@ -80,7 +80,7 @@ type ConfiguredClient = BasicClient<
 impl Upstream {
     pub fn new(settings: UpstreamSettings) -> Result<Self, reqwest::Error> {
         Ok(Self {
-            http: HttpClient::new(&settings.http)?,
+            http: HttpClient::new(&settings.http, PolicyResolver::new(settings.policy.clone()))?,
             policy: settings.policy,
             default_token_lifetime: settings.default_token_lifetime,
         })
@@ -90,11 +90,11 @@ impl Upstream {
         &self.policy
     }
 
-    /// Checks a client's endpoints against the policy.
-    pub fn check_client(&self, client: &ClientConfig) -> Result<(), UpstreamError> {
-        self.policy.check(&client.token_endpoint)?;
+    /// Checks a client's endpoints against the policy, DNS included.
+    pub async fn check_client(&self, client: &ClientConfig) -> Result<(), UpstreamError> {
+        self.policy.check_resolved(&client.token_endpoint).await?;
         if let Some(revocation) = &client.revocation_endpoint {
-            self.policy.check(revocation)?;
+            self.policy.check_resolved(revocation).await?;
         }
         Ok(())
     }

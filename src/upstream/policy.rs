@@ -72,6 +72,71 @@ impl EndpointPolicy {
     }
 }
 
+impl EndpointPolicy {
+    /// Whether a resolved address may be connected to. Loopback is allowed
+    /// with `allow_http_loopback` (dev and tests run providers on localhost).
+    pub fn address_allowed(&self, ip: IpAddr) -> bool {
+        !is_internal(ip)
+            || self.allow_private_networks
+            || (self.allow_http_loopback && ip.is_loopback())
+    }
+
+    /// The policy plus DNS: a name that resolves to an internal address is
+    /// refused like the literal address would be. Used at Deposit so the
+    /// caller gets a clear error; connections are re-checked by the
+    /// [`PolicyResolver`], which also defeats DNS rebinding in between.
+    pub async fn check_resolved(&self, url: &Url) -> Result<(), EndpointRejected> {
+        self.check(url)?;
+        let Some(Host::Domain(name)) = url.host() else {
+            return Ok(());
+        };
+        let port = url.port_or_known_default().unwrap_or(443);
+        // A name that does not resolve now fails at connect time, as an
+        // unavailable provider; that is not a policy question.
+        let Ok(addrs) = tokio::net::lookup_host((name, port)).await else {
+            return Ok(());
+        };
+        for addr in addrs {
+            if !self.address_allowed(addr.ip()) {
+                return Err(EndpointRejected::PrivateAddress(addr.ip()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resolves provider host names for the HTTP client and drops addresses the
+/// policy forbids, so a name cannot be pointed at the cluster after Deposit.
+#[derive(Clone, Debug)]
+pub struct PolicyResolver {
+    policy: EndpointPolicy,
+}
+
+impl PolicyResolver {
+    pub fn new(policy: EndpointPolicy) -> Self {
+        Self { policy }
+    }
+}
+
+impl reqwest::dns::Resolve for PolicyResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|addr| policy.address_allowed(addr.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(
+                    Box::new(EndpointRejected::NoHost) as Box<dyn std::error::Error + Send + Sync>
+                );
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 fn host_matches(pattern: &str, host: &str) -> bool {
     let pattern = pattern.to_ascii_lowercase();
     match pattern.strip_prefix("*.") {
@@ -169,6 +234,21 @@ mod tests {
             check(&policy, "http://10.0.0.1/token"),
             Err(EndpointRejected::NotHttps)
         );
+    }
+
+    #[tokio::test]
+    async fn names_resolving_to_internal_addresses_are_refused() {
+        let strict = EndpointPolicy::default();
+        let url = Url::parse("https://localhost:8443/token").unwrap();
+        assert!(matches!(
+            strict.check_resolved(&url).await,
+            Err(EndpointRejected::PrivateAddress(ip)) if ip.is_loopback()
+        ));
+        let dev = EndpointPolicy {
+            allow_http_loopback: true,
+            ..Default::default()
+        };
+        assert_eq!(dev.check_resolved(&url).await, Ok(()));
     }
 
     #[test]

@@ -75,6 +75,12 @@ pub struct VaultDir {
 
 impl VaultDir {
     pub fn new() -> Self {
+        Self::custom("allow_http_loopback = true", "")
+    }
+
+    /// A vault whose `[upstream]` section is `upstream` and whose config ends
+    /// with `extra` (more sections, e.g. `[tokens]` or `[providers.x]`).
+    pub fn custom(upstream: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pki = TestPki::generate();
         let p = dir.path();
@@ -99,11 +105,12 @@ passphrase_file = "keyring.passphrase"
 [auth]
 policy = "policy.toml"
 trust_domain = "{TRUST_DOMAIN}"
-[upstream]
-allow_http_loopback = true
-request_timeout = "5s"
 [server]
 shutdown_grace = "5s"
+[upstream]
+request_timeout = "3s"
+{upstream}
+{extra}
 "#
             ),
         )

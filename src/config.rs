@@ -149,6 +149,16 @@ pub struct TokenConfig {
     /// At most one forced refresh per credential per this interval.
     #[serde(with = "humantime_serde")]
     pub force_refresh_interval: Duration,
+    /// Refresh tokens nearing expiry in the background (off by default).
+    pub refresh_ahead: bool,
+    /// Time between background sweeps.
+    #[serde(with = "humantime_serde")]
+    pub refresh_ahead_interval: Duration,
+    /// Background sweeps refresh tokens expiring within this window.
+    #[serde(with = "humantime_serde")]
+    pub refresh_ahead_window: Duration,
+    /// Background refreshes running at once.
+    pub refresh_ahead_concurrency: usize,
 }
 
 impl Default for TokenConfig {
@@ -158,6 +168,10 @@ impl Default for TokenConfig {
             default_lifetime: Duration::from_secs(3600),
             max_min_valid_for: Duration::from_secs(24 * 3600),
             force_refresh_interval: Duration::from_secs(15),
+            refresh_ahead: false,
+            refresh_ahead_interval: Duration::from_secs(60),
+            refresh_ahead_window: Duration::from_secs(300),
+            refresh_ahead_concurrency: 4,
         }
     }
 }
@@ -370,6 +384,9 @@ impl Config {
         }
         if self.tokens.refresh_skew > self.tokens.max_min_valid_for {
             return Err("tokens.refresh_skew must not exceed tokens.max_min_valid_for".to_owned());
+        }
+        if self.tokens.refresh_ahead && self.tokens.refresh_ahead_interval.is_zero() {
+            return Err("tokens.refresh_ahead_interval must be positive".to_owned());
         }
         if self.upstream.max_response_bytes < 1024 {
             return Err("upstream.max_response_bytes must be at least 1024".to_owned());

@@ -538,3 +538,66 @@ async fn names_resolving_to_internal_addresses_are_refused_at_deposit() {
     }
     assert_eq!(provider.token_calls(), 0);
 }
+
+#[tokio::test]
+async fn tokens_nearing_expiry_are_refreshed_in_the_background_when_enabled() {
+    let provider = provider().await;
+    let dir = VaultDir::custom(
+        "allow_http_loopback = true",
+        "[tokens]\nrefresh_ahead = true\nrefresh_ahead_interval = \"100ms\"\nrefresh_ahead_window = \"90m\"\n",
+    );
+    let vault = TestVault::start(&dir).await;
+    let mut client = vault.client(&dir, "admin").await;
+    let rt = provider.issue_refresh_token(CLIENT_ID);
+    // Valid for an hour: fine for callers, but inside the 90-minute window.
+    client
+        .deposit(deposit(
+            &provider,
+            "olga",
+            &rt,
+            Some(("at-old", in_an_hour())),
+        ))
+        .await
+        .unwrap();
+    // Valid for a day: outside the window, left alone.
+    let far = SystemTime::now() + Duration::from_secs(86_400);
+    client
+        .deposit(deposit(
+            &provider,
+            "pete",
+            &provider.issue_refresh_token(CLIENT_ID),
+            Some(("at-far", far)),
+        ))
+        .await
+        .unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while provider.refresh_calls() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no background refresh happened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // More sweeps pass: the refreshed token (a fresh hour) is still inside
+    // the 90-minute window, but it is not half used, so it is left alone;
+    // the far credential is never touched.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(provider.refresh_calls(), 1);
+    let token = client
+        .get_access_token(get("olga"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(token.access_token, "at-old");
+    assert_eq!(
+        client
+            .get_access_token(get("pete"))
+            .await
+            .unwrap()
+            .into_inner()
+            .access_token,
+        "at-far"
+    );
+    assert_eq!(provider.last_token_request().unwrap()["refresh_token"], rt);
+}

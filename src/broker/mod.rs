@@ -11,6 +11,7 @@
 //!   blocks a Deposit or a Revoke;
 //! - a dead grant is persisted as REAUTH_REQUIRED and fails fast afterwards.
 
+pub mod ahead;
 pub mod cache;
 pub mod error;
 pub mod flight;

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use crate::{
     api::{pb::credential_vault_server::CredentialVaultServer, VaultService},
     auth::{Authenticator, IdentityRules, Policy},
-    broker::{keyguard, Broker, BrokerSettings},
+    broker::{ahead, keyguard, Broker, BrokerSettings},
     config::Config,
     crypto::{self, SharedKeyring},
     store::{CredentialStore, SledStore},
@@ -139,6 +139,17 @@ pub async fn run(
         },
     );
 
+    let refresh_ahead = config.tokens.refresh_ahead.then(|| {
+        tokio::spawn(ahead::run(
+            Arc::clone(&broker),
+            ahead::AheadSettings {
+                interval: config.tokens.refresh_ahead_interval,
+                window: config.tokens.refresh_ahead_window,
+                concurrency: config.tokens.refresh_ahead_concurrency,
+            },
+        ))
+    });
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<CredentialVaultServer<VaultService>>()
@@ -204,6 +215,9 @@ pub async fn run(
         }
     };
 
+    if let Some(task) = refresh_ahead {
+        task.abort();
+    }
     // Acknowledged writes are already durable; this covers bookkeeping.
     if let Err(error) = store.flush().await {
         tracing::error!(%error, "final store flush failed");

@@ -48,6 +48,21 @@ impl StoreKey {
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
         Self(bytes)
     }
+
+    /// The (tenant, subject, provider) a key was built from; `None` for bytes
+    /// that are not a key of this layout.
+    pub fn parts(&self) -> Option<(String, String, String)> {
+        let mut rest = self.0.as_slice();
+        let mut next = || {
+            let (len, tail) = rest.split_at_checked(2)?;
+            let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+            let (part, tail) = tail.split_at_checked(len)?;
+            rest = tail;
+            String::from_utf8(part.to_vec()).ok()
+        };
+        let parts = (next()?, next()?, next()?);
+        rest.is_empty().then_some(parts)
+    }
 }
 
 fn push_len_prefixed(out: &mut Vec<u8>, part: &str) {

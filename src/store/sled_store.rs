@@ -274,6 +274,17 @@ mod tests {
     }
 
     #[test]
+    fn keys_decode_back_into_their_parts() {
+        let key = StoreKey::new("acme", "alice@example.com", "google");
+        assert_eq!(
+            key.parts(),
+            Some(("acme".into(), "alice@example.com".into(), "google".into()))
+        );
+        assert_eq!(StoreKey::from_bytes(vec![0, 9, b'a']).parts(), None);
+        assert_eq!(StoreKey::tenant_prefix("acme").parts(), None);
+    }
+
+    #[test]
     fn keys_are_unambiguous() {
         assert_ne!(
             StoreKey::new("ab", "c", "d").as_bytes(),

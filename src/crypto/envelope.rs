@@ -353,7 +353,10 @@ mod tests {
         assert_eq!(key_version_of(&new).unwrap(), v2);
         assert_eq!(open(&k, &ID, &old).unwrap().as_slice(), b"x");
         k.retire(v(1)).unwrap();
-        assert_eq!(open(&k, &ID, &old).unwrap().as_slice(), b"x");
+        assert_eq!(
+            open(&k, &ID, &old).unwrap_err(),
+            OpenError::KeyVersionUnavailable { version: 1 }
+        );
         k.destroy(v(1)).unwrap();
         assert_eq!(
             open(&k, &ID, &old).unwrap_err(),

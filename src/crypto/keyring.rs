@@ -59,11 +59,15 @@ impl fmt::Display for KeyVersion {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KeyState {
-    /// May be the primary (new writes) and decrypts.
+    /// May be the primary (new writes) and decrypts. Newly added keys start here.
     Active,
-    /// Retired: no new writes, still decrypts records not yet rewrapped.
+    /// A former primary: no new writes, still decrypts records not yet rewrapped.
     #[serde(alias = "decryptonly", alias = "decrypt_only")]
     DecryptOnly,
+    /// Taken out of service: key bytes kept but no longer used, so a record
+    /// still under it fails as KEY_VERSION_UNAVAILABLE while the operator can
+    /// still undo (`reactivate`). The safe step before `destroy`.
+    Retired,
     /// Tombstone: key bytes erased; the version stays reserved forever.
     Destroyed,
 }
@@ -74,6 +78,7 @@ impl KeyState {
         match self {
             KeyState::Active => "active",
             KeyState::DecryptOnly => "decrypt-only",
+            KeyState::Retired => "retired",
             KeyState::Destroyed => "destroyed",
         }
     }
@@ -211,13 +216,18 @@ pub enum KeyUnavailable {
     /// The version existed and was destroyed.
     #[error("key version {0} has been destroyed")]
     Destroyed(KeyVersion),
+    /// The version is retired: kept, but no longer used.
+    #[error("key version {0} is retired")]
+    Retired(KeyVersion),
 }
 
 impl KeyUnavailable {
     /// The version that was asked for.
     pub fn version(&self) -> KeyVersion {
         match *self {
-            KeyUnavailable::Unknown(v) | KeyUnavailable::Destroyed(v) => v,
+            KeyUnavailable::Unknown(v)
+            | KeyUnavailable::Destroyed(v)
+            | KeyUnavailable::Retired(v) => v,
         }
     }
 }
@@ -314,7 +324,7 @@ impl Keyring {
                         "destroyed key version {version} still carries key bytes"
                     ))
                 }
-                (None, KeyState::Active | KeyState::DecryptOnly) => {
+                (None, KeyState::Active | KeyState::DecryptOnly | KeyState::Retired) => {
                     return Err(format!("key version {version} has no key bytes"))
                 }
                 _ => {}
@@ -356,6 +366,7 @@ impl Keyring {
     pub fn key_for_decrypt(&self, version: KeyVersion) -> Result<&KeyMaterial, KeyUnavailable> {
         match self.entries.get(&version) {
             None => Err(KeyUnavailable::Unknown(version)),
+            Some(e) if e.state == KeyState::Retired => Err(KeyUnavailable::Retired(version)),
             Some(e) => e
                 .material
                 .as_ref()
@@ -428,39 +439,92 @@ impl Keyring {
         Ok(version)
     }
 
-    /// Makes an active `version` the primary for new writes. The old primary
-    /// stays active until retired.
+    /// Makes `version` (active, or decrypt-only to roll back) the primary for
+    /// new writes; the previous primary becomes decrypt-only.
     pub fn promote(&mut self, version: KeyVersion) -> Result<(), KeyringError> {
-        self.require_state(version, KeyState::Active, "promote")?;
+        self.require_state_in(
+            version,
+            &[KeyState::Active, KeyState::DecryptOnly],
+            KeyState::Active,
+            "promote",
+        )?;
+        if version == self.primary {
+            return Ok(());
+        }
+        let previous = self.primary;
+        if let Some(e) = self.entries.get_mut(&previous) {
+            e.state = KeyState::DecryptOnly;
+        }
+        if let Some(e) = self.entries.get_mut(&version) {
+            e.state = KeyState::Active;
+        }
         self.primary = version;
         Ok(())
     }
 
-    /// Active -> decrypt-only. Refused for the primary.
+    /// Active or decrypt-only -> retired: no longer used to decrypt. Refused
+    /// for the primary. Reversible with [`Keyring::reactivate`].
     pub fn retire(&mut self, version: KeyVersion) -> Result<(), KeyringError> {
-        self.require_state(version, KeyState::Active, "retire")?;
         if version == self.primary {
             return Err(KeyringError::IsPrimary(version));
         }
+        self.require_state_in(
+            version,
+            &[KeyState::Active, KeyState::DecryptOnly],
+            KeyState::DecryptOnly,
+            "retire",
+        )?;
+        if let Some(e) = self.entries.get_mut(&version) {
+            e.state = KeyState::Retired;
+        }
+        Ok(())
+    }
+
+    /// Retired -> decrypt-only: undoes a retirement that turned out early.
+    pub fn reactivate(&mut self, version: KeyVersion) -> Result<(), KeyringError> {
+        self.require_state(version, KeyState::Retired, "reactivate")?;
         if let Some(e) = self.entries.get_mut(&version) {
             e.state = KeyState::DecryptOnly;
         }
         Ok(())
     }
 
-    /// Decrypt-only -> destroyed: the key bytes are zeroized and dropped, the
+    /// Retired -> destroyed: the key bytes are zeroized and dropped, the
     /// tombstone keeps the version from ever being reused.
     pub fn destroy(&mut self, version: KeyVersion) -> Result<(), KeyringError> {
         if version == self.primary {
             return Err(KeyringError::IsPrimary(version));
         }
-        self.require_state(version, KeyState::DecryptOnly, "destroy")?;
+        self.require_state(version, KeyState::Retired, "destroy")?;
         if let Some(e) = self.entries.get_mut(&version) {
             e.state = KeyState::Destroyed;
             // Dropping the `Zeroizing` wipes the bytes.
             e.material = None;
         }
         Ok(())
+    }
+
+    fn require_state_in(
+        &self,
+        version: KeyVersion,
+        allowed: &[KeyState],
+        expected: KeyState,
+        operation: &'static str,
+    ) -> Result<(), KeyringError> {
+        let entry = self
+            .entries
+            .get(&version)
+            .ok_or(KeyringError::UnknownVersion(version))?;
+        if allowed.contains(&entry.state) {
+            Ok(())
+        } else {
+            Err(KeyringError::WrongState {
+                version,
+                state: entry.state,
+                expected,
+                operation,
+            })
+        }
     }
 
     fn require_state(
@@ -563,28 +627,37 @@ mod tests {
         assert_eq!(k.primary(), v(1));
         k.promote(v2).unwrap();
         assert_eq!(k.primary(), v2);
+        // The old primary only decrypts now.
+        assert_eq!(k.state(v(1)), Some(KeyState::DecryptOnly));
+        assert!(k.key_for_decrypt(v(1)).is_ok());
+        assert!(k.key_for_encrypt(v(1)).is_err());
 
         // The primary cannot be retired or destroyed.
         assert_eq!(k.retire(v2), Err(KeyringError::IsPrimary(v2)));
         assert_eq!(k.destroy(v2), Err(KeyringError::IsPrimary(v2)));
 
-        // Destroy needs decrypt-only first.
+        // Destroy needs retired first.
         assert!(matches!(
             k.destroy(v(1)),
             Err(KeyringError::WrongState {
-                state: KeyState::Active,
+                state: KeyState::DecryptOnly,
                 ..
             })
         ));
         k.retire(v(1)).unwrap();
-        assert_eq!(k.state(v(1)), Some(KeyState::DecryptOnly));
-        assert!(k.key_for_decrypt(v(1)).is_ok());
-        assert!(k.key_for_encrypt(v(1)).is_err());
-        // A retired key cannot come back as primary.
+        assert_eq!(k.state(v(1)), Some(KeyState::Retired));
+        assert_eq!(
+            k.key_for_decrypt(v(1)).unwrap_err(),
+            KeyUnavailable::Retired(v(1))
+        );
+        // A retired key cannot be promoted, but can be reactivated.
         assert!(matches!(
             k.promote(v(1)),
             Err(KeyringError::WrongState { .. })
         ));
+        k.reactivate(v(1)).unwrap();
+        assert!(k.key_for_decrypt(v(1)).is_ok());
+        k.retire(v(1)).unwrap();
 
         k.destroy(v(1)).unwrap();
         assert_eq!(k.state(v(1)), Some(KeyState::Destroyed));
@@ -593,6 +666,7 @@ mod tests {
             KeyUnavailable::Destroyed(v(1))
         );
         assert_eq!(k.fingerprint(v(1)), None);
+        assert!(k.reactivate(v(1)).is_err());
         let info = &k.versions()[0];
         assert_eq!(
             (info.version, info.state, info.fingerprint),
@@ -607,6 +681,13 @@ mod tests {
         k.destroy(v3).unwrap();
         assert_eq!(k.add().unwrap(), v(4));
         assert_eq!(k.versions().len(), 4);
+
+        // Rolling back: a decrypt-only former primary can be promoted again.
+        let v5 = k.add().unwrap();
+        k.promote(v5).unwrap();
+        k.promote(v2).unwrap();
+        assert_eq!(k.primary(), v2);
+        assert_eq!(k.state(v5), Some(KeyState::DecryptOnly));
 
         assert_eq!(k.promote(v(99)), Err(KeyringError::UnknownVersion(v(99))));
     }

@@ -2,7 +2,7 @@
 //!
 //! - [`keyring`]: versioned 256-bit keys with a state each (active,
 //!   decrypt-only, destroyed), one primary for new writes, fingerprints, and
-//!   the rotation operations (add, promote, retire, destroy).
+//!   the rotation operations (add, promote, retire, reactivate, destroy).
 //! - [`envelope`]: the per-record AES-256-GCM-SIV envelope, bound to
 //!   (tenant, subject, provider, key version), and the classification of
 //!   failures into corrupt / unsupported / key unavailable / undecryptable.

@@ -66,6 +66,8 @@ impl HttpClient {
             .https_only(false)
             // Every name is resolved through the endpoint policy.
             .dns_resolver(std::sync::Arc::new(resolver))
+            // An ambient HTTP(S)_PROXY would carry secrets past the policy.
+            .no_proxy()
             .build()?;
         Ok(Self {
             client,

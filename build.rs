@@ -5,7 +5,7 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["credvault/v1/vault.proto"];
+const PROTOS: &[&str] = &["credvault/v1/vault.proto", "credvault/v1/admin.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // compile_fds emits no rerun-if-changed of its own.

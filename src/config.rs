@@ -119,6 +119,13 @@ pub struct KeyringConfig {
     /// The passphrase itself, for `CREDVAULT_KEYRING__PASSPHRASE`.
     #[serde(default)]
     pub passphrase: Option<SecretString>,
+    /// How often to check the keyring file for changes; `0s` turns the
+    /// watch off (SIGHUP and the admin call still reload).
+    #[serde(default = "defaults::keyring_watch", with = "humantime_serde")]
+    pub watch_interval: Duration,
+    /// Records a rewrap re-encrypts per second unless the call says otherwise.
+    #[serde(default = "defaults::rewrap_rate")]
+    pub rewrap_rate: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -253,6 +260,21 @@ pub enum LogFormat {
     Json,
 }
 
+/// Every top-level key of the file, for filtering the environment.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "ops_listen",
+    "data_dir",
+    "tls",
+    "keyring",
+    "auth",
+    "tokens",
+    "upstream",
+    "server",
+    "log",
+    "providers",
+];
+
 mod defaults {
     use std::{net::SocketAddr, time::Duration};
 
@@ -267,6 +289,14 @@ mod defaults {
     pub fn handshake_timeout() -> Duration {
         Duration::from_secs(10)
     }
+
+    pub fn keyring_watch() -> Duration {
+        Duration::from_secs(10)
+    }
+
+    pub fn rewrap_rate() -> u32 {
+        500
+    }
 }
 
 impl Config {
@@ -279,10 +309,14 @@ impl Config {
                 message: "no such file".to_owned(),
             });
         }
-        let env = Env::prefixed("CREDVAULT_")
-            .split("__")
-            // CREDVAULT_CONFIG names this file; it is not a setting in it.
-            .filter(|key| key.as_str() != "config");
+        // Only variables that name a section or key of this file: Kubernetes
+        // injects CREDVAULT_SERVICE_HOST, CREDVAULT_PORT_50051_TCP, … into
+        // pods next to a Service called `credvault`, and CREDVAULT_CONFIG
+        // names this file. A typo inside a known section is still an error.
+        let env = Env::prefixed("CREDVAULT_").split("__").filter(|key| {
+            let top = key.as_str().split('.').next().unwrap_or_default();
+            TOP_LEVEL_KEYS.iter().any(|k| k.eq_ignore_ascii_case(top))
+        });
         let mut config: Config = Figment::new()
             .merge(Toml::file(path))
             .merge(env)
@@ -433,6 +467,8 @@ fn one_line(error: &figment::Error) -> String {
 }
 
 #[cfg(test)]
+// figment's Jail returns its own large error type; nothing to shrink here.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
@@ -449,33 +485,64 @@ mod tests {
         policy = "policy.toml"
     "#;
 
+    // Every test runs inside a figment Jail: it serializes tests that read
+    // the process environment, which another test sets.
     #[test]
     fn minimal_config_gets_defaults_and_resolved_paths() {
+        figment::Jail::expect_with(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("credvault.toml");
+            std::fs::write(&path, MINIMAL).unwrap();
+            let config = Config::load(&path).unwrap();
+            assert_eq!(config.tokens.refresh_skew, Duration::from_secs(60));
+            assert_eq!(config.data_dir, dir.path().join("data"));
+            assert_eq!(config.tls.client_ca, dir.path().join("ca.pem"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_overrides_apply_and_foreign_variables_are_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("credvault.toml");
         std::fs::write(&path, MINIMAL).unwrap();
-        let config = Config::load(&path).unwrap();
-        assert_eq!(config.tokens.refresh_skew, Duration::from_secs(60));
-        assert_eq!(config.data_dir, dir.path().join("data"));
-        assert_eq!(config.tls.client_ca, dir.path().join("ca.pem"));
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CREDVAULT_OPS_LISTEN", "127.0.0.1:9999");
+            jail.set_env("CREDVAULT_TOKENS__REFRESH_SKEW", "90s");
+            // What Kubernetes injects next to a Service named `credvault`.
+            jail.set_env("CREDVAULT_SERVICE_HOST", "10.0.0.1");
+            jail.set_env("CREDVAULT_PORT_50051_TCP", "tcp://10.0.0.1:50051");
+            let config = Config::load(&path).map_err(|e| e.to_string())?;
+            assert_eq!(config.ops_listen.port(), 9999);
+            assert_eq!(config.tokens.refresh_skew, Duration::from_secs(90));
+            jail.set_env("CREDVAULT_TOKENS__REFRESH_SKWE", "90s");
+            assert!(
+                Config::load(&path).is_err(),
+                "a typo in a known section is an error"
+            );
+            Ok(())
+        });
     }
 
     #[test]
     fn errors_name_the_file_and_the_problem_on_one_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("credvault.toml");
-        std::fs::write(
-            &path,
-            format!("{MINIMAL}\n[tokens]\nrefresh_skew = \"soon\"\n"),
-        )
-        .unwrap();
-        let message = Config::load(&path).unwrap_err().to_string();
-        assert!(message.contains("credvault.toml"), "{message}");
-        assert!(message.contains("refresh_skew"), "{message}");
-        assert!(!message.contains('\n'));
+        figment::Jail::expect_with(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("credvault.toml");
+            std::fs::write(
+                &path,
+                format!("{MINIMAL}\n[tokens]\nrefresh_skew = \"soon\"\n"),
+            )
+            .unwrap();
+            let message = Config::load(&path).unwrap_err().to_string();
+            assert!(message.contains("credvault.toml"), "{message}");
+            assert!(message.contains("refresh_skew"), "{message}");
+            assert!(!message.contains('\n'));
 
-        std::fs::write(&path, format!("{MINIMAL}\nlisten_typo = 1\n")).unwrap();
-        let message = Config::load(&path).unwrap_err().to_string();
-        assert!(message.contains("listen_typo"), "{message}");
+            std::fs::write(&path, format!("{MINIMAL}\nlisten_typo = 1\n")).unwrap();
+            let message = Config::load(&path).unwrap_err().to_string();
+            assert!(message.contains("listen_typo"), "{message}");
+            Ok(())
+        });
     }
 }

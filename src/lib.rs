@@ -18,12 +18,15 @@
 //!   credentials, revocation) and the endpoint policy.
 //! - [`crypto`]: the versioned keyring, its sealed file, the record envelope.
 //! - [`store`]: the storage trait and its sled implementation.
+//! - [`admin_client`]: the operator's VaultAdmin client behind
+//!   `credvault admin …`.
 //! - [`config`]: the TOML configuration with `CREDVAULT_*` overrides.
 //! - [`dev`]: `credvault dev` — a throwaway CA, certificates, keyring and
 //!   config for local use and tests.
 //! - [`secret`]: the redacting, zeroizing wrapper every secret travels in.
 //! - [`telemetry`]: logging setup.
 
+pub mod admin_client;
 pub mod api;
 pub mod auth;
 pub mod broker;

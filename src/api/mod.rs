@@ -5,6 +5,7 @@
 //! turns protos into validated domain commands and domain results back into
 //! protos, and nothing else.
 
+pub mod admin;
 pub mod convert;
 pub mod status;
 pub mod vault;
@@ -19,6 +20,7 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/credvault_descriptor.bin"));
 }
 
+pub use admin::AdminService;
 pub use status::ApiError;
 pub use vault::VaultService;
 

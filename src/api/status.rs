@@ -30,6 +30,8 @@ pub mod reason {
     pub const STORAGE_UNAVAILABLE: &str = "STORAGE_UNAVAILABLE";
     pub const RECORD_UNREADABLE: &str = "RECORD_UNREADABLE";
     pub const INTERNAL: &str = "INTERNAL";
+    /// An admin reload refused a keyring (wrong passphrase, fingerprints).
+    pub const KEYRING_REJECTED: &str = "KEYRING_REJECTED";
 }
 
 /// One invalid request field.
@@ -56,6 +58,7 @@ pub enum ApiError {
     Auth(AuthError),
     Broker(BrokerError),
     Overloaded(&'static str),
+    KeyringRejected(String),
 }
 
 impl From<AuthError> for ApiError {
@@ -87,6 +90,7 @@ impl ApiError {
         match self {
             Self::InvalidFields(_) => (Code::InvalidArgument, INVALID_FIELD),
             Self::Overloaded(_) => (Code::ResourceExhausted, OVERLOADED),
+            Self::KeyringRejected(_) => (Code::FailedPrecondition, KEYRING_REJECTED),
             Self::Auth(error) => match error {
                 AuthError::NoCertificate | AuthError::BadIdentity(_) => {
                     (Code::Unauthenticated, UNAUTHENTICATED)
@@ -132,6 +136,7 @@ impl ApiError {
             Self::Broker(BrokerError::Internal(_)) => "internal error".to_owned(),
             Self::Broker(error) => error.to_string(),
             Self::Overloaded(what) => format!("overloaded: {what}"),
+            Self::KeyringRejected(reason) => format!("keyring rejected: {reason}"),
         }
     }
 }

@@ -36,16 +36,24 @@ impl VaultService {
     }
 
     fn principal<T>(&self, request: &Request<T>) -> Result<Principal, ApiError> {
-        let identity = match request.extensions().get::<PeerIdentity>() {
-            Some(PeerIdentity(identity)) => identity.clone()?,
-            None => return Err(AuthError::NoCertificate.into()),
-        };
-        Ok(self.auth.principal(identity))
+        principal(&self.auth, request)
     }
 }
 
+/// The principal behind a request, from its connection's identity.
+pub(crate) fn principal<T>(
+    auth: &Authenticator,
+    request: &Request<T>,
+) -> Result<Principal, ApiError> {
+    let identity = match request.extensions().get::<PeerIdentity>() {
+        Some(PeerIdentity(identity)) => identity.clone()?,
+        None => return Err(AuthError::NoCertificate.into()),
+    };
+    Ok(auth.principal(identity))
+}
+
 /// Logs the outcome of one call with the fields operators filter on.
-fn finish<T>(
+pub(crate) fn finish<T>(
     method: &'static str,
     caller: Option<&Caller>,
     started: Instant,
@@ -77,6 +85,7 @@ fn error_text(error: &ApiError) -> String {
         ApiError::Auth(e) => e.to_string(),
         ApiError::Broker(e) => e.to_string(),
         ApiError::Overloaded(what) => (*what).to_owned(),
+        ApiError::KeyringRejected(reason) => reason.clone(),
     }
 }
 

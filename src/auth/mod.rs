@@ -82,6 +82,30 @@ impl Principal {
     }
 }
 
+impl Principal {
+    /// Scopes this principal to an action that affects every tenant (key
+    /// management): it needs the action and a grant for all tenants.
+    pub fn authorize_global(&self, action: Action) -> Result<Caller, AuthError> {
+        if !self.grants.actions.contains(&action) {
+            return Err(AuthError::ActionNotPermitted {
+                identity: self.identity.to_string(),
+                action,
+            });
+        }
+        if self.grants.tenants != Tenants::All {
+            return Err(AuthError::TenantNotPermitted {
+                identity: self.identity.to_string(),
+                tenant: "*".to_owned(),
+            });
+        }
+        Ok(Caller {
+            identity: self.identity.clone(),
+            tenant: "*".to_owned(),
+            action,
+        })
+    }
+}
+
 /// Resolves principals. The policy sits behind a lock so it can be replaced
 /// while the server runs.
 pub struct Authenticator {

@@ -15,7 +15,9 @@ pub mod ahead;
 pub mod cache;
 pub mod error;
 pub mod flight;
+pub mod inspect;
 pub mod keyguard;
+pub mod keys;
 pub mod model;
 pub mod record;
 
@@ -569,7 +571,7 @@ impl Broker {
 
     /// Seals a record with the primary key; returns the stored value and the
     /// key version used.
-    fn seal(
+    pub(crate) fn seal(
         &self,
         id: &CredentialId,
         record: &CredentialRecord,
@@ -597,7 +599,7 @@ impl Broker {
         }
     }
 
-    async fn write_lock(&self, id: &CredentialId) -> MutexGuard<'_, ()> {
+    pub(crate) async fn write_lock(&self, id: &CredentialId) -> MutexGuard<'_, ()> {
         let mut hasher = DefaultHasher::new();
         id.hash(&mut hasher);
         self.write_locks[(hasher.finish() as usize) % WRITE_LOCK_STRIPES]

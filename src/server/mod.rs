@@ -17,9 +17,18 @@ use std::{future::Future, sync::Arc};
 use tokio::net::TcpListener;
 
 use crate::{
-    api::{pb::credential_vault_server::CredentialVaultServer, VaultService},
+    api::{
+        pb::{
+            credential_vault_server::CredentialVaultServer, vault_admin_server::VaultAdminServer,
+        },
+        AdminService, VaultService,
+    },
     auth::{Authenticator, IdentityRules, Policy},
-    broker::{ahead, keyguard, Broker, BrokerSettings},
+    broker::{
+        ahead, keyguard,
+        keys::{KeyManager, KeyringSource},
+        Broker, BrokerSettings,
+    },
     config::Config,
     crypto::{self, SharedKeyring},
     store::{CredentialStore, SledStore},
@@ -169,6 +178,26 @@ pub async fn run(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| ServerError::Transport(e.to_string()))?;
+    let keys = KeyManager::new(
+        Arc::clone(&broker),
+        KeyringSource {
+            path: config.keyring.path.clone(),
+            passphrase: config.keyring.passphrase.clone(),
+            passphrase_file: config.keyring.passphrase_file.clone(),
+        },
+        config.keyring.rewrap_rate,
+    );
+    let reloader = tokio::spawn(reload_keyring_on_change(
+        Arc::clone(&keys),
+        config.keyring.path.clone(),
+        config.keyring.watch_interval,
+    ));
+    let admin = VaultAdminServer::new(AdminService::new(
+        Arc::clone(&broker),
+        Arc::clone(&keys),
+        Arc::clone(&auth),
+    ))
+    .max_decoding_message_size(config.server.max_request_bytes);
     let vault = CredentialVaultServer::new(VaultService::new(broker, Arc::clone(&auth)))
         .max_decoding_message_size(config.server.max_request_bytes);
 
@@ -190,6 +219,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(vault)
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = grpc_stopped.await;
         });
@@ -218,6 +248,9 @@ pub async fn run(
     if let Some(task) = refresh_ahead {
         task.abort();
     }
+    reloader.abort();
+    // A rewrap's cursor is durable; the next start resumes it.
+    keys.stop();
     // Acknowledged writes are already durable; this covers bookkeeping.
     if let Err(error) = store.flush().await {
         tracing::error!(%error, "final store flush failed");
@@ -228,4 +261,54 @@ pub async fn run(
     }
     tracing::info!("credvault stopped");
     result
+}
+
+/// Reloads the keyring on SIGHUP and when its file changes. A rejected
+/// keyring is logged and the running one stays.
+async fn reload_keyring_on_change(
+    keys: Arc<KeyManager>,
+    path: std::path::PathBuf,
+    interval: std::time::Duration,
+) {
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let stamp = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    let mut ticker = (!interval.is_zero()).then(|| tokio::time::interval(interval));
+    loop {
+        let hup = async {
+            #[cfg(unix)]
+            if let Some(signal) = hangup.as_mut() {
+                signal.recv().await;
+                return;
+            }
+            std::future::pending::<()>().await
+        };
+        let tick = async {
+            match ticker.as_mut() {
+                Some(ticker) => {
+                    ticker.tick().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let changed = tokio::select! {
+            () = hup => true,
+            () = tick => {
+                let now = stamp(&path);
+                let changed = now != seen;
+                seen = now;
+                changed
+            }
+        };
+        if changed {
+            if let Err(error) = keys.reload().await {
+                tracing::error!(%error, "keyring reload refused; keeping the running keyring");
+            }
+        }
+    }
 }

@@ -123,6 +123,19 @@ pub trait CredentialStore: Send + Sync + 'static {
         value: Option<Vec<u8>>,
     ) -> Result<CasOutcome, StoreError>;
 
+    /// Like [`CredentialStore::compare_and_swap`], but the write need not be
+    /// durable until the next [`CredentialStore::flush`]. For bulk work whose
+    /// loss is harmless (a rewrap redone after a crash), so it can flush once
+    /// per batch instead of once per record.
+    async fn compare_and_swap_unflushed(
+        &self,
+        key: &StoreKey,
+        expected: Option<Revision>,
+        value: Option<Vec<u8>>,
+    ) -> Result<CasOutcome, StoreError> {
+        self.compare_and_swap(key, expected, value).await
+    }
+
     /// Up to `limit` records whose key starts with `prefix`, strictly after
     /// `after`, in key order.
     async fn scan(

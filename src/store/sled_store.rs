@@ -4,7 +4,13 @@
 //! On disk a record is `revision (u64 BE) || sealed envelope`. sled is a
 //! single-writer embedded engine: one process owns a data directory.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use async_trait::async_trait;
 
@@ -20,6 +26,23 @@ pub struct SledStore {
     db: sled::Db,
     records: sled::Tree,
     meta: sled::Tree,
+    commits: Arc<GroupCommit>,
+}
+
+/// Group commit: one flush makes every write before it durable, so callers
+/// that arrive while a flush runs wait for the next one and share it.
+///
+/// It also avoids sled 0.34's `flush_async`, which deadlocks when several
+/// flushes run concurrently (spacejam/sled#1308, fixed only on an unreleased
+/// branch): flushes here are the blocking `flush`, one at a time, on the
+/// blocking pool.
+#[derive(Default)]
+struct GroupCommit {
+    /// Bumped after every write.
+    written: AtomicU64,
+    /// The `written` value the last completed flush covered.
+    flushed: AtomicU64,
+    one_flush_at_a_time: tokio::sync::Mutex<()>,
 }
 
 impl SledStore {
@@ -36,7 +59,12 @@ impl SledStore {
         let meta = db
             .open_tree(META_TREE)
             .map_err(|e| io_error("open tree", &e))?;
-        Ok(Self { db, records, meta })
+        Ok(Self {
+            db,
+            records,
+            meta,
+            commits: Arc::default(),
+        })
     }
 
     /// Number of records, for readiness and metrics.
@@ -58,12 +86,66 @@ impl SledStore {
         Ok(Revision(id + 1))
     }
 
+    /// The compare-and-swap itself; durability is the caller's choice.
+    fn swap(
+        &self,
+        key: &StoreKey,
+        expected: Option<Revision>,
+        value: Option<Vec<u8>>,
+    ) -> Result<CasOutcome, StoreError> {
+        let current_raw = self
+            .records
+            .get(key.as_bytes())
+            .map_err(|e| io_error("get", &e))?;
+        let current = current_raw.as_deref().map(decode).transpose()?;
+        if current.as_ref().map(|v| v.revision) != expected {
+            return Ok(CasOutcome::Conflict(current));
+        }
+        let new_revision = match value {
+            Some(_) => Some(self.next_revision()?),
+            None => None,
+        };
+        let new_raw = match (&value, new_revision) {
+            (Some(value), Some(revision)) => Some(encode(revision, value)),
+            _ => None,
+        };
+        // sled's own CAS compares whole entries; revisions make every entry
+        // distinct, so this is exactly a CAS on the revision we checked above.
+        let swapped = self
+            .records
+            .compare_and_swap(key.as_bytes(), current_raw, new_raw)
+            .map_err(|e| io_error("compare and swap", &e))?;
+        match swapped {
+            Ok(()) => {
+                self.wrote();
+                Ok(CasOutcome::Written(new_revision))
+            }
+            Err(conflict) => Ok(CasOutcome::Conflict(
+                conflict.current.as_deref().map(decode).transpose()?,
+            )),
+        }
+    }
+
+    /// Makes every write this caller has made durable.
     async fn durable(&self) -> Result<(), StoreError> {
-        self.db
-            .flush_async()
+        let mine = self.commits.written.load(Ordering::SeqCst);
+        let _turn = self.commits.one_flush_at_a_time.lock().await;
+        if self.commits.flushed.load(Ordering::SeqCst) >= mine {
+            // A flush that started after our write already covered it.
+            return Ok(());
+        }
+        let covers = self.commits.written.load(Ordering::SeqCst);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
             .await
-            .map(|_| ())
-            .map_err(|e| io_error("flush", &e))
+            .map_err(|_| StoreError::Io("flush task failed".into()))?
+            .map_err(|e| io_error("flush", &e))?;
+        self.commits.flushed.fetch_max(covers, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn wrote(&self) {
+        self.commits.written.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -110,37 +192,20 @@ impl CredentialStore for SledStore {
         expected: Option<Revision>,
         value: Option<Vec<u8>>,
     ) -> Result<CasOutcome, StoreError> {
-        let current_raw = self
-            .records
-            .get(key.as_bytes())
-            .map_err(|e| io_error("get", &e))?;
-        let current = current_raw.as_deref().map(decode).transpose()?;
-        if current.as_ref().map(|v| v.revision) != expected {
-            return Ok(CasOutcome::Conflict(current));
+        let outcome = self.swap(key, expected, value)?;
+        if matches!(outcome, CasOutcome::Written(_)) {
+            self.durable().await?;
         }
-        let new_revision = match value {
-            Some(_) => Some(self.next_revision()?),
-            None => None,
-        };
-        let new_raw = match (&value, new_revision) {
-            (Some(value), Some(revision)) => Some(encode(revision, value)),
-            _ => None,
-        };
-        // sled's own CAS compares whole entries; revisions make every entry
-        // distinct, so this is exactly a CAS on the revision we checked above.
-        let swapped = self
-            .records
-            .compare_and_swap(key.as_bytes(), current_raw, new_raw)
-            .map_err(|e| io_error("compare and swap", &e))?;
-        match swapped {
-            Ok(()) => {
-                self.durable().await?;
-                Ok(CasOutcome::Written(new_revision))
-            }
-            Err(conflict) => Ok(CasOutcome::Conflict(
-                conflict.current.as_deref().map(decode).transpose()?,
-            )),
-        }
+        Ok(outcome)
+    }
+
+    async fn compare_and_swap_unflushed(
+        &self,
+        key: &StoreKey,
+        expected: Option<Revision>,
+        value: Option<Vec<u8>>,
+    ) -> Result<CasOutcome, StoreError> {
+        self.swap(key, expected, value)
     }
 
     async fn scan(
@@ -175,6 +240,7 @@ impl CredentialStore for SledStore {
         self.meta
             .insert(name.as_bytes(), value)
             .map_err(|e| io_error("put meta", &e))?;
+        self.wrote();
         self.durable().await
     }
 

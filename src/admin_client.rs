@@ -253,3 +253,46 @@ fn describe_line(c: &pb::CredentialMetadata) -> String {
         c.token_endpoint_host
     )
 }
+
+/// Streams a backup from a running vault into `out` (written atomically).
+pub async fn backup(target: &Target, out: &std::path::Path) -> Result<String, AdminError> {
+    let mut client = connect(target).await?;
+    let mut stream = client
+        .backup(pb::BackupRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.map_err(status_error)? {
+        bytes.extend_from_slice(&chunk.data);
+    }
+    write_atomically(out, &bytes)?;
+    Ok(format!(
+        "backup written to {} ({} bytes)",
+        out.display(),
+        bytes.len()
+    ))
+}
+
+/// Temp file in the same directory, fsync, rename: a crash leaves either
+/// the old file or the whole new one.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(), AdminError> {
+    use std::io::Write;
+    let fail = |e: std::io::Error| AdminError(format!("{}: {e}", path.display()));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("backup")
+    ));
+    let mut file = std::fs::File::create(&tmp).map_err(fail)?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)?;
+    Ok(())
+}

@@ -223,6 +223,16 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Largest accepted request message.
     pub max_request_bytes: usize,
+    /// Calls in flight across all connections; the excess is shed with
+    /// RESOURCE_EXHAUSTED / OVERLOADED (health checks are always admitted).
+    pub max_concurrent_calls: usize,
+    /// Calls per second one caller identity may make; 0 = unlimited.
+    pub rate_limit_per_identity: u32,
+    /// Burst above the per-identity rate.
+    pub rate_limit_burst: u32,
+    /// Connections are closed (gracefully) after this long.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
 }
 
 impl Default for ServerConfig {
@@ -231,6 +241,10 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             max_request_bytes: 256 * 1024,
+            max_concurrent_calls: 1024,
+            rate_limit_per_identity: 0,
+            rate_limit_burst: 0,
+            max_connection_age: Duration::from_secs(30 * 60),
         }
     }
 }

@@ -23,6 +23,7 @@
 //! - [`config`]: the TOML configuration with `CREDVAULT_*` overrides.
 //! - [`dev`]: `credvault dev` — a throwaway CA, certificates, keyring and
 //!   config for local use and tests.
+//! - [`metrics`]: the Prometheus metrics served on the ops listener.
 //! - [`secret`]: the redacting, zeroizing wrapper every secret travels in.
 //! - [`telemetry`]: logging setup.
 
@@ -33,6 +34,7 @@ pub mod broker;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod metrics;
 pub mod secret;
 pub mod server;
 pub mod store;

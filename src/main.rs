@@ -14,6 +14,7 @@ use credvault::{
     crypto::{self, KdfParams, KeyVersion, Keyring},
     dev,
     server::{self, Listeners},
+    store::{backup, SledStore},
     telemetry,
 };
 
@@ -51,6 +52,22 @@ enum Command {
     /// Manage the sealed keyring file (offline; a running vault picks up changes).
     #[command(subcommand)]
     Keyring(KeyringCommand),
+    /// Back up a stopped vault's store (still encrypted; safe to copy).
+    /// For a running vault use `credvault admin backup`.
+    Backup {
+        /// The data dir of a stopped vault.
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into an empty data dir.
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Operate a running vault through its VaultAdmin service.
     Admin {
         #[command(flatten)]
@@ -138,6 +155,11 @@ enum AdminCommand {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Stream a backup of the running vault's store into a file.
+    Backup {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// A tenant's credentials (metadata only).
     List {
         #[arg(long)]
@@ -169,6 +191,8 @@ fn main() -> ExitCode {
                 ops_listen,
             } => run_dev(&dir, listen, ops_listen).await,
             Command::Keyring(command) => keyring(command),
+            Command::Backup { data_dir, out } => backup_offline(&data_dir, &out).await,
+            Command::Restore { from, data_dir } => restore(&from, &data_dir).await,
             Command::Admin { target, command } => admin(target, command).await,
         }
     });
@@ -205,6 +229,35 @@ async fn run_dev(dir: &Path, listen: SocketAddr, ops_listen: SocketAddr) -> Resu
     let prepared = dev::prepare(dir).map_err(|e| e.to_string())?;
     println!("{}", dev::instructions(&prepared.dir, listen, ops_listen));
     serve(&prepared.config, Some((listen, ops_listen))).await
+}
+
+async fn backup_offline(data_dir: &Path, out: &Path) -> Result<(), String> {
+    if !data_dir.is_dir() {
+        return Err(format!("{}: no such data dir", data_dir.display()));
+    }
+    let store = SledStore::open(data_dir).map_err(|e| {
+        format!(
+            "{}: {e} (is the vault running? use `credvault admin backup`)",
+            data_dir.display()
+        )
+    })?;
+    let mut bytes = Vec::new();
+    let records = backup::export(&store, &mut bytes)
+        .await
+        .map_err(|e| e.to_string())?;
+    admin_client::write_atomically(out, &bytes).map_err(|e| e.to_string())?;
+    println!("backed up {records} records to {}", out.display());
+    Ok(())
+}
+
+async fn restore(from: &Path, data_dir: &Path) -> Result<(), String> {
+    let bytes = std::fs::read(from).map_err(|e| format!("{}: {e}", from.display()))?;
+    let store = SledStore::open(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    let records = backup::import(&store, &bytes)
+        .await
+        .map_err(|e| format!("{}: {e}", from.display()))?;
+    println!("restored {records} records into {}", data_dir.display());
+    Ok(())
 }
 
 fn keyring(command: KeyringCommand) -> Result<(), String> {
@@ -327,6 +380,7 @@ async fn admin(args: TargetArgs, command: AdminCommand) -> Result<(), String> {
             admin_client::rewrap(&target, rate, !no_wait).await
         }
         AdminCommand::List { tenant } => admin_client::list(&target, &tenant).await,
+        AdminCommand::Backup { out } => admin_client::backup(&target, &out).await,
         AdminCommand::Describe {
             tenant,
             subject,

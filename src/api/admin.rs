@@ -10,17 +10,18 @@ use tonic::{Request, Response, Status};
 use super::{
     pb::{self, vault_admin_server::VaultAdmin},
     status::{ApiError, FieldViolation},
-    vault::{finish, principal},
+    vault::{finish, Gate},
 };
 use crate::{
-    auth::{Action, Authenticator},
+    auth::Action,
     broker::{
         inspect::{CredentialInfo, InfoStatus},
         keys::{KeyAdminError, KeyManager, KeyStatus, RewrapState, RewrapStatus},
         model::CredentialId,
-        Broker,
+        Broker, BrokerError,
     },
     crypto::KeyState,
+    store::backup,
 };
 
 const DEFAULT_PAGE: usize = 100;
@@ -30,12 +31,12 @@ const MAX_PAGE: usize = 1000;
 pub struct AdminService {
     broker: Arc<Broker>,
     keys: Arc<KeyManager>,
-    auth: Arc<Authenticator>,
+    gate: Arc<Gate>,
 }
 
 impl AdminService {
-    pub fn new(broker: Arc<Broker>, keys: Arc<KeyManager>, auth: Arc<Authenticator>) -> Self {
-        Self { broker, keys, auth }
+    pub fn new(broker: Arc<Broker>, keys: Arc<KeyManager>, gate: Arc<Gate>) -> Self {
+        Self { broker, keys, gate }
     }
 }
 
@@ -50,6 +51,62 @@ impl From<KeyAdminError> for ApiError {
 
 #[tonic::async_trait]
 impl VaultAdmin for AdminService {
+    type BackupStream = tokio_stream::wrappers::ReceiverStream<Result<pb::BackupChunk, Status>>;
+
+    async fn backup(
+        &self,
+        request: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let started = Instant::now();
+        let mut caller = None;
+        let result = async {
+            caller = Some(
+                self.gate
+                    .principal(&request)?
+                    .authorize_global(Action::Admin)?,
+            );
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let store = self.broker.store();
+            tokio::spawn(async move {
+                let (chunks, mut chunk_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+                let forward = {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        while let Some(data) = chunk_rx.recv().await {
+                            if tx.send(Ok(pb::BackupChunk { data })).await.is_err() {
+                                break;
+                            }
+                        }
+                    })
+                };
+                let mut sink = chunks;
+                let outcome = backup::export(store.as_ref(), &mut sink).await;
+                drop(sink);
+                let _ = forward.await;
+                match outcome {
+                    Ok(records) => tracing::info!(records, "backup streamed"),
+                    Err(error) => {
+                        tracing::error!(%error, "backup failed");
+                        let _ = tx
+                            .send(Err(Status::from(ApiError::Broker(BrokerError::Storage(
+                                error.to_string(),
+                            )))))
+                            .await;
+                    }
+                }
+            });
+            Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+        }
+        .await;
+        finish(
+            self.broker.metrics(),
+            "Backup",
+            caller.as_ref(),
+            started,
+            result,
+        )
+    }
+
     async fn list_credentials(
         &self,
         request: Request<pb::ListCredentialsRequest>,
@@ -57,7 +114,7 @@ impl VaultAdmin for AdminService {
         let started = Instant::now();
         let mut caller = None;
         let result = async {
-            let principal = principal(&self.auth, &request)?;
+            let principal = self.gate.principal(&request)?;
             let request = request.into_inner();
             let page_size = match request.page_size as usize {
                 0 => DEFAULT_PAGE,
@@ -97,7 +154,13 @@ impl VaultAdmin for AdminService {
             })
         }
         .await;
-        finish("ListCredentials", caller.as_ref(), started, result)
+        finish(
+            self.broker.metrics(),
+            "ListCredentials",
+            caller.as_ref(),
+            started,
+            result,
+        )
     }
 
     async fn describe_credential(
@@ -107,7 +170,7 @@ impl VaultAdmin for AdminService {
         let started = Instant::now();
         let mut caller = None;
         let result = async {
-            let principal = principal(&self.auth, &request)?;
+            let principal = self.gate.principal(&request)?;
             let reference = request.into_inner().credential.unwrap_or_default();
             if reference.subject.is_empty() || reference.provider.is_empty() {
                 return Err(ApiError::InvalidFields(vec![FieldViolation::new(
@@ -125,7 +188,13 @@ impl VaultAdmin for AdminService {
             Ok(metadata(self.broker.describe(&id).await?))
         }
         .await;
-        finish("DescribeCredential", caller.as_ref(), started, result)
+        finish(
+            self.broker.metrics(),
+            "DescribeCredential",
+            caller.as_ref(),
+            started,
+            result,
+        )
     }
 
     async fn get_key_status(
@@ -135,11 +204,21 @@ impl VaultAdmin for AdminService {
         let started = Instant::now();
         let mut caller = None;
         let result = async {
-            caller = Some(principal(&self.auth, &request)?.authorize_global(Action::Admin)?);
+            caller = Some(
+                self.gate
+                    .principal(&request)?
+                    .authorize_global(Action::Admin)?,
+            );
             Ok(key_status(self.keys.status().await?))
         }
         .await;
-        finish("GetKeyStatus", caller.as_ref(), started, result)
+        finish(
+            self.broker.metrics(),
+            "GetKeyStatus",
+            caller.as_ref(),
+            started,
+            result,
+        )
     }
 
     async fn reload_keyring(
@@ -149,11 +228,21 @@ impl VaultAdmin for AdminService {
         let started = Instant::now();
         let mut caller = None;
         let result = async {
-            caller = Some(principal(&self.auth, &request)?.authorize_global(Action::Admin)?);
+            caller = Some(
+                self.gate
+                    .principal(&request)?
+                    .authorize_global(Action::Admin)?,
+            );
             Ok(key_status(self.keys.reload().await?))
         }
         .await;
-        finish("ReloadKeyring", caller.as_ref(), started, result)
+        finish(
+            self.broker.metrics(),
+            "ReloadKeyring",
+            caller.as_ref(),
+            started,
+            result,
+        )
     }
 
     async fn start_rewrap(
@@ -163,12 +252,22 @@ impl VaultAdmin for AdminService {
         let started = Instant::now();
         let mut caller = None;
         let result = async {
-            caller = Some(principal(&self.auth, &request)?.authorize_global(Action::Admin)?);
+            caller = Some(
+                self.gate
+                    .principal(&request)?
+                    .authorize_global(Action::Admin)?,
+            );
             let rate = request.into_inner().records_per_second;
             Ok(rewrap_status(self.keys.start_rewrap(Some(rate))))
         }
         .await;
-        finish("StartRewrap", caller.as_ref(), started, result)
+        finish(
+            self.broker.metrics(),
+            "StartRewrap",
+            caller.as_ref(),
+            started,
+            result,
+        )
     }
 
     async fn get_rewrap_status(
@@ -178,11 +277,21 @@ impl VaultAdmin for AdminService {
         let started = Instant::now();
         let mut caller = None;
         let result = async {
-            caller = Some(principal(&self.auth, &request)?.authorize_global(Action::Admin)?);
+            caller = Some(
+                self.gate
+                    .principal(&request)?
+                    .authorize_global(Action::Admin)?,
+            );
             Ok(rewrap_status(self.keys.rewrap_status()))
         }
         .await;
-        finish("GetRewrapStatus", caller.as_ref(), started, result)
+        finish(
+            self.broker.metrics(),
+            "GetRewrapStatus",
+            caller.as_ref(),
+            started,
+            result,
+        )
     }
 }
 

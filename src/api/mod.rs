@@ -6,6 +6,7 @@
 //! protos, and nothing else.
 
 pub mod admin;
+pub mod admission;
 pub mod convert;
 pub mod status;
 pub mod vault;

@@ -11,6 +11,7 @@ use super::{
     status::ApiError,
 };
 use crate::{
+    api::admission::IdentityRateLimiter,
     auth::{AuthError, Authenticator, Caller, Principal},
     broker::{
         model::{self, UpstreamRevocation},
@@ -27,47 +28,58 @@ pub struct PeerIdentity(pub Result<crate::auth::Identity, AuthError>);
 /// The CredentialVault service.
 pub struct VaultService {
     broker: Arc<Broker>,
-    auth: Arc<Authenticator>,
+    gate: Arc<Gate>,
+}
+
+/// What every call passes before its handler runs: authentication, then the
+/// per-identity rate limit.
+pub struct Gate {
+    pub auth: Arc<Authenticator>,
+    pub limiter: IdentityRateLimiter,
+}
+
+impl Gate {
+    /// The principal behind a request, from its connection's identity.
+    pub(crate) fn principal<T>(&self, request: &Request<T>) -> Result<Principal, ApiError> {
+        let identity = match request.extensions().get::<PeerIdentity>() {
+            Some(PeerIdentity(identity)) => identity.clone()?,
+            None => return Err(AuthError::NoCertificate.into()),
+        };
+        self.limiter.check(&identity)?;
+        Ok(self.auth.principal(identity))
+    }
 }
 
 impl VaultService {
-    pub fn new(broker: Arc<Broker>, auth: Arc<Authenticator>) -> Self {
-        Self { broker, auth }
+    pub fn new(broker: Arc<Broker>, gate: Arc<Gate>) -> Self {
+        Self { broker, gate }
     }
 
     fn principal<T>(&self, request: &Request<T>) -> Result<Principal, ApiError> {
-        principal(&self.auth, request)
+        self.gate.principal(request)
     }
-}
-
-/// The principal behind a request, from its connection's identity.
-pub(crate) fn principal<T>(
-    auth: &Authenticator,
-    request: &Request<T>,
-) -> Result<Principal, ApiError> {
-    let identity = match request.extensions().get::<PeerIdentity>() {
-        Some(PeerIdentity(identity)) => identity.clone()?,
-        None => return Err(AuthError::NoCertificate.into()),
-    };
-    Ok(auth.principal(identity))
 }
 
 /// Logs the outcome of one call with the fields operators filter on.
 pub(crate) fn finish<T>(
+    metrics: &crate::metrics::Metrics,
     method: &'static str,
     caller: Option<&Caller>,
     started: Instant,
     result: Result<T, ApiError>,
 ) -> Result<Response<T>, Status> {
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed_ms = elapsed * 1e3;
     let identity = caller.map(|c| c.identity.to_string()).unwrap_or_default();
     let tenant = caller.map(|c| c.tenant.as_str()).unwrap_or_default();
     match result {
         Ok(response) => {
+            metrics.call(method, "OK", elapsed);
             tracing::debug!(method, %identity, tenant, elapsed_ms, "call succeeded");
             Ok(Response::new(response))
         }
         Err(error) => {
+            metrics.call(method, error.reason(), elapsed);
             let detail = error_text(&error);
             tracing::info!(method, %identity, tenant, elapsed_ms, reason = error.reason(), %detail, "call failed");
             Err(error.into())
@@ -108,7 +120,13 @@ impl CredentialVault for VaultService {
             })
         }
         .await;
-        finish("Deposit", caller.as_ref(), started, result)
+        finish(
+            self.broker.metrics(),
+            "Deposit",
+            caller.as_ref(),
+            started,
+            result,
+        )
     }
 
     async fn get_access_token(
@@ -129,7 +147,13 @@ impl CredentialVault for VaultService {
             Ok(token_response(token))
         }
         .await;
-        finish("GetAccessToken", caller.as_ref(), started, result)
+        finish(
+            self.broker.metrics(),
+            "GetAccessToken",
+            caller.as_ref(),
+            started,
+            result,
+        )
     }
 
     async fn revoke(
@@ -153,7 +177,13 @@ impl CredentialVault for VaultService {
             })
         }
         .await;
-        finish("Revoke", caller.as_ref(), started, result)
+        finish(
+            self.broker.metrics(),
+            "Revoke",
+            caller.as_ref(),
+            started,
+            result,
+        )
     }
 }
 

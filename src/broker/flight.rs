@@ -44,10 +44,23 @@ where
     where
         F: Future<Output = T> + Send + 'static,
     {
+        self.run_counted(key, work, on_panic).await.0
+    }
+
+    /// Like [`SingleFlight::run`], also saying whether this caller joined a
+    /// flight already under way (for metrics).
+    pub async fn run_counted<F>(&self, key: K, work: impl FnOnce() -> F, on_panic: T) -> (T, bool)
+    where
+        F: Future<Output = T> + Send + 'static,
+    {
+        let mut joined = false;
         let flight = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             match inflight.get(&key) {
-                Some(flight) => flight.clone(),
+                Some(flight) => {
+                    joined = true;
+                    flight.clone()
+                }
                 None => {
                     let flight =
                         spawn_flight(Arc::clone(&self.inflight), key.clone(), work(), on_panic);
@@ -56,7 +69,7 @@ where
                 }
             }
         };
-        flight.await
+        (flight.await, joined)
     }
 }
 

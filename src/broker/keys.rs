@@ -207,6 +207,11 @@ impl KeyManager {
                 (info, count)
             })
             .collect();
+        let gauge: Vec<(u32, u64)> = versions
+            .iter()
+            .map(|(info, count)| (info.version.get(), *count))
+            .collect();
+        self.broker.metrics().set_records(&gauge);
         Ok(KeyStatus {
             primary: keyring.primary().get(),
             versions,

@@ -41,6 +41,7 @@ use self::{
 };
 use crate::{
     crypto::{self, OpenError, RecordIdentity, SharedKeyring},
+    metrics::Metrics,
     store::{CasOutcome, CredentialStore, Versioned},
     upstream::{IssuedTokens, Upstream, UpstreamError},
 };
@@ -97,6 +98,7 @@ pub struct Broker {
     cache: TokenCache,
     flights: SingleFlight<CredentialId, FlightResult>,
     write_locks: Vec<Mutex<()>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Broker {
@@ -106,7 +108,19 @@ impl Broker {
         upstream: Upstream,
         settings: BrokerSettings,
     ) -> Arc<Self> {
+        Self::with_metrics(store, keys, upstream, settings, Arc::default())
+    }
+
+    /// Like [`Broker::new`], reporting into `metrics`.
+    pub fn with_metrics(
+        store: Arc<dyn CredentialStore>,
+        keys: SharedKeyring,
+        upstream: Upstream,
+        settings: BrokerSettings,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            metrics,
             store,
             keys,
             upstream,
@@ -119,6 +133,15 @@ impl Broker {
 
     pub fn settings(&self) -> &BrokerSettings {
         &self.settings
+    }
+
+    /// The store, for whole-store operations (backups).
+    pub fn store(&self) -> Arc<dyn CredentialStore> {
+        Arc::clone(&self.store)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Stores a new grant for `cmd.id`, replacing any previous one (and any
@@ -241,7 +264,9 @@ impl Broker {
             .unwrap_or(self.settings.refresh_skew)
             .max(self.settings.refresh_skew);
         if !request.force_refresh {
-            if let Some(token) = self.cache.get(&request.id, margin, SystemTime::now()) {
+            let cached = self.cache.get(&request.id, margin, SystemTime::now());
+            self.metrics.cache(cached.is_some());
+            if let Some(token) = cached {
                 return Ok(token);
             }
         }
@@ -251,14 +276,18 @@ impl Broker {
             let broker = Arc::clone(self);
             let id = request.id.clone();
             let force = request.force_refresh;
-            let outcome = self
+            let (outcome, joined) = self
                 .flights
-                .run(
+                .run_counted(
                     request.id.clone(),
                     move || async move { broker.refresh_flow(id, margin, force).await },
                     Err(BrokerError::Internal("refresh task failed")),
                 )
-                .await?;
+                .await;
+            if joined {
+                self.metrics.coalesced_waiters.inc();
+            }
+            let outcome = outcome?;
             let acceptable = if request.force_refresh {
                 outcome.recent
             } else {
@@ -356,6 +385,7 @@ impl Broker {
                     .filter(|t| t.valid_for(margin, now))
                 {
                     if force {
+                        self.metrics.forced_refreshes_coalesced.inc();
                         tracing::debug!(provider = %id.provider, "forced refresh coalesced with a recent one");
                     }
                     self.cache_if_current(&id, &versioned, token).await;
@@ -374,6 +404,16 @@ impl Broker {
                 (None, false) => return Err(reauth(ReauthCause::NoRefreshToken, &id)),
             };
 
+            self.metrics.refresh(
+                &id.provider,
+                match &issued {
+                    Ok(_) => "ok",
+                    Err(UpstreamError::GrantRejected { .. }) => "grant_rejected",
+                    Err(UpstreamError::ClientRejected { .. }) => "rejected_client",
+                    Err(UpstreamError::Unavailable { .. }) => "unavailable",
+                    Err(UpstreamError::EndpointNotAllowed(_)) => "endpoint_not_allowed",
+                },
+            );
             match issued {
                 Ok(tokens) => match self.write_back(&id, &versioned, &record, tokens).await? {
                     WriteBack::Stored(token) => {
@@ -485,9 +525,13 @@ impl Broker {
         let (value, _) = self.seal(id, &record)?;
         // If anything wrote meanwhile (a new Deposit), that write wins and
         // the dead grant needs no mark.
-        self.store
+        let outcome = self
+            .store
             .compare_and_swap(&id.store_key(), Some(read.revision), Some(value))
             .await?;
+        if matches!(outcome, CasOutcome::Written(_)) {
+            self.metrics.reauth(cause.as_str());
+        }
         self.cache.remove(id);
         tracing::warn!(
             tenant = %id.tenant,

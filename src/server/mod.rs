@@ -18,9 +18,11 @@ use tokio::net::TcpListener;
 
 use crate::{
     api::{
+        admission::{AdmissionLayer, IdentityRateLimiter},
         pb::{
             credential_vault_server::CredentialVaultServer, vault_admin_server::VaultAdminServer,
         },
+        vault::Gate,
         AdminService, VaultService,
     },
     auth::{Authenticator, IdentityRules, Policy},
@@ -31,6 +33,7 @@ use crate::{
     },
     config::Config,
     crypto::{self, SharedKeyring},
+    metrics::Metrics,
     store::{CredentialStore, SledStore},
     upstream::{EndpointPolicy, HttpSettings, Upstream, UpstreamSettings},
 };
@@ -86,10 +89,16 @@ pub async fn run(
 
     // Probes answer from the first moment, "not ready" until we are.
     let readiness = ops::Readiness::default();
+    let metrics = Arc::new(Metrics::default());
     let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
-    let ops_task = tokio::spawn(ops::serve(listeners.ops, readiness.clone(), async move {
-        let _ = ops_stopped.await;
-    }));
+    let ops_task = tokio::spawn(ops::serve(
+        listeners.ops,
+        readiness.clone(),
+        Arc::clone(&metrics),
+        async move {
+            let _ = ops_stopped.await;
+        },
+    ));
 
     let tls_config = tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca)?;
     let passphrase = config.keyring_passphrase()?;
@@ -136,7 +145,7 @@ pub async fn run(
         })?;
     }
     let store: Arc<dyn CredentialStore> = Arc::new(store);
-    let broker = Broker::new(
+    let broker = Broker::with_metrics(
         Arc::clone(&store),
         SharedKeyring::new(keyring),
         upstream,
@@ -146,6 +155,7 @@ pub async fn run(
             force_refresh_interval: config.tokens.force_refresh_interval,
             presets,
         },
+        Arc::clone(&metrics),
     );
 
     let refresh_ahead = config.tokens.refresh_ahead.then(|| {
@@ -192,13 +202,25 @@ pub async fn run(
         config.keyring.path.clone(),
         config.keyring.watch_interval,
     ));
+    let gate = Arc::new(Gate {
+        auth: Arc::clone(&auth),
+        limiter: IdentityRateLimiter::new(
+            config.server.rate_limit_per_identity,
+            config.server.rate_limit_burst,
+        ),
+    });
     let admin = VaultAdminServer::new(AdminService::new(
         Arc::clone(&broker),
         Arc::clone(&keys),
-        Arc::clone(&auth),
+        Arc::clone(&gate),
     ))
     .max_decoding_message_size(config.server.max_request_bytes);
-    let vault = CredentialVaultServer::new(VaultService::new(broker, Arc::clone(&auth)))
+    let gauges = tokio::spawn(refresh_gauges(
+        Arc::clone(&keys),
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+    ));
+    let vault = CredentialVaultServer::new(VaultService::new(broker, Arc::clone(&gate)))
         .max_decoding_message_size(config.server.max_request_bytes);
 
     let incoming = tls::incoming(
@@ -215,6 +237,19 @@ pub async fn run(
         // Detects dead peers on long-lived mesh connections.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        // Clients reconnect now and then, so a load balancer in front of a
+        // future replicated vault can spread them; in-flight calls finish.
+        .max_connection_age(config.server.max_connection_age)
+        .max_connection_age_grace(std::time::Duration::from_secs(30))
+        // Bounds the streams one connection may multiplex; the global cap
+        // below is what protects the vault.
+        .max_concurrent_streams(Some(256))
+        // Sheds calls beyond the global in-flight cap with OVERLOADED
+        // instead of queueing them into timeouts.
+        .layer(AdmissionLayer::new(
+            config.server.max_concurrent_calls,
+            Arc::clone(&metrics),
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -249,6 +284,7 @@ pub async fn run(
         task.abort();
     }
     reloader.abort();
+    gauges.abort();
     // A rewrap's cursor is durable; the next start resumes it.
     keys.stop();
     // Acknowledged writes are already durable; this covers bookkeeping.
@@ -309,6 +345,23 @@ async fn reload_keyring_on_change(
             if let Err(error) = keys.reload().await {
                 tracing::error!(%error, "keyring reload refused; keeping the running keyring");
             }
+        }
+    }
+}
+
+/// Keeps the gauges that cost a store scan fresh, off the scrape path.
+async fn refresh_gauges(
+    keys: Arc<KeyManager>,
+    store: Arc<dyn CredentialStore>,
+    metrics: Arc<Metrics>,
+) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(15));
+    loop {
+        ticker.tick().await;
+        // Updates the per-version record gauges as a side effect.
+        let _ = keys.status().await;
+        if let Some(bytes) = store.size_on_disk() {
+            metrics.store_bytes.set(bytes);
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The plaintext ops listener: `/livez` and `/readyz` for Kubernetes probes.
-//! It serves no credential data, which is why it may be plaintext.
+//! The plaintext ops listener: `/livez` and `/readyz` for Kubernetes probes,
+//! `/metrics` for Prometheus. It serves no credential data, which is why it
+//! may be plaintext.
 
 use std::{
     future::Future,
@@ -11,6 +12,8 @@ use std::{
 
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
 
 /// Whether the vault can serve: store open, keyring loaded, not draining.
 #[derive(Clone, Default)]
@@ -30,12 +33,28 @@ impl Readiness {
 pub async fn serve(
     listener: TcpListener,
     readiness: Readiness,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(readiness);
+        .with_state(readiness)
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = Arc::clone(&metrics);
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

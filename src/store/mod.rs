@@ -12,6 +12,7 @@
 //! and rewraps), so no write can silently overwrite another.
 //! A write that returns `Ok` is durable.
 
+pub mod backup;
 mod sled_store;
 
 use std::fmt;
@@ -148,6 +149,13 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// Small non-secret bookkeeping values (e.g. key fingerprints).
     async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
     async fn put_meta(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError>;
+    /// Every bookkeeping value, for backups.
+    async fn all_meta(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Bytes the store occupies on disk, where the engine knows it.
+    fn size_on_disk(&self) -> Option<u64> {
+        None
+    }
 
     /// Makes every acknowledged write durable; used at shutdown.
     async fn flush(&self) -> Result<(), StoreError>;

@@ -244,6 +244,21 @@ impl CredentialStore for SledStore {
         self.durable().await
     }
 
+    async fn all_meta(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.meta.iter() {
+            let (name, value) = item.map_err(|e| io_error("scan meta", &e))?;
+            let name = String::from_utf8(name.to_vec())
+                .map_err(|_| StoreError::Malformed("meta name is not utf-8"))?;
+            out.push((name, value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn size_on_disk(&self) -> Option<u64> {
+        self.db.size_on_disk().ok()
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         self.durable().await
     }

@@ -1,0 +1,153 @@
+//! Admission control: who gets served when the vault is at capacity.
+//!
+//! - [`AdmissionLayer`] caps the calls in flight across all connections and
+//!   sheds the excess at once with RESOURCE_EXHAUSTED / `OVERLOADED`, instead
+//!   of queueing them until they time out (a queue only adds latency to work
+//!   that will be dropped anyway). Health checks are always admitted, so an
+//!   overloaded vault still reports SERVING and is not restarted by its probes.
+//! - [`IdentityRateLimiter`] keeps one noisy client from using the whole
+//!   capacity: a token bucket per caller identity.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use tokio::sync::Semaphore;
+use tonic::Status;
+use tower::{Layer, Service};
+
+use super::ApiError;
+use crate::{auth::Identity, metrics::Metrics};
+
+/// The global in-flight limit, as a tower layer over the gRPC router.
+#[derive(Clone)]
+pub struct AdmissionLayer {
+    permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+impl AdmissionLayer {
+    pub fn new(max_in_flight: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            metrics,
+        }
+    }
+}
+
+impl<S> Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Admission {
+            inner,
+            permits: Arc::clone(&self.permits),
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+}
+
+/// See [`AdmissionLayer`].
+#[derive(Clone)]
+pub struct Admission<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> Service<http::Request<B>> for Admission<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The ready clone serves this call; a fresh clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if request.uri().path().starts_with("/grpc.health.v1.Health/") {
+            return Box::pin(inner.call(request));
+        }
+        match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => Box::pin(async move {
+                let response = inner.call(request).await;
+                drop(permit);
+                response
+            }),
+            Err(_) => {
+                self.metrics.overloaded.inc();
+                let status: Status = ApiError::Overloaded("too many calls in flight").into();
+                Box::pin(async move { Ok(status.into_http()) })
+            }
+        }
+    }
+}
+
+/// A token bucket per caller identity.
+pub struct IdentityRateLimiter {
+    /// Tokens per second; 0 turns the limiter off.
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl IdentityRateLimiter {
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(per_second),
+            burst: f64::from(burst.max(per_second).max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn disabled() -> Self {
+        Self::new(0, 0)
+    }
+
+    /// Takes one token for `identity`, or refuses with `OVERLOADED`.
+    pub fn check(&self, identity: &Identity) -> Result<(), ApiError> {
+        if self.rate <= 0.0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = buckets.entry(identity.to_string()).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        let refill = now.duration_since(bucket.at).as_secs_f64() * self.rate;
+        bucket.tokens = (bucket.tokens + refill).min(self.burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(ApiError::Overloaded(
+                "rate limit for this identity exceeded",
+            ))
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The vault's Prometheus metrics, served by the ops listener on `/metrics`.
+//!
+//! Low cardinality by design: no subject or tenant labels. Provider names are
+//! chosen by callers, so only the first [`MAX_PROVIDER_LABELS`] distinct ones
+//! get their own label; the rest are counted as `other`.
+
+use std::{
+    collections::HashSet,
+    sync::{atomic::AtomicU64, Mutex},
+};
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Distinct provider labels before new ones fold into `other`.
+pub const MAX_PROVIDER_LABELS: usize = 64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub method: String,
+    /// `OK` or the ErrorInfo reason.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `hit` or `miss`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLabels {
+    pub provider: String,
+    /// `ok`, `reauth`, `rejected_client`, `unavailable`, `superseded`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyVersionLabels {
+    pub key_version: String,
+}
+
+/// Every metric the vault exports.
+pub struct Metrics {
+    registry: Registry,
+    pub calls: Family<CallLabels, Counter>,
+    pub call_seconds: Family<MethodLabels, Histogram>,
+    pub cache: Family<CacheLabels, Counter>,
+    pub refreshes: Family<RefreshLabels, Counter>,
+    pub coalesced_waiters: Counter,
+    pub reauth_transitions: Family<CauseLabels, Counter>,
+    pub forced_refreshes_coalesced: Counter,
+    pub records: Family<KeyVersionLabels, Gauge>,
+    pub store_bytes: Gauge<u64, AtomicU64>,
+    pub overloaded: Counter,
+    providers: Mutex<HashSet<String>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("credvault");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "rpc_calls",
+            "gRPC calls by method and outcome reason",
+            calls.clone(),
+        );
+        let call_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            // 100 µs .. ~26 s: cache hits sit at the bottom, upstream round
+            // trips in the middle, timeouts at the top.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0001, 2.0, 19,
+            ))
+        });
+        registry.register(
+            "rpc_duration_seconds",
+            "gRPC call latency",
+            call_seconds.clone(),
+        );
+        let cache = Family::<CacheLabels, Counter>::default();
+        registry.register("token_cache", "access token cache lookups", cache.clone());
+        let refreshes = Family::<RefreshLabels, Counter>::default();
+        registry.register(
+            "refreshes",
+            "upstream refreshes by provider and outcome",
+            refreshes.clone(),
+        );
+        let coalesced_waiters = Counter::default();
+        registry.register(
+            "refresh_coalesced_waiters",
+            "callers that joined a refresh already in flight",
+            coalesced_waiters.clone(),
+        );
+        let reauth_transitions = Family::<CauseLabels, Counter>::default();
+        registry.register(
+            "reauth_transitions",
+            "grants newly marked REAUTH_REQUIRED",
+            reauth_transitions.clone(),
+        );
+        let forced_refreshes_coalesced = Counter::default();
+        registry.register(
+            "forced_refreshes_rate_limited",
+            "force_refresh calls answered with a recent refresh",
+            forced_refreshes_coalesced.clone(),
+        );
+        let records = Family::<KeyVersionLabels, Gauge>::default();
+        registry.register("records", "stored records by key version", records.clone());
+        let store_bytes = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "store_size_bytes",
+            "size of the store on disk",
+            store_bytes.clone(),
+        );
+        let overloaded = Counter::default();
+        registry.register(
+            "overloaded",
+            "calls shed because the vault was at capacity",
+            overloaded.clone(),
+        );
+        Self {
+            registry,
+            calls,
+            call_seconds,
+            cache,
+            refreshes,
+            coalesced_waiters,
+            reauth_transitions,
+            forced_refreshes_coalesced,
+            records,
+            store_bytes,
+            overloaded,
+            providers: Mutex::new(HashSet::new()),
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn call(&self, method: &str, reason: &str, seconds: f64) {
+        self.calls
+            .get_or_create(&CallLabels {
+                method: method.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+        self.call_seconds
+            .get_or_create(&MethodLabels {
+                method: method.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn cache(&self, hit: bool) {
+        self.cache
+            .get_or_create(&CacheLabels {
+                result: if hit { "hit" } else { "miss" }.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn refresh(&self, provider: &str, outcome: &str) {
+        self.refreshes
+            .get_or_create(&RefreshLabels {
+                provider: self.provider_label(provider),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn reauth(&self, cause: &str) {
+        self.reauth_transitions
+            .get_or_create(&CauseLabels {
+                cause: cause.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Replaces the per-version record gauges.
+    pub fn set_records(&self, counts: &[(u32, u64)]) {
+        self.records.clear();
+        for (version, count) in counts {
+            self.records
+                .get_or_create(&KeyVersionLabels {
+                    key_version: version.to_string(),
+                })
+                .set(i64::try_from(*count).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn provider_label(&self, provider: &str) -> String {
+        let mut seen = self.providers.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(provider) {
+            return provider.to_owned();
+        }
+        if seen.len() < MAX_PROVIDER_LABELS {
+            seen.insert(provider.to_owned());
+            return provider.to_owned();
+        }
+        "other".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn providers_beyond_the_cap_fold_into_other() {
+        let metrics = Metrics::default();
+        for i in 0..MAX_PROVIDER_LABELS + 10 {
+            metrics.refresh(&format!("p{i}"), "ok");
+        }
+        let text = metrics.encode();
+        assert!(text.contains("provider=\"p0\""));
+        assert!(text.contains("provider=\"other\""));
+        assert!(!text.contains(&format!("provider=\"p{}\"", MAX_PROVIDER_LABELS + 5)));
+    }
+}

@@ -106,6 +106,10 @@ pub struct TlsConfig {
     /// A client that has not finished its handshake by then is dropped.
     #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// How often the certificate, key and CA files are checked for changes
+    /// (new handshakes use the new ones); `0s` turns reloading off.
+    #[serde(default = "defaults::tls_reload", with = "humantime_serde")]
+    pub reload_interval: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -139,6 +143,27 @@ pub struct AuthConfig {
     /// Accept a certificate's subject CN when it has no URI SAN.
     #[serde(default)]
     pub allow_common_name: bool,
+    /// Tenant claims from a signed JWT (`authorization: Bearer …`).
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The JWKS (public keys) tokens are verified against, offline.
+    pub jwks_file: PathBuf,
+    pub issuer: String,
+    pub audience: String,
+    /// The claim holding the tenant (a string or an array of strings).
+    #[serde(default = "defaults::tenant_claim")]
+    pub tenant_claim: String,
+    /// Allowed algorithms (asymmetric only).
+    #[serde(default = "defaults::jwt_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(default = "defaults::jwt_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -304,6 +329,22 @@ mod defaults {
         Duration::from_secs(10)
     }
 
+    pub fn tls_reload() -> Duration {
+        Duration::from_secs(10)
+    }
+
+    pub fn tenant_claim() -> String {
+        "tenant".to_owned()
+    }
+
+    pub fn jwt_algorithms() -> Vec<String> {
+        vec!["ES256".to_owned(), "RS256".to_owned()]
+    }
+
+    pub fn jwt_leeway() -> Duration {
+        Duration::from_secs(30)
+    }
+
     pub fn keyring_watch() -> Duration {
         Duration::from_secs(10)
     }
@@ -363,6 +404,9 @@ impl Config {
             fix(p);
         }
         fix(&mut self.auth.policy);
+        if let Some(jwt) = self.auth.jwt.as_mut() {
+            fix(&mut jwt.jwks_file);
+        }
         for preset in self.providers.values_mut() {
             if let Some(p) = preset.client_secret_file.as_mut() {
                 fix(p);

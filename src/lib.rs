@@ -9,6 +9,7 @@
 //!
 //! - [`server`]: assembly — mTLS transport, gRPC services, health,
 //!   reflection, the ops listener, graceful shutdown.
+//! - [`audit`]: the per-call audit event and the subject's keyed hash.
 //! - [`auth`]: caller identity from the peer certificate, the policy file,
 //!   tenant and action checks.
 //! - [`api`]: tonic services; proto <-> domain; the one error-to-status table.
@@ -29,6 +30,7 @@
 
 pub mod admin_client;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod broker;
 pub mod config;

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::{
     pb::{self, vault_admin_server::VaultAdmin},
     status::{ApiError, FieldViolation},
-    vault::{finish, Gate},
+    vault::{finish, Audited, Gate},
 };
 use crate::{
     auth::Action,
@@ -60,11 +60,12 @@ impl VaultAdmin for AdminService {
         let started = Instant::now();
         let mut caller = None;
         let result = async {
-            caller = Some(
+            caller = Some(Audited::new(
                 self.gate
                     .principal(&request)?
                     .authorize_global(Action::Admin)?,
-            );
+                None,
+            ));
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             let store = self.broker.store();
             tokio::spawn(async move {
@@ -137,7 +138,7 @@ impl VaultAdmin for AdminService {
             };
             let who = principal.authorize(&request.tenant, Action::Admin)?;
             let tenant = who.tenant.clone();
-            caller = Some(who);
+            caller = Some(Audited::new(who, None));
             // One extra tells us whether another page exists.
             let mut page = self.broker.list(&tenant, after, page_size + 1).await?;
             let next_page_token = if page.len() > page_size {
@@ -184,7 +185,7 @@ impl VaultAdmin for AdminService {
                 subject: reference.subject,
                 provider: reference.provider,
             };
-            caller = Some(who);
+            caller = Some(Audited::new(who, Some(&id)));
             Ok(metadata(self.broker.describe(&id).await?))
         }
         .await;
@@ -204,11 +205,12 @@ impl VaultAdmin for AdminService {
         let started = Instant::now();
         let mut caller = None;
         let result = async {
-            caller = Some(
+            caller = Some(Audited::new(
                 self.gate
                     .principal(&request)?
                     .authorize_global(Action::Admin)?,
-            );
+                None,
+            ));
             Ok(key_status(self.keys.status().await?))
         }
         .await;
@@ -228,11 +230,12 @@ impl VaultAdmin for AdminService {
         let started = Instant::now();
         let mut caller = None;
         let result = async {
-            caller = Some(
+            caller = Some(Audited::new(
                 self.gate
                     .principal(&request)?
                     .authorize_global(Action::Admin)?,
-            );
+                None,
+            ));
             Ok(key_status(self.keys.reload().await?))
         }
         .await;
@@ -252,11 +255,12 @@ impl VaultAdmin for AdminService {
         let started = Instant::now();
         let mut caller = None;
         let result = async {
-            caller = Some(
+            caller = Some(Audited::new(
                 self.gate
                     .principal(&request)?
                     .authorize_global(Action::Admin)?,
-            );
+                None,
+            ));
             let rate = request.into_inner().records_per_second;
             Ok(rewrap_status(self.keys.start_rewrap(Some(rate))))
         }
@@ -277,11 +281,12 @@ impl VaultAdmin for AdminService {
         let started = Instant::now();
         let mut caller = None;
         let result = async {
-            caller = Some(
+            caller = Some(Audited::new(
                 self.gate
                     .principal(&request)?
                     .authorize_global(Action::Admin)?,
-            );
+                None,
+            ));
             Ok(rewrap_status(self.keys.rewrap_status()))
         }
         .await;

@@ -92,9 +92,11 @@ impl ApiError {
             Self::Overloaded(_) => (Code::ResourceExhausted, OVERLOADED),
             Self::KeyringRejected(_) => (Code::FailedPrecondition, KEYRING_REJECTED),
             Self::Auth(error) => match error {
-                AuthError::NoCertificate | AuthError::BadIdentity(_) => {
-                    (Code::Unauthenticated, UNAUTHENTICATED)
-                }
+                AuthError::NoCertificate
+                | AuthError::BadIdentity(_)
+                | AuthError::Token(_)
+                | AuthError::TokenRequired { .. }
+                | AuthError::ForwardedIdentityRefused => (Code::Unauthenticated, UNAUTHENTICATED),
                 AuthError::TenantNotPermitted { .. } => {
                     (Code::PermissionDenied, TENANT_NOT_PERMITTED)
                 }

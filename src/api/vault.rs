@@ -12,9 +12,10 @@ use super::{
 };
 use crate::{
     api::admission::IdentityRateLimiter,
+    audit,
     auth::{AuthError, Authenticator, Caller, Principal},
     broker::{
-        model::{self, UpstreamRevocation},
+        model::{self, CredentialId, UpstreamRevocation},
         Broker,
     },
 };
@@ -45,8 +46,27 @@ impl Gate {
             Some(PeerIdentity(identity)) => identity.clone()?,
             None => return Err(AuthError::NoCertificate.into()),
         };
+        // Only a sidecar in mesh mode may speak for a client; on the mTLS
+        // port the header is an impersonation attempt.
+        if request.metadata().contains_key("x-forwarded-client-cert") {
+            return Err(AuthError::ForwardedIdentityRefused.into());
+        }
         self.limiter.check(&identity)?;
-        Ok(self.auth.principal(identity))
+        let bearer = match request.metadata().get("authorization") {
+            None => None,
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| {
+                        v.strip_prefix("Bearer ")
+                            .or_else(|| v.strip_prefix("bearer "))
+                    })
+                    .map(str::trim)
+                    .ok_or(AuthError::Token(crate::auth::TokenError::Malformed))?,
+            ),
+        };
+        Ok(self.auth.principal(identity, bearer)?)
     }
 }
 
@@ -61,27 +81,62 @@ impl VaultService {
 }
 
 /// Logs the outcome of one call with the fields operators filter on.
+/// Who made a call and about which credential, for the audit event.
+pub(crate) struct Audited {
+    caller: Caller,
+    provider: String,
+    subject_hash: String,
+}
+
+impl Audited {
+    pub(crate) fn new(caller: Caller, id: Option<&CredentialId>) -> Self {
+        Self {
+            caller,
+            provider: id.map(|id| id.provider.clone()).unwrap_or_default(),
+            subject_hash: id
+                .map(|id| audit::subject_hash(&id.subject))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Records the outcome of one call: metrics, the audit event, a log line.
 pub(crate) fn finish<T>(
     metrics: &crate::metrics::Metrics,
     method: &'static str,
-    caller: Option<&Caller>,
+    call: Option<&Audited>,
     started: Instant,
     result: Result<T, ApiError>,
 ) -> Result<Response<T>, Status> {
     let elapsed = started.elapsed().as_secs_f64();
-    let elapsed_ms = elapsed * 1e3;
-    let identity = caller.map(|c| c.identity.to_string()).unwrap_or_default();
-    let tenant = caller.map(|c| c.tenant.as_str()).unwrap_or_default();
+    let latency_ms = elapsed * 1e3;
+    let identity = call
+        .map(|c| c.caller.identity.to_string())
+        .unwrap_or_default();
+    let tenant = call.map(|c| c.caller.tenant.as_str()).unwrap_or_default();
+    let provider = call.map(|c| c.provider.as_str()).unwrap_or_default();
+    let subject = call.map(|c| c.subject_hash.as_str()).unwrap_or_default();
+    let reason = match &result {
+        Ok(_) => "OK",
+        Err(error) => error.reason(),
+    };
+    metrics.call(method, reason, elapsed);
+    tracing::info!(
+        target: audit::TARGET,
+        method,
+        %identity,
+        tenant,
+        provider,
+        subject,
+        reason,
+        latency_ms,
+        "call"
+    );
     match result {
-        Ok(response) => {
-            metrics.call(method, "OK", elapsed);
-            tracing::debug!(method, %identity, tenant, elapsed_ms, "call succeeded");
-            Ok(Response::new(response))
-        }
+        Ok(response) => Ok(Response::new(response)),
         Err(error) => {
-            metrics.call(method, error.reason(), elapsed);
             let detail = error_text(&error);
-            tracing::info!(method, %identity, tenant, elapsed_ms, reason = error.reason(), %detail, "call failed");
+            tracing::debug!(method, %identity, tenant, reason, %detail, "call failed");
             Err(error.into())
         }
     }
@@ -112,7 +167,7 @@ impl CredentialVault for VaultService {
         let result = async {
             let principal = self.principal(&request)?;
             let (who, command) = convert::deposit(request.into_inner(), &principal)?;
-            caller = Some(who);
+            caller = Some(Audited::new(who, Some(&command.id)));
             let deposited = self.broker.deposit(command).await?;
             Ok(pb::DepositResponse {
                 generation: deposited.generation,
@@ -142,7 +197,7 @@ impl CredentialVault for VaultService {
                 &principal,
                 self.broker.settings().max_min_valid_for,
             )?;
-            caller = Some(who);
+            caller = Some(Audited::new(who, Some(&token_request.id)));
             let token = self.broker.get_access_token(token_request).await?;
             Ok(token_response(token))
         }
@@ -165,7 +220,7 @@ impl CredentialVault for VaultService {
         let result = async {
             let principal = self.principal(&request)?;
             let (who, id) = convert::revoke(request.into_inner(), &principal)?;
-            caller = Some(who);
+            caller = Some(Audited::new(who, Some(&id)));
             let revoked = self.broker.revoke(&id).await?;
             Ok(pb::RevokeResponse {
                 existed: revoked.existed,

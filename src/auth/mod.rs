@@ -10,11 +10,13 @@
 //! forwarded identity) narrow a principal's grants before `authorize` runs.
 
 pub mod identity;
+pub mod jwt;
 pub mod policy;
 
 use std::sync::{Arc, RwLock};
 
 pub use self::identity::{Identity, IdentityError, IdentityRules};
+pub use self::jwt::{JwtVerifier, TokenError};
 pub use self::policy::{Action, Grants, Policy, Tenants};
 
 /// Why a call is refused. Messages name identities and tenants (not secrets).
@@ -30,6 +32,12 @@ pub enum AuthError {
     ActionNotPermitted { identity: String, action: Action },
     #[error("a tenant is required: `{identity}` may act for several tenants")]
     TenantRequired { identity: String },
+    #[error("{0}")]
+    Token(#[from] TokenError),
+    #[error("`{identity}` must present a bearer token naming its tenant")]
+    TokenRequired { identity: String },
+    #[error("x-forwarded-client-cert is only trusted in mesh mode")]
+    ForwardedIdentityRefused,
 }
 
 /// An authenticated peer and what the policy grants it.
@@ -111,6 +119,7 @@ impl Principal {
 pub struct Authenticator {
     rules: IdentityRules,
     policy: RwLock<Arc<Policy>>,
+    jwt: Option<JwtVerifier>,
 }
 
 impl Authenticator {
@@ -118,7 +127,14 @@ impl Authenticator {
         Self {
             rules,
             policy: RwLock::new(Arc::new(policy)),
+            jwt: None,
         }
+    }
+
+    /// Also verify bearer tokens; their tenant claims narrow each call.
+    pub fn with_jwt(mut self, verifier: JwtVerifier) -> Self {
+        self.jwt = Some(verifier);
+        self
     }
 
     pub fn identity_rules(&self) -> &IdentityRules {
@@ -136,10 +152,30 @@ impl Authenticator {
         Ok(identity::identity_from_certificate(leaf, &self.rules)?)
     }
 
-    /// The principal for an already identified peer.
-    pub fn principal(&self, identity: Identity) -> Principal {
+    /// The principal for an already identified peer, narrowed by the
+    /// tenants of its bearer token when JWTs are configured: a call may act
+    /// for a tenant only if the certificate's policy AND the token allow it.
+    pub fn principal(
+        &self,
+        identity: Identity,
+        bearer: Option<&str>,
+    ) -> Result<Principal, AuthError> {
         let policy = Arc::clone(&self.policy.read().unwrap_or_else(|e| e.into_inner()));
-        let grants = policy.grants_for(&identity);
-        Principal { identity, grants }
+        let mut grants = policy.grants_for(&identity);
+        match (&self.jwt, bearer) {
+            (Some(verifier), Some(token)) => {
+                let claimed = verifier.verify(token)?;
+                grants.tenants = grants.tenants.intersect(&claimed);
+            }
+            // Fails closed, also when the policy demands a token but no
+            // verifier is configured.
+            (_, None) | (None, _) if grants.require_jwt => {
+                return Err(AuthError::TokenRequired {
+                    identity: identity.to_string(),
+                })
+            }
+            _ => {}
+        }
+        Ok(Principal { identity, grants })
     }
 }

@@ -76,6 +76,22 @@ impl Tenants {
         }
     }
 
+    /// Tenants both sides allow.
+    pub fn intersect(&self, other: &Tenants) -> Tenants {
+        match (self, other) {
+            (Self::None, _) | (_, Self::None) => Self::None,
+            (Self::All, other) | (other, Self::All) => other.clone(),
+            (Self::Some(a), Self::Some(b)) => {
+                let both: BTreeSet<String> = a.intersection(b).cloned().collect();
+                if both.is_empty() {
+                    Self::None
+                } else {
+                    Self::Some(both)
+                }
+            }
+        }
+    }
+
     fn union(&mut self, other: &Tenants) {
         *self = match (std::mem::take(self), other) {
             (Self::All, _) | (_, Self::All) => Self::All,
@@ -94,6 +110,8 @@ impl Tenants {
 pub struct Grants {
     pub tenants: Tenants,
     pub actions: BTreeSet<Action>,
+    /// Some matching rule demands a verified JWT on every call.
+    pub require_jwt: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,6 +127,9 @@ struct RuleFile {
     identity: String,
     tenants: Vec<String>,
     actions: Vec<Action>,
+    /// Calls must also carry a JWT naming the tenant (see `auth.jwt`).
+    #[serde(default)]
+    require_jwt: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -192,6 +213,7 @@ impl Policy {
                 grants: Grants {
                     tenants,
                     actions: rule.actions.into_iter().collect(),
+                    require_jwt: rule.require_jwt,
                 },
             });
         }
@@ -210,6 +232,7 @@ impl Policy {
             if matches {
                 grants.tenants.union(&rule.grants.tenants);
                 grants.actions.extend(rule.grants.actions.iter().copied());
+                grants.require_jwt |= rule.grants.require_jwt;
             }
         }
         grants
@@ -256,6 +279,7 @@ mod tests {
         let grants = policy.grants_for(&spiffe("spiffe://credvault.dev/acme/writer"));
         assert!(grants.tenants.contains("acme") && grants.tenants.contains("acme-staging"));
         assert_eq!(grants.actions, [Action::Deposit, Action::Get].into());
+        assert!(!grants.require_jwt);
         assert_eq!(grants.tenants.single(), None);
         let admin = policy.grants_for(&spiffe("spiffe://credvault.dev/admin"));
         assert!(admin.tenants.contains("anything"));

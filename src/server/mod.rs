@@ -25,7 +25,10 @@ use crate::{
         vault::Gate,
         AdminService, VaultService,
     },
-    auth::{Authenticator, IdentityRules, Policy},
+    auth::{
+        jwt::{JwtSettings, JwtVerifier},
+        Authenticator, IdentityRules, Policy,
+    },
     broker::{
         ahead, keyguard,
         keys::{KeyManager, KeyringSource},
@@ -56,6 +59,8 @@ pub enum ServerError {
     Store { path: String, message: String },
     #[error("{0}")]
     Policy(#[from] crate::auth::policy::PolicyError),
+    #[error("{0}")]
+    Jwt(String),
     #[error("upstream http client: {0}")]
     Upstream(String),
     #[error("grpc server: {0}")]
@@ -114,13 +119,28 @@ pub async fn run(
     })?;
     keyguard::check_and_remember(&store, &keyring).await?;
     let policy = Policy::load(&config.auth.policy)?;
-    let auth = Arc::new(Authenticator::new(
+    let mut authenticator = Authenticator::new(
         IdentityRules {
             trust_domain: config.auth.trust_domain.clone(),
             allow_common_name: config.auth.allow_common_name,
         },
         policy,
-    ));
+    );
+    if let Some(jwt) = &config.auth.jwt {
+        let verifier = JwtVerifier::load(
+            &jwt.jwks_file,
+            JwtSettings {
+                issuer: jwt.issuer.clone(),
+                audience: jwt.audience.clone(),
+                tenant_claim: jwt.tenant_claim.clone(),
+                algorithms: jwt.algorithms.clone(),
+                leeway: jwt.leeway,
+            },
+        )
+        .map_err(|e| ServerError::Jwt(e.to_string()))?;
+        authenticator = authenticator.with_jwt(verifier);
+    }
+    let auth = Arc::new(authenticator);
     let upstream = Upstream::new(UpstreamSettings {
         http: HttpSettings {
             connect_timeout: config.upstream.connect_timeout,
@@ -223,6 +243,14 @@ pub async fn run(
     let vault = CredentialVaultServer::new(VaultService::new(broker, Arc::clone(&gate)))
         .max_decoding_message_size(config.server.max_request_bytes);
 
+    let tls_config = tls::SharedServerConfig::new(tls_config);
+    let tls_reloader = tokio::spawn(tls::reload_on_change(
+        tls_config.clone(),
+        config.tls.cert.clone(),
+        config.tls.key.clone(),
+        config.tls.client_ca.clone(),
+        config.tls.reload_interval,
+    ));
     let incoming = tls::incoming(
         listeners.grpc,
         tls_config,
@@ -284,6 +312,7 @@ pub async fn run(
         task.abort();
     }
     reloader.abort();
+    tls_reloader.abort();
     gauges.abort();
     // A rewrap's cursor is durable; the next start resumes it.
     keys.stop();

@@ -107,6 +107,70 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The server's TLS configuration, replaceable while the server runs: new
+/// handshakes use the newest one; established connections keep theirs.
+#[derive(Clone)]
+pub struct SharedServerConfig(Arc<std::sync::RwLock<Arc<ServerConfig>>>);
+
+impl SharedServerConfig {
+    pub fn new(config: Arc<ServerConfig>) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(config)))
+    }
+
+    pub fn current(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn replace(&self, config: Arc<ServerConfig>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+}
+
+/// Reloads certificate, key and client CA bundle when their files change.
+/// Kubernetes updates mounted Secrets by swapping a symlink, so the files are
+/// compared by content stamp, not by inode. A half-written or mismatched set
+/// is refused (logged) and the running configuration stays.
+pub async fn reload_on_change(
+    shared: SharedServerConfig,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    client_ca: std::path::PathBuf,
+    interval: Duration,
+) {
+    if interval.is_zero() {
+        return;
+    }
+    let stamp = || {
+        [&cert, &key, &client_ca]
+            .iter()
+            .map(|p| {
+                std::fs::metadata(p)
+                    .ok()
+                    .map(|m| (m.modified().ok(), m.len()))
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut seen = stamp();
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let now = stamp();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match server_config(&cert, &key, &client_ca) {
+            Ok(config) => {
+                shared.replace(config);
+                tracing::info!("tls certificate and client CA reloaded");
+            }
+            Err(error) => {
+                tracing::error!(%error, "tls reload refused; keeping the running certificates")
+            }
+        }
+    }
+}
+
 /// An established, identified mTLS connection.
 pub struct TlsConnection {
     stream: TlsStream<TcpStream>,
@@ -165,12 +229,11 @@ impl AsyncWrite for TlsConnection {
 /// the ones that complete. The loop ends when the returned stream is dropped.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: SharedServerConfig,
     auth: Arc<Authenticator>,
     handshake_timeout: Duration,
 ) -> ReceiverStream<Result<TlsConnection, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
-    let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -186,7 +249,8 @@ pub fn incoming(
                 () = tx.closed() => break,
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, auth, tx) = (acceptor.clone(), Arc::clone(&auth), tx.clone());
+            let acceptor = TlsAcceptor::from(config.current());
+            let (auth, tx) = (Arc::clone(&auth), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {

@@ -1,0 +1,50 @@
+//! The audit log: one structured event per call on the `credvault::audit`
+//! tracing target (identity, tenant, method, provider, a keyed hash of the
+//! subject, outcome reason, latency). Never a secret.
+//!
+//! Route it separately with a filter, e.g. `RUST_LOG=info,credvault::audit=info`
+//! and `log.format = "json"`, then select `target == "credvault::audit"` in the
+//! log pipeline. Subjects are personal data, so they are logged as an HMAC
+//! under a per-process random key: events of one process correlate, and the
+//! log alone does not reveal who the user was.
+
+use std::sync::OnceLock;
+
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+
+/// The tracing target of audit events.
+pub const TARGET: &str = "credvault::audit";
+
+fn key() -> &'static [u8; 32] {
+    static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        key
+    })
+}
+
+/// 16 hex characters identifying `subject` within this process's logs.
+pub fn subject_hash(subject: &str) -> String {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key()) else {
+        return String::new();
+    };
+    mac.update(subject.as_bytes());
+    hex::encode(&mac.finalize().into_bytes()[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_are_stable_within_a_process_and_hide_the_subject() {
+        let a = subject_hash("alice@example.com");
+        assert_eq!(a, subject_hash("alice@example.com"));
+        assert_ne!(a, subject_hash("bob@example.com"));
+        assert_eq!(a.len(), 16);
+        assert!(!a.contains("alice"));
+    }
+}

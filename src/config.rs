@@ -146,6 +146,20 @@ pub struct AuthConfig {
     /// Tenant claims from a signed JWT (`authorization: Bearer …`).
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
+    /// Mesh mode: a plaintext listener for a local sidecar that terminated
+    /// mTLS (off unless this section is present and `enabled`).
+    #[serde(default)]
+    pub mesh: Option<MeshConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    pub enabled: bool,
+    /// Bind it to loopback: only the sidecar may reach it.
+    pub listen: SocketAddr,
+    /// The vault's own SPIFFE ID; XFCC elements must carry it as `By=`.
+    pub vault_identity: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -479,6 +493,13 @@ impl Config {
         }
         if self.tokens.refresh_ahead && self.tokens.refresh_ahead_interval.is_zero() {
             return Err("tokens.refresh_ahead_interval must be positive".to_owned());
+        }
+        if let Some(mesh) = self.auth.mesh.as_ref().filter(|m| m.enabled) {
+            crate::auth::identity::SpiffeId::parse(&mesh.vault_identity)
+                .map_err(|e| format!("auth.mesh.vault_identity: {e}"))?;
+            if !mesh.listen.ip().is_loopback() {
+                return Err("auth.mesh.listen must be a loopback address: only the local sidecar may reach it".to_owned());
+            }
         }
         if self.upstream.max_response_bytes < 1024 {
             return Err("upstream.max_response_bytes must be at least 1024".to_owned());

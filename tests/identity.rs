@@ -531,3 +531,74 @@ fn libc_kill(pid: i32) {
         .args(["-TERM", &pid.to_string()])
         .status();
 }
+
+#[tokio::test]
+async fn mesh_mode_trusts_only_xfcc_added_for_this_vault() {
+    let provider = ProviderDouble::start().await;
+    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let mesh_port = free_port();
+    let vault_id = format!("spiffe://{TRUST_DOMAIN}/credvault");
+    let dir = VaultDir::custom(
+        "allow_http_loopback = true",
+        &format!(
+            "[auth.mesh]\nenabled = true\nlisten = \"127.0.0.1:{mesh_port}\"\nvault_identity = \"{vault_id}\"\n"
+        ),
+    );
+    let vault = TestVault::start(&dir).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{mesh_port}"))
+        .unwrap()
+        .connect_lazy();
+    let mut sidecar = CredentialVaultClient::new(channel);
+    let xfcc = |by: &str, uri: &str| {
+        vec![(
+            "x-forwarded-client-cert",
+            format!("By={by};Hash=00;URI={uri}"),
+        )]
+    };
+    let acme = format!("spiffe://{TRUST_DOMAIN}/acme");
+
+    attempt(
+        &mut sidecar,
+        "Deposit",
+        "acme",
+        &provider,
+        &xfcc(&vault_id, &acme),
+    )
+    .await
+    .unwrap();
+    for (name, metadata, reason) in [
+        ("no header", vec![], "UNAUTHENTICATED"),
+        (
+            "wrong By=",
+            xfcc("spiffe://credvault.test/other", &acme),
+            "UNAUTHENTICATED",
+        ),
+        (
+            "foreign trust domain",
+            xfcc(&vault_id, "spiffe://elsewhere/acme"),
+            "UNAUTHENTICATED",
+        ),
+        (
+            "identity not in policy",
+            xfcc(&vault_id, &format!("spiffe://{TRUST_DOMAIN}/stranger")),
+            "ACTION_NOT_PERMITTED",
+        ),
+    ] {
+        let status = attempt(&mut sidecar, "GetAccessToken", "acme", &provider, &metadata)
+            .await
+            .unwrap_err();
+        assert_eq!(error_info(&status).0, reason, "{name}");
+    }
+    // The forwarded identity is scoped like a certificate's.
+    let status = attempt(
+        &mut sidecar,
+        "GetAccessToken",
+        "globex",
+        &provider,
+        &xfcc(&vault_id, &acme),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(error_info(&status).0, "TENANT_NOT_PERMITTED");
+    drop(vault);
+}

@@ -96,7 +96,8 @@ impl ApiError {
                 | AuthError::BadIdentity(_)
                 | AuthError::Token(_)
                 | AuthError::TokenRequired { .. }
-                | AuthError::ForwardedIdentityRefused => (Code::Unauthenticated, UNAUTHENTICATED),
+                | AuthError::ForwardedIdentityRefused
+                | AuthError::Mesh(_) => (Code::Unauthenticated, UNAUTHENTICATED),
                 AuthError::TenantNotPermitted { .. } => {
                     (Code::PermissionDenied, TENANT_NOT_PERMITTED)
                 }

@@ -20,11 +20,17 @@ use crate::{
     },
 };
 
-/// The identity of the connection a request came in on, attached by the
-/// transport (see `server::tls`). `Err` when the certificate named no usable
-/// identity; such a peer may connect but every call is refused.
+/// The connection a request came in on, attached by the transport (see
+/// `server::tls`). A TLS peer whose certificate named no usable identity may
+/// connect, but every call is refused.
 #[derive(Clone, Debug)]
-pub struct PeerIdentity(pub Result<crate::auth::Identity, AuthError>);
+pub enum Peer {
+    /// An mTLS connection and the identity of its certificate.
+    Tls(Result<crate::auth::Identity, AuthError>),
+    /// A mesh-mode connection from the local sidecar: callers' identities come
+    /// from `x-forwarded-client-cert` elements added for `vault_identity`.
+    Mesh { vault_identity: Arc<str> },
+}
 
 /// The CredentialVault service.
 pub struct VaultService {
@@ -42,15 +48,22 @@ pub struct Gate {
 impl Gate {
     /// The principal behind a request, from its connection's identity.
     pub(crate) fn principal<T>(&self, request: &Request<T>) -> Result<Principal, ApiError> {
-        let identity = match request.extensions().get::<PeerIdentity>() {
-            Some(PeerIdentity(identity)) => identity.clone()?,
+        let forwarded = request.metadata().get("x-forwarded-client-cert");
+        let identity = match request.extensions().get::<Peer>() {
+            // Only a sidecar in mesh mode may speak for a client; on the mTLS
+            // port the header is an impersonation attempt.
+            Some(Peer::Tls(_)) if forwarded.is_some() => {
+                return Err(AuthError::ForwardedIdentityRefused.into())
+            }
+            Some(Peer::Tls(identity)) => identity.clone()?,
+            Some(Peer::Mesh { vault_identity }) => crate::auth::mesh::identity_from_xfcc(
+                forwarded.and_then(|v| v.to_str().ok()),
+                vault_identity,
+                self.auth.identity_rules(),
+            )
+            .map_err(AuthError::from)?,
             None => return Err(AuthError::NoCertificate.into()),
         };
-        // Only a sidecar in mesh mode may speak for a client; on the mTLS
-        // port the header is an impersonation attempt.
-        if request.metadata().contains_key("x-forwarded-client-cert") {
-            return Err(AuthError::ForwardedIdentityRefused.into());
-        }
         self.limiter.check(&identity)?;
         let bearer = match request.metadata().get("authorization") {
             None => None,

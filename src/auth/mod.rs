@@ -11,6 +11,7 @@
 
 pub mod identity;
 pub mod jwt;
+pub mod mesh;
 pub mod policy;
 
 use std::sync::{Arc, RwLock};
@@ -38,6 +39,8 @@ pub enum AuthError {
     TokenRequired { identity: String },
     #[error("x-forwarded-client-cert is only trusted in mesh mode")]
     ForwardedIdentityRefused,
+    #[error("{0}")]
+    Mesh(#[from] mesh::MeshError),
 }
 
 /// An authenticated peer and what the policy grants it.

@@ -73,6 +73,9 @@ pub enum ServerError {
 pub struct Listeners {
     pub grpc: TcpListener,
     pub ops: TcpListener,
+    /// The mesh-mode listener; bound from the config when mesh mode is on
+    /// and this is `None`.
+    pub mesh: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -80,6 +83,7 @@ impl Listeners {
         Ok(Self {
             grpc: TcpListener::bind(config.listen).await?,
             ops: TcpListener::bind(config.ops_listen).await?,
+            mesh: None,
         })
     }
 }
@@ -257,6 +261,29 @@ pub async fn run(
         auth,
         config.tls.handshake_timeout,
     );
+    let mesh_incoming = match config.auth.mesh.as_ref().filter(|m| m.enabled) {
+        None => None,
+        Some(mesh) => {
+            let listener = match listeners.mesh {
+                Some(listener) => listener,
+                None => TcpListener::bind(mesh.listen).await.map_err(|e| {
+                    ServerError::Transport(format!("mesh listener {}: {e}", mesh.listen))
+                })?,
+            };
+            tracing::warn!(listen = %mesh.listen, "mesh mode: trusting x-forwarded-client-cert from the local sidecar");
+            Some(tls::mesh_incoming(
+                listener,
+                mesh.vault_identity.as_str().into(),
+            ))
+        }
+    };
+    // One server for both: the same layers, limits and services.
+    let incoming: std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<tls::Connection, std::io::Error>> + Send>,
+    > = match mesh_incoming {
+        Some(mesh) => Box::pin(tokio_stream::StreamExt::merge(incoming, mesh)),
+        None => Box::pin(incoming),
+    };
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
     let grpc = tonic::transport::Server::builder()
         // Bounds every call, upstream round trips included, so a hung

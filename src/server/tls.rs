@@ -5,7 +5,8 @@
 //! Handshakes run concurrently and under a timeout, so a client that opens a
 //! socket and stalls cannot hold up anyone else's accept. The peer's identity
 //! is derived once per connection, here, and travels with every request on it
-//! as [`PeerIdentity`].
+//! as [`Peer`]. The mesh-mode listener ([`mesh_incoming`]) yields the same
+//! [`Connection`] type, so one gRPC server serves both.
 
 use std::{
     io,
@@ -31,7 +32,7 @@ use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::{api::vault::PeerIdentity, auth::Authenticator};
+use crate::{api::vault::Peer, auth::Authenticator};
 
 /// Why TLS material could not be loaded. Names the file, never key bytes.
 #[derive(Debug, thiserror::Error)]
@@ -171,57 +172,106 @@ pub async fn reload_on_change(
     }
 }
 
-/// An established, identified mTLS connection.
-pub struct TlsConnection {
-    stream: TlsStream<TcpStream>,
-    peer: PeerIdentity,
+/// An accepted connection: mTLS with the identity of its certificate, or a
+/// plaintext mesh-mode connection from the local sidecar.
+pub enum Connection {
+    Tls {
+        stream: Box<TlsStream<TcpStream>>,
+        peer: Peer,
+    },
+    Mesh {
+        stream: TcpStream,
+        peer: Peer,
+    },
 }
 
-impl Connected for TlsConnection {
-    type ConnectInfo = PeerIdentity;
+impl Connected for Connection {
+    type ConnectInfo = Peer;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.peer.clone()
+        match self {
+            Self::Tls { peer, .. } | Self::Mesh { peer, .. } => peer.clone(),
+        }
     }
 }
 
-impl AsyncRead for TlsConnection {
+/// Plaintext connections from the mesh sidecar (mesh mode only). Callers'
+/// identities come from the sidecar's `x-forwarded-client-cert` header.
+pub fn mesh_incoming(
+    listener: TcpListener,
+    vault_identity: Arc<str>,
+) -> impl tokio_stream::Stream<Item = Result<Connection, io::Error>> {
+    tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        move |accepted| {
+            accepted.map(|stream| {
+                let _ = stream.set_nodelay(true);
+                Connection::Mesh {
+                    stream,
+                    peer: Peer::Mesh {
+                        vault_identity: Arc::clone(&vault_identity),
+                    },
+                }
+            })
+        },
+    )
+}
+
+macro_rules! delegate {
+    ($self:ident, $stream:ident => $call:expr) => {
+        match $self.get_mut() {
+            Connection::Tls { stream, .. } => {
+                let $stream = Pin::new(stream.as_mut());
+                $call
+            }
+            Connection::Mesh { stream, .. } => {
+                let $stream = Pin::new(stream);
+                $call
+            }
+        }
+    };
+}
+
+impl AsyncRead for Connection {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        delegate!(self, s => s.poll_read(cx, buf))
     }
 }
 
-impl AsyncWrite for TlsConnection {
+impl AsyncWrite for Connection {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        delegate!(self, s => s.poll_write(cx, buf))
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match self {
+            Connection::Tls { stream, .. } => stream.is_write_vectored(),
+            Connection::Mesh { stream, .. } => stream.is_write_vectored(),
+        }
     }
 }
 
@@ -232,7 +282,7 @@ pub fn incoming(
     config: SharedServerConfig,
     auth: Arc<Authenticator>,
     handshake_timeout: Duration,
-) -> ReceiverStream<Result<TlsConnection, io::Error>> {
+) -> ReceiverStream<Result<Connection, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
@@ -255,7 +305,12 @@ pub fn incoming(
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let peer = identify(&stream, &auth, remote);
-                        let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
+                        let _ = tx
+                            .send(Ok(Connection::Tls {
+                                stream: Box::new(stream),
+                                peer,
+                            }))
+                            .await;
                     }
                     Ok(Err(error)) => {
                         tracing::debug!(%remote, %error, "tls handshake failed");
@@ -268,11 +323,7 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-fn identify(
-    stream: &TlsStream<TcpStream>,
-    auth: &Authenticator,
-    remote: SocketAddr,
-) -> PeerIdentity {
+fn identify(stream: &TlsStream<TcpStream>, auth: &Authenticator, remote: SocketAddr) -> Peer {
     let (_, session) = stream.get_ref();
     let leaf = session
         .peer_certificates()
@@ -282,5 +333,5 @@ fn identify(
     if let Err(error) = &identity {
         tracing::info!(%remote, %error, "peer certificate names no usable identity");
     }
-    PeerIdentity(identity)
+    Peer::Tls(identity)
 }

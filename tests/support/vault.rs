@@ -166,9 +166,17 @@ impl TestVault {
         let addr = grpc.local_addr().unwrap();
         let ops_addr = ops.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let mut task = tokio::spawn(server::run(config, Listeners { grpc, ops }, async move {
-            let _ = stopped.await;
-        }));
+        let mut task = tokio::spawn(server::run(
+            config,
+            Listeners {
+                grpc,
+                ops,
+                mesh: None,
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         // Ready means /readyz says so; a start-up error ends the task first.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {

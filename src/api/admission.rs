@@ -29,13 +29,15 @@ use crate::{auth::Identity, metrics::Metrics};
 pub struct AdmissionLayer {
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    max_request_bytes: usize,
 }
 
 impl AdmissionLayer {
-    pub fn new(max_in_flight: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(max_in_flight: usize, max_request_bytes: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
             metrics,
+            max_request_bytes,
         }
     }
 }
@@ -48,6 +50,7 @@ impl<S> Layer<S> for AdmissionLayer {
             inner,
             permits: Arc::clone(&self.permits),
             metrics: Arc::clone(&self.metrics),
+            max_request_bytes: self.max_request_bytes,
         }
     }
 }
@@ -58,6 +61,37 @@ pub struct Admission<S> {
     inner: S,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
+    max_request_bytes: usize,
+}
+
+/// tonic's decoder answers an oversized message with a bare OUT_OF_RANGE;
+/// the error model promises every failure a credvault ErrorInfo, so it is
+/// re-issued as INVALID_FIELD here.
+fn typed_oversize(
+    response: http::Response<tonic::body::Body>,
+    max: usize,
+) -> http::Response<tonic::body::Body> {
+    let oversized = response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v == "11")
+        && response
+            .headers()
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            });
+    if !oversized {
+        return response;
+    }
+    let status: Status = ApiError::InvalidFields(vec![super::status::FieldViolation::new(
+        "request",
+        format!("the request message is larger than {max} bytes"),
+    )])
+    .into();
+    status.into_http()
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -87,11 +121,14 @@ where
             return Box::pin(inner.call(request));
         }
         match Arc::clone(&self.permits).try_acquire_owned() {
-            Ok(permit) => Box::pin(async move {
-                let response = inner.call(request).await;
-                drop(permit);
-                response
-            }),
+            Ok(permit) => {
+                let max = self.max_request_bytes;
+                Box::pin(async move {
+                    let response = inner.call(request).await;
+                    drop(permit);
+                    response.map(|r| typed_oversize(r, max))
+                })
+            }
             Err(_) => {
                 self.metrics.overloaded.inc();
                 let status: Status = ApiError::Overloaded("too many calls in flight").into();

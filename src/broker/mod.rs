@@ -169,6 +169,10 @@ impl Broker {
             .await
             .map_err(|e| upstream_error(e, &id))?;
 
+        // An exchanged code or a minted token cannot be stored right now.
+        if !self.store.healthy() {
+            return Err(BrokerError::Storage("the store is failing".into()));
+        }
         // The exchange happens before the write lock: a slow provider must not
         // hold up other writers of this credential.
         let (refresh_token, access_token, client_credentials) = match grant {
@@ -397,6 +401,14 @@ impl Broker {
                 }
             }
 
+            // A refresh rotates the grant upstream; if its write-back cannot
+            // land, the rotated token is lost and the user must re-consent.
+            // With a failing store, fail fast instead.
+            if !self.store.healthy() {
+                return Err(BrokerError::Storage(
+                    "the store is failing; refresh not attempted".into(),
+                ));
+            }
             let client = self.client_for(&record)?;
             let issued = match (&record.refresh_token, record.client_credentials) {
                 (Some(refresh_token), _) => self.upstream.refresh(&client, refresh_token).await,

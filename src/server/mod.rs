@@ -303,6 +303,7 @@ pub async fn run(
         // instead of queueing them into timeouts.
         .layer(AdmissionLayer::new(
             config.server.max_concurrent_calls,
+            config.server.max_request_bytes,
             Arc::clone(&metrics),
         ))
         .add_service(health_service)
@@ -315,6 +316,7 @@ pub async fn run(
         });
     tokio::pin!(grpc);
 
+    readiness.watch_store(Arc::clone(&store));
     readiness.set(true);
     tracing::info!(listen = %config.listen, ops_listen = %config.ops_listen, "credvault is serving");
 

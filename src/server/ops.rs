@@ -6,26 +6,39 @@ use std::{
     future::Future,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
 };
 
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, store::CredentialStore};
 
-/// Whether the vault can serve: store open, keyring loaded, not draining.
+/// Whether the vault can serve: store open and healthy, keyring loaded, not
+/// draining.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    ready: Arc<AtomicBool>,
+    store: Arc<OnceLock<Arc<dyn CredentialStore>>>,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Probes also report the store's health from now on.
+    pub fn watch_store(&self, store: Arc<dyn CredentialStore>) {
+        let _ = self.store.set(store);
+    }
+
+    fn store_healthy(&self) -> bool {
+        self.store.get().is_none_or(|s| s.healthy())
     }
 
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && self.store_healthy()
     }
 }
 
@@ -37,7 +50,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
+        // A store that latched a write failure only recovers by a restart;
+        // failing liveness makes the orchestrator do it.
+        .route("/livez", get(live))
         .route("/readyz", get(ready))
         .with_state(readiness)
         .route(
@@ -58,6 +73,17 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+async fn live(State(readiness): State<Readiness>) -> (StatusCode, &'static str) {
+    if readiness.store_healthy() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store failing; restart required\n",
+        )
+    }
 }
 
 async fn ready(State(readiness): State<Readiness>) -> (StatusCode, &'static str) {

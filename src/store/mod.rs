@@ -152,6 +152,12 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// Every bookkeeping value, for backups.
     async fn all_meta(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
+    /// False once the store has failed a write in a way it cannot recover
+    /// from without a restart; probes and the broker consult it.
+    fn healthy(&self) -> bool {
+        true
+    }
+
     /// Bytes the store occupies on disk, where the engine knows it.
     fn size_on_disk(&self) -> Option<u64> {
         None

@@ -7,7 +7,7 @@
 use std::{
     path::Path,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
 };
@@ -42,17 +42,37 @@ struct GroupCommit {
     written: AtomicU64,
     /// The `written` value the last completed flush covered.
     flushed: AtomicU64,
+    /// A write or flush failed (sled keeps failing after that).
+    failing: AtomicBool,
+    /// Entries whose write was never made durable and could not be taken
+    /// back in sled (which refuses writes after an I/O error): readers see
+    /// the previous entry until the process restarts.
+    unacknowledged: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Option<sled::IVec>>>,
     one_flush_at_a_time: tokio::sync::Mutex<()>,
 }
 
 impl SledStore {
     /// Opens (or creates) the store under `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| io_error("open", &e))?;
+        // The directory lock of a previous owner can outlive it briefly (its
+        // last background flush still finishing): wait a little for it.
+        let mut attempts = 0;
+        let db = loop {
+            match sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 50 =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => return Err(io_error("open", &e)),
+            }
+        };
         let records = db
             .open_tree(RECORDS_TREE)
             .map_err(|e| io_error("open tree", &e))?;
@@ -93,13 +113,32 @@ impl SledStore {
         expected: Option<Revision>,
         value: Option<Vec<u8>>,
     ) -> Result<CasOutcome, StoreError> {
+        self.swap_raw(key, expected, value)
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// The swap, also returning (old, new) raw entries so a write whose
+    /// flush fails can be taken back.
+    #[allow(clippy::type_complexity)]
+    fn swap_raw(
+        &self,
+        key: &StoreKey,
+        expected: Option<Revision>,
+        value: Option<Vec<u8>>,
+    ) -> Result<(CasOutcome, Option<(Option<sled::IVec>, Option<Vec<u8>>)>), StoreError> {
+        if !self.healthy_now() {
+            // sled would refuse anyway; saying so keeps the error typed.
+            return Err(StoreError::Io(
+                "the store failed earlier; restart required".into(),
+            ));
+        }
         let current_raw = self
             .records
             .get(key.as_bytes())
             .map_err(|e| io_error("get", &e))?;
         let current = current_raw.as_deref().map(decode).transpose()?;
         if current.as_ref().map(|v| v.revision) != expected {
-            return Ok(CasOutcome::Conflict(current));
+            return Ok((CasOutcome::Conflict(current), None));
         }
         let new_revision = match value {
             Some(_) => Some(self.next_revision()?),
@@ -113,17 +152,48 @@ impl SledStore {
         // distinct, so this is exactly a CAS on the revision we checked above.
         let swapped = self
             .records
-            .compare_and_swap(key.as_bytes(), current_raw, new_raw)
-            .map_err(|e| io_error("compare and swap", &e))?;
+            .compare_and_swap(key.as_bytes(), current_raw.clone(), new_raw.clone())
+            .map_err(|e| self.failed(io_error("compare and swap", &e)))?;
         match swapped {
             Ok(()) => {
                 self.wrote();
-                Ok(CasOutcome::Written(new_revision))
+                Ok((
+                    CasOutcome::Written(new_revision),
+                    Some((current_raw, new_raw)),
+                ))
             }
-            Err(conflict) => Ok(CasOutcome::Conflict(
-                conflict.current.as_deref().map(decode).transpose()?,
+            Err(conflict) => Ok((
+                CasOutcome::Conflict(conflict.current.as_deref().map(decode).transpose()?),
+                None,
             )),
         }
+    }
+
+    fn healthy_now(&self) -> bool {
+        !self.commits.failing.load(Ordering::SeqCst)
+    }
+
+    /// The previous entry of a key whose last write was refused, if any.
+    #[allow(clippy::option_option)]
+    fn unacknowledged(&self, key: &[u8]) -> Option<Option<sled::IVec>> {
+        let map = self
+            .commits
+            .unacknowledged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if map.is_empty() {
+            return None;
+        }
+        map.get(key).cloned()
+    }
+
+    /// Marks the store as failing: sled latches I/O errors, so from here on
+    /// writes fail until the process restarts. Probes report it.
+    fn failed(&self, error: StoreError) -> StoreError {
+        if !self.commits.failing.swap(true, Ordering::SeqCst) {
+            tracing::error!(%error, "the store failed a write; refusing writes and upstream refreshes until restarted");
+        }
+        error
     }
 
     /// Makes every write this caller has made durable.
@@ -138,8 +208,8 @@ impl SledStore {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.flush())
             .await
-            .map_err(|_| StoreError::Io("flush task failed".into()))?
-            .map_err(|e| io_error("flush", &e))?;
+            .map_err(|_| self.failed(StoreError::Io("flush task failed".into())))?
+            .map_err(|e| self.failed(io_error("flush", &e)))?;
         self.commits.flushed.fetch_max(covers, Ordering::SeqCst);
         Ok(())
     }
@@ -176,6 +246,9 @@ fn encode(revision: Revision, value: &[u8]) -> Vec<u8> {
 #[async_trait]
 impl CredentialStore for SledStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Versioned>, StoreError> {
+        if let Some(previous) = self.unacknowledged(key.as_bytes()) {
+            return previous.as_deref().map(decode).transpose();
+        }
         match self
             .records
             .get(key.as_bytes())
@@ -192,9 +265,24 @@ impl CredentialStore for SledStore {
         expected: Option<Revision>,
         value: Option<Vec<u8>>,
     ) -> Result<CasOutcome, StoreError> {
-        let outcome = self.swap(key, expected, value)?;
-        if matches!(outcome, CasOutcome::Written(_)) {
-            self.durable().await?;
+        let (outcome, raw) = self.swap_raw(key, expected, value)?;
+        if let (CasOutcome::Written(_), Some((old, new))) = (&outcome, raw) {
+            if let Err(error) = self.durable().await {
+                // Not durable, so not acknowledged: take the in-memory write
+                // back, or readers would see what the caller was told failed.
+                let reverted = self
+                    .records
+                    .compare_and_swap(key.as_bytes(), new, old.clone())
+                    .is_ok_and(|swapped| swapped.is_ok());
+                if !reverted {
+                    self.commits
+                        .unacknowledged
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key.as_bytes().to_vec(), old);
+                }
+                return Err(error);
+            }
         }
         Ok(outcome)
     }
@@ -223,6 +311,11 @@ impl CredentialStore for SledStore {
             if after.is_some_and(|after| key.as_ref() <= after.as_bytes()) {
                 continue;
             }
+            let raw = match self.unacknowledged(&key) {
+                Some(None) => continue,
+                Some(Some(previous)) => previous,
+                None => raw,
+            };
             out.push((StoreKey::from_bytes(key.to_vec()), decode(&raw)?));
         }
         Ok(out)
@@ -239,7 +332,7 @@ impl CredentialStore for SledStore {
     async fn put_meta(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError> {
         self.meta
             .insert(name.as_bytes(), value)
-            .map_err(|e| io_error("put meta", &e))?;
+            .map_err(|e| self.failed(io_error("put meta", &e)))?;
         self.wrote();
         self.durable().await
     }
@@ -253,6 +346,10 @@ impl CredentialStore for SledStore {
             out.push((name, value.to_vec()));
         }
         Ok(out)
+    }
+
+    fn healthy(&self) -> bool {
+        !self.commits.failing.load(Ordering::SeqCst)
     }
 
     fn size_on_disk(&self) -> Option<u64> {

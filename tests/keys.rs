@@ -274,6 +274,8 @@ async fn a_rewrap_killed_midway_resumes_and_loses_nothing() {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Hang up first: an open connection keeps the old server's store open.
+    drop(admin_client);
     vault.stop().await.unwrap();
 
     let vault = TestVault::start(&dir).await;

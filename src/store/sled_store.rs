@@ -65,7 +65,7 @@ impl SledStore {
             {
                 Ok(db) => break db,
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 50 =>
+                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 200 =>
                 {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(100));

@@ -413,7 +413,13 @@ async fn refresh_gauges(
     store: Arc<dyn CredentialStore>,
     metrics: Arc<Metrics>,
 ) {
-    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(15));
+    // The record count walks the whole store: not at start-up (cold start
+    // matters) and not often. Store size is cheap and goes with it.
+    let period = std::time::Duration::from_secs(60);
+    let mut ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + std::time::Duration::from_secs(5),
+        period,
+    );
     loop {
         ticker.tick().await;
         // Updates the per-version record gauges as a side effect.

@@ -303,13 +303,24 @@ impl CredentialStore for SledStore {
         limit: usize,
     ) -> Result<Vec<(StoreKey, Versioned)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.records.scan_prefix(prefix.as_bytes()) {
+        // Start right after the cursor, so paging through a large store is
+        // linear rather than re-walking every earlier page.
+        let start = match after {
+            Some(after) if after.as_bytes() >= prefix.as_bytes() => {
+                std::ops::Bound::Excluded(after.as_bytes().to_vec())
+            }
+            _ => std::ops::Bound::Included(prefix.as_bytes().to_vec()),
+        };
+        let range = self
+            .records
+            .range::<Vec<u8>, _>((start, std::ops::Bound::Unbounded));
+        for item in range {
             if out.len() >= limit {
                 break;
             }
             let (key, raw) = item.map_err(|e| io_error("scan", &e))?;
-            if after.is_some_and(|after| key.as_ref() <= after.as_bytes()) {
-                continue;
+            if !key.starts_with(prefix.as_bytes()) {
+                break;
             }
             let raw = match self.unacknowledged(&key) {
                 Some(None) => continue,

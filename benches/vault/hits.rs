@@ -1,0 +1,131 @@
+//! Scenario 1: GetAccessToken served from the cache, against the echo
+//! baseline at the same concurrency, in interleaved rounds.
+
+use std::sync::Arc;
+
+use credvault::api::pb;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::{
+    fixture::{far_future, Bench, PROVIDER, TENANT},
+    load::{closed_loop, Sample},
+    support::vault::get_request,
+    Params,
+};
+
+/// Distinct credentials the workers spread over (worker `w` asks for
+/// credential `w % HOT_SET`), so concurrency does not all land on one entry.
+const HOT_SET: usize = 64;
+
+pub struct HitRow {
+    pub concurrency: usize,
+    pub connections: usize,
+    pub echo: Sample,
+    pub vault: Sample,
+}
+
+impl HitRow {
+    pub fn throughput_ratio(&self) -> f64 {
+        self.vault.rps() / self.echo.rps()
+    }
+
+    pub fn p99_ratio(&self) -> f64 {
+        self.vault.pct(99.0).as_secs_f64() / self.echo.pct(99.0).as_secs_f64()
+    }
+}
+
+/// Connections used at a concurrency: one per worker up to 16, then shared
+/// (HTTP/2 multiplexing), the same for the vault and the echo.
+pub fn connections_for(concurrency: usize) -> usize {
+    concurrency.clamp(1, 16)
+}
+
+pub async fn run(bench: &Bench, params: &Params) -> Vec<HitRow> {
+    let mut admin = bench.vault_clients(1).await.remove(0);
+    for i in 0..HOT_SET {
+        admin
+            .deposit(bench.deposit_request(&format!("hit-{i}"), "hit-refresh-token", far_future()))
+            .await
+            .expect("deposit hot credential");
+    }
+    let requests: Arc<Vec<pb::GetAccessTokenRequest>> = Arc::new(
+        (0..HOT_SET)
+            .map(|i| get_request(TENANT, &format!("hit-{i}"), PROVIDER))
+            .collect(),
+    );
+
+    let mut rows = Vec::new();
+    for &concurrency in &params.hit_concurrency {
+        let connections = connections_for(concurrency);
+        let vault = Arc::new(bench.vault_clients(connections).await);
+        let echo = Arc::new(bench.echo_clients(connections).await);
+        let (mut vault_runs, mut echo_runs) = (Vec::new(), Vec::new());
+        for round in 0..params.hit_rounds {
+            // Alternate which side goes first so drift in the machine's load
+            // does not always favour the same one.
+            for side in [round % 2, 1 - round % 2] {
+                if side == 0 {
+                    let echo = Arc::clone(&echo);
+                    echo_runs.push(
+                        closed_loop(
+                            concurrency,
+                            params.warmup,
+                            params.hit_measure,
+                            move |w, _| {
+                                let mut client = echo[w % echo.len()].clone();
+                                async move {
+                                    client
+                                        .check(HealthCheckRequest {
+                                            service: String::new(),
+                                        })
+                                        .await
+                                        .map(|_| ())
+                                        .map_err(|s| s.to_string())
+                                }
+                            },
+                        )
+                        .await,
+                    );
+                } else {
+                    let (vault, requests) = (Arc::clone(&vault), Arc::clone(&requests));
+                    vault_runs.push(
+                        closed_loop(
+                            concurrency,
+                            params.warmup,
+                            params.hit_measure,
+                            move |w, _| {
+                                let mut client = vault[w % vault.len()].clone();
+                                let request = requests[w % requests.len()].clone();
+                                async move {
+                                    client
+                                        .get_access_token(request)
+                                        .await
+                                        .map(|_| ())
+                                        .map_err(|s| s.to_string())
+                                }
+                            },
+                        )
+                        .await,
+                    );
+                }
+            }
+        }
+        let row = HitRow {
+            concurrency,
+            connections,
+            echo: Sample::merge(echo_runs),
+            vault: Sample::merge(vault_runs),
+        };
+        row.echo.expect_clean("echo Health/Check");
+        row.vault.expect_clean("GetAccessToken (cache hit)");
+        eprintln!(
+            "  c={concurrency:>3}: vault {:>8.0} rps p99 {:>6.0} us | echo {:>8.0} rps p99 {:>6.0} us",
+            row.vault.rps(),
+            row.vault.pct(99.0).as_secs_f64() * 1e6,
+            row.echo.rps(),
+            row.echo.pct(99.0).as_secs_f64() * 1e6,
+        );
+        rows.push(row);
+    }
+    rows
+}

@@ -1,0 +1,248 @@
+//! credvault's benchmark harness (issue 8): the real vault over real mTLS,
+//! measured against baselines taken in the same run, since absolute numbers
+//! drift on a shared machine and ratios do not (as much).
+//!
+//! ```text
+//! cargo bench --bench vault              # full run, writes BENCHMARKS.md
+//! cargo bench --bench vault -- --quick   # < 60 s, writes target/BENCHMARKS-quick.md
+//! ```
+//!
+//! Options after `--`: `--quick`, `--out PATH` (where the report goes),
+//! `--only hits,burst,refresh,deposit,scale` (a subset; development aid).
+//!
+//! Under `cargo test --all-targets` cargo runs this binary without `--bench`
+//! (debug build, test-runner arguments): it then does a smoke run of every
+//! scenario at toy sizes in a few seconds and writes no report.
+//!
+//! Scenarios (see each module): [`hits`] 1, [`refresh`] 2 and 3,
+//! [`deposit`] 4, [`scale`] 5. [`fixture`] starts the vault, the echo
+//! baseline and the OAuth provider double; [`report`] writes the markdown.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+mod child;
+mod deposit;
+mod fixture;
+mod hits;
+mod load;
+mod refresh;
+mod report;
+mod scale;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `cargo test`: every scenario at toy sizes, no report.
+    Smoke,
+    /// `--quick`: CI-sized, under a minute.
+    Quick,
+    Full,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Smoke => "smoke",
+            Mode::Quick => "quick",
+            Mode::Full => "full",
+        }
+    }
+}
+
+/// Sizes and durations of one run.
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub mode: Mode,
+    pub warmup: Duration,
+    pub hit_concurrency: Vec<usize>,
+    pub hit_measure: Duration,
+    pub hit_rounds: usize,
+    pub burst_callers: usize,
+    pub burst_rounds: usize,
+    pub burst_latency: Duration,
+    pub refresh_credentials: usize,
+    pub refresh_concurrency: usize,
+    pub refresh_latency: Duration,
+    pub deposit_concurrency: Vec<usize>,
+    pub deposit_measure: Duration,
+    pub deposit_rounds: usize,
+    pub scale_levels: Vec<usize>,
+    pub scale_misses: usize,
+    pub scale_warm: usize,
+}
+
+impl Params {
+    fn for_mode(mode: Mode) -> Self {
+        let ms = Duration::from_millis;
+        let full = Params {
+            mode,
+            warmup: ms(500),
+            hit_concurrency: vec![1, 16, 64],
+            hit_measure: ms(3000),
+            hit_rounds: 3,
+            burst_callers: 1000,
+            burst_rounds: 5,
+            burst_latency: ms(50),
+            refresh_credentials: 10_000,
+            refresh_concurrency: 64,
+            refresh_latency: ms(20),
+            deposit_concurrency: vec![1, 16, 64],
+            deposit_measure: ms(2000),
+            deposit_rounds: 3,
+            scale_levels: vec![1_000, 100_000, 1_000_000],
+            scale_misses: 2_000,
+            scale_warm: 50_000,
+        };
+        match mode {
+            Mode::Full => full,
+            Mode::Quick => Params {
+                warmup: ms(200),
+                hit_measure: ms(1000),
+                hit_rounds: 1,
+                burst_rounds: 2,
+                refresh_credentials: 1_000,
+                deposit_concurrency: vec![1, 16],
+                deposit_measure: ms(1000),
+                deposit_rounds: 1,
+                scale_levels: vec![1_000, 10_000],
+                scale_misses: 500,
+                scale_warm: 5_000,
+                ..full
+            },
+            Mode::Smoke => Params {
+                warmup: ms(50),
+                hit_concurrency: vec![1, 4],
+                hit_measure: ms(200),
+                hit_rounds: 1,
+                burst_callers: 50,
+                burst_rounds: 1,
+                refresh_credentials: 50,
+                refresh_concurrency: 8,
+                deposit_concurrency: vec![1, 4],
+                deposit_measure: ms(200),
+                deposit_rounds: 1,
+                scale_levels: vec![200],
+                scale_misses: 20,
+                scale_warm: 50,
+                ..full
+            },
+        }
+    }
+}
+
+/// Everything one run measured.
+#[derive(Default)]
+pub struct Results {
+    pub hits: Vec<hits::HitRow>,
+    pub burst: Option<refresh::BurstResult>,
+    pub refresh: Option<refresh::ThroughputResult>,
+    pub deposit: Vec<deposit::DepositRow>,
+    pub scale: Vec<scale::ScaleRow>,
+}
+
+fn main() {
+    // A failed scenario must end the process: unwinding out of `block_on`
+    // would otherwise wait on the runtime's blocking threads and the
+    // servers' tasks, and a `cargo test` run would hang instead of failing.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::exit(101);
+    }));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(at) = args.iter().position(|a| a == "--child") {
+        child::main(&args[at + 1..]);
+    }
+    let value_of = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|at| args.get(at + 1))
+            .cloned()
+    };
+    let mode = if !args.iter().any(|a| a == "--bench") {
+        Mode::Smoke
+    } else if args.iter().any(|a| a == "--quick") {
+        Mode::Quick
+    } else {
+        Mode::Full
+    };
+    let only: Option<Vec<String>> =
+        value_of("--only").map(|list| list.split(',').map(str::to_owned).collect());
+    let selected = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|s| s == name));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = value_of("--out").map(PathBuf::from).or(match mode {
+        Mode::Full => Some(root.join("BENCHMARKS.md")),
+        Mode::Quick => Some(root.join("target").join("BENCHMARKS-quick.md")),
+        Mode::Smoke => None,
+    });
+    let params = Params::for_mode(mode);
+    let shown: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--bench")
+        .collect();
+    let command = if shown.is_empty() {
+        "cargo bench --bench vault".to_owned()
+    } else {
+        format!("cargo bench --bench vault -- {}", shown.join(" "))
+    };
+
+    let before = report::Environment::capture(&root, command);
+    let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let results = runtime.block_on(async {
+        let mut results = Results::default();
+        let bench = fixture::Bench::start().await;
+        if selected("hits") {
+            eprintln!("[1/5] GetAccessToken cache hits vs echo");
+            results.hits = hits::run(&bench, &params).await;
+        }
+        if selected("burst") {
+            eprintln!(
+                "[2/5] refresh burst: {} callers on one expired credential",
+                params.burst_callers
+            );
+            results.burst = Some(refresh::burst(&bench, &params).await);
+        }
+        if selected("refresh") {
+            eprintln!(
+                "[3/5] refresh throughput: {} expiring credentials",
+                params.refresh_credentials
+            );
+            results.refresh = Some(refresh::throughput(&params).await);
+        }
+        if selected("deposit") {
+            eprintln!("[4/5] durable Deposit vs raw sled");
+            results.deposit = deposit::run(&params).await;
+        }
+        drop(bench);
+        if selected("scale") {
+            eprintln!("[5/5] scale: {:?} stored credentials", params.scale_levels);
+            results.scale = scale::run(&params).await;
+        }
+        results
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    let elapsed = started.elapsed();
+    let env = before.finish(elapsed);
+    let markdown = report::render(&params, &env, &results);
+    println!("{markdown}");
+    if let Some(out) = out {
+        report::write(&out, &markdown);
+        eprintln!("wrote {} ({:.0} s)", out.display(), elapsed.as_secs_f64());
+    } else {
+        eprintln!(
+            "smoke run ({}) finished in {:.1} s; no report written",
+            params.mode.name(),
+            elapsed.as_secs_f64()
+        );
+    }
+}

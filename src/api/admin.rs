@@ -40,6 +40,39 @@ impl AdminService {
     }
 }
 
+impl AdminService {
+    /// A key-management call: it affects every tenant, so it needs the admin
+    /// action for all tenants; then `work`, then the usual bookkeeping.
+    async fn key_operation<R, T, F>(
+        &self,
+        method: &'static str,
+        request: Request<R>,
+        work: impl FnOnce(R) -> F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        let started = Instant::now();
+        let mut caller = None;
+        let result = async {
+            let principal = self.gate.principal(&request)?;
+            caller = Some(Audited::new(
+                principal.authorize_global(Action::Admin)?,
+                None,
+            ));
+            work(request.into_inner()).await
+        }
+        .await;
+        finish(
+            self.broker.metrics(),
+            method,
+            caller.as_ref(),
+            started,
+            result,
+        )
+    }
+}
+
 impl From<KeyAdminError> for ApiError {
     fn from(error: KeyAdminError) -> Self {
         match error {
@@ -202,101 +235,42 @@ impl VaultAdmin for AdminService {
         &self,
         request: Request<pb::GetKeyStatusRequest>,
     ) -> Result<Response<pb::GetKeyStatusResponse>, Status> {
-        let started = Instant::now();
-        let mut caller = None;
-        let result = async {
-            caller = Some(Audited::new(
-                self.gate
-                    .principal(&request)?
-                    .authorize_global(Action::Admin)?,
-                None,
-            ));
+        self.key_operation("GetKeyStatus", request, |_| async {
             Ok(key_status(self.keys.status().await?))
-        }
-        .await;
-        finish(
-            self.broker.metrics(),
-            "GetKeyStatus",
-            caller.as_ref(),
-            started,
-            result,
-        )
+        })
+        .await
     }
 
     async fn reload_keyring(
         &self,
         request: Request<pb::ReloadKeyringRequest>,
     ) -> Result<Response<pb::GetKeyStatusResponse>, Status> {
-        let started = Instant::now();
-        let mut caller = None;
-        let result = async {
-            caller = Some(Audited::new(
-                self.gate
-                    .principal(&request)?
-                    .authorize_global(Action::Admin)?,
-                None,
-            ));
+        self.key_operation("ReloadKeyring", request, |_| async {
             Ok(key_status(self.keys.reload().await?))
-        }
-        .await;
-        finish(
-            self.broker.metrics(),
-            "ReloadKeyring",
-            caller.as_ref(),
-            started,
-            result,
-        )
+        })
+        .await
     }
 
     async fn start_rewrap(
         &self,
         request: Request<pb::StartRewrapRequest>,
     ) -> Result<Response<pb::RewrapStatus>, Status> {
-        let started = Instant::now();
-        let mut caller = None;
-        let result = async {
-            caller = Some(Audited::new(
-                self.gate
-                    .principal(&request)?
-                    .authorize_global(Action::Admin)?,
-                None,
-            ));
-            let rate = request.into_inner().records_per_second;
-            Ok(rewrap_status(self.keys.start_rewrap(Some(rate))))
-        }
-        .await;
-        finish(
-            self.broker.metrics(),
-            "StartRewrap",
-            caller.as_ref(),
-            started,
-            result,
-        )
+        self.key_operation("StartRewrap", request, |r| async move {
+            Ok(rewrap_status(
+                self.keys.start_rewrap(Some(r.records_per_second)),
+            ))
+        })
+        .await
     }
 
     async fn get_rewrap_status(
         &self,
         request: Request<pb::GetRewrapStatusRequest>,
     ) -> Result<Response<pb::RewrapStatus>, Status> {
-        let started = Instant::now();
-        let mut caller = None;
-        let result = async {
-            caller = Some(Audited::new(
-                self.gate
-                    .principal(&request)?
-                    .authorize_global(Action::Admin)?,
-                None,
-            ));
+        self.key_operation("GetRewrapStatus", request, |_| async {
             Ok(rewrap_status(self.keys.rewrap_status()))
-        }
-        .await;
-        finish(
-            self.broker.metrics(),
-            "GetRewrapStatus",
-            caller.as_ref(),
-            started,
-            result,
-        )
+        })
+        .await
     }
 }
 

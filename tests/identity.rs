@@ -449,26 +449,11 @@ async fn every_call_leaves_one_audit_event_without_secrets() {
     // Covered in-process by tests/no_secret_leaks.rs (which captures every
     // log line); here: the event's shape, from a real server's output.
     let dir = tempfile::tempdir().unwrap();
-    let (grpc, ops) = (free_port(), free_port());
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(["dev", "--dir"])
-        .arg(dir.path())
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{grpc}"),
-            "--ops-listen",
-            &format!("127.0.0.1:{ops}"),
-        ])
-        .env("RUST_LOG", "warn,credvault::audit=info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while readyz(format!("127.0.0.1:{ops}").parse().unwrap()).await != Some(200) {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dev = support::dev::DevProcess::start_capturing(
+        dir.path(),
+        &[("RUST_LOG", "warn,credvault::audit=info")],
+    );
+    let grpc = dev.port;
     let d = dir.path();
     let ca = std::fs::read_to_string(d.join("ca.pem")).unwrap();
     let cert = CertifiedKey {
@@ -495,9 +480,7 @@ async fn every_call_leaves_one_audit_event_without_secrets() {
         .get_access_token(get_request("acme", "alice@example.com", "google"))
         .await
         .unwrap_err();
-    libc_kill(child.id() as i32);
-    let output = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
+    let (_, log) = dev.terminate();
     let event = log
         .lines()
         .find(|l| l.contains("credvault::audit") && l.contains("GetAccessToken"))
@@ -517,26 +500,11 @@ async fn every_call_leaves_one_audit_event_without_secrets() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// SIGTERM without a libc dependency: the `kill` command.
-fn libc_kill(pid: i32) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-}
-
 #[tokio::test]
 async fn mesh_mode_trusts_only_xfcc_added_for_this_vault() {
     let provider = ProviderDouble::start().await;
     provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
-    let mesh_port = free_port();
+    let mesh_port = support::dev::free_port();
     let vault_id = format!("spiffe://{TRUST_DOMAIN}/credvault");
     let dir = VaultDir::custom(
         "allow_http_loopback = true",

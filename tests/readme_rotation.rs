@@ -3,42 +3,13 @@
 //! operator's instructions cannot rot. Only the dev directory, the target
 //! address and the `credvault` binary's location are substituted.
 
-use std::{
-    net::TcpListener,
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+mod support;
+
+use std::{path::Path, process::Command};
+
+use support::dev::DevProcess;
 
 const HEADING: &str = "### Rotating the key on a live vault";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Dev(Child);
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn ready(ops: u16) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", ops)) else {
-        return false;
-    };
-    let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n");
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200")
-}
 
 fn block(readme: &str) -> String {
     let section = &readme[readme.find(HEADING).expect("rotation section in README")..];
@@ -74,24 +45,8 @@ fn run(dir: &Path, script: &str) -> (bool, String) {
 fn readme_rotation_walkthrough_runs_as_written() {
     let work = tempfile::tempdir().unwrap();
     let dev_dir = work.path().join("dev");
-    let (port, ops) = (free_port(), free_port());
-    let _dev = Dev(Command::new(env!("CARGO_BIN_EXE_credvault"))
-        .args(["dev", "--dir"])
-        .arg(&dev_dir)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--ops-listen", &format!("127.0.0.1:{ops}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ready(ops) {
-        assert!(
-            Instant::now() < deadline,
-            "credvault dev did not become ready"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let dev = DevProcess::start(&dev_dir);
+    let port = dev.port;
     let d = dev_dir.display();
     let tls = format!("-cacert {d}/ca.pem -cert {d}/admin.pem -key {d}/admin-key.pem");
 

@@ -10,79 +10,21 @@
 //! typed error and must fail. A `# => {json}` comment after a command is its
 //! documented answer: every field shown must match what grpcurl printed.
 
+mod support;
+
 use std::{
     io::Write,
-    net::TcpListener,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
+
+use support::dev::DevProcess as Dev;
 
 const HEADING: &str = "## A walkthrough with grpcurl";
 const README_DIR: &str = "D=.credvault-dev";
 const README_ADDRESS: &str = "localhost:50051";
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `credvault dev` process, killed when dropped (also when a test panics).
-struct Dev {
-    child: Child,
-    port: u16,
-}
-
-impl Dev {
-    fn start(dir: &Path) -> Self {
-        let (port, ops) = (free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_credvault"))
-            .args(["dev", "--dir"])
-            .arg(dir)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--ops-listen", &format!("127.0.0.1:{ops}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut dev = Self { child, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ready(ops) {
-            if let Ok(Some(status)) = dev.child.try_wait() {
-                panic!("credvault dev exited early: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "credvault dev did not become ready"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        dev
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn ready(ops: u16) -> bool {
-    use std::io::Read;
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", ops)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n");
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    response.starts_with("HTTP/1.1 200")
-}
 
 /// The first ```sh block under [`HEADING`].
 fn walkthrough_block(readme: &str) -> String {

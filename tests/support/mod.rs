@@ -2,5 +2,6 @@
 //! (mTLS, sled, keyring) on 127.0.0.1:0.
 #![allow(dead_code)]
 
+pub mod dev;
 pub mod provider;
 pub mod vault;

@@ -1,0 +1,131 @@
+//! The real `credvault dev` binary as a child process on free loopback
+//! ports, for the tests that drive it the way a newcomer (or an operator's
+//! script) does.
+
+use std::{
+    net::TcpListener,
+    path::Path,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// All traffic here is on loopback: no proxy from the environment in between
+/// (reqwest in the vault, grpc-core in Python and grpcurl all honour one).
+pub fn without_proxy(command: &mut Command) -> &mut Command {
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "grpc_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
+        command.env_remove(var);
+    }
+    command
+}
+
+/// Whether `/readyz` on the ops port answers 200.
+pub fn ops_ready(ops: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", ops)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = stream.write_all(b"GET /readyz HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.starts_with("HTTP/1.1 200")
+}
+
+/// A `credvault dev` process, killed when dropped (also when a test panics).
+pub struct DevProcess {
+    child: Option<Child>,
+    pub port: u16,
+    pub ops: u16,
+}
+
+impl DevProcess {
+    /// Starts it on `dir`, its output discarded, and waits until it is ready.
+    pub fn start(dir: &Path) -> Self {
+        Self::spawn(dir, false, &[])
+    }
+
+    /// Like [`DevProcess::start`], keeping its output for
+    /// [`DevProcess::terminate`], with extra environment variables.
+    pub fn start_capturing(dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::spawn(dir, true, env)
+    }
+
+    fn spawn(dir: &Path, capture: bool, env: &[(&str, &str)]) -> Self {
+        let (port, ops) = (free_port(), free_port());
+        let output = || {
+            if capture {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            }
+        };
+        let child = without_proxy(&mut Command::new(env!("CARGO_BIN_EXE_credvault")))
+            .args(["dev", "--dir"])
+            .arg(dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--ops-listen", &format!("127.0.0.1:{ops}")])
+            .envs(env.iter().copied())
+            .stdout(output())
+            .stderr(output())
+            .spawn()
+            .unwrap();
+        let mut dev = Self {
+            child: Some(child),
+            port,
+            ops,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ops_ready(ops) {
+            if let Some(Ok(Some(status))) = dev.child.as_mut().map(Child::try_wait) {
+                panic!("credvault dev exited early: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "credvault dev did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        dev
+    }
+
+    /// SIGTERM, then the exit status and everything the process printed.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        let child = self.child.take().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status, text)
+    }
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -59,6 +59,10 @@ pub struct Metrics {
     pub calls: Family<CallLabels, Counter>,
     pub call_seconds: Family<MethodLabels, Histogram>,
     pub cache: Family<CacheLabels, Counter>,
+    /// Resolved once: a cache hit is the hottest path and should not build
+    /// label strings or take the family's lock.
+    cache_hits: Counter,
+    cache_misses: Counter,
     pub refreshes: Family<RefreshLabels, Counter>,
     pub coalesced_waiters: Counter,
     pub reauth_transitions: Family<CauseLabels, Counter>,
@@ -130,8 +134,18 @@ impl Default for Metrics {
             "calls shed because the vault was at capacity",
             overloaded.clone(),
         );
+        let resolve = |result: &str| {
+            cache
+                .get_or_create(&CacheLabels {
+                    result: result.to_owned(),
+                })
+                .clone()
+        };
+        let (cache_hits, cache_misses) = (resolve("hit"), resolve("miss"));
         Self {
             registry,
+            cache_hits,
+            cache_misses,
             calls,
             call_seconds,
             cache,
@@ -171,11 +185,11 @@ impl Metrics {
     }
 
     pub fn cache(&self, hit: bool) {
-        self.cache
-            .get_or_create(&CacheLabels {
-                result: if hit { "hit" } else { "miss" }.to_owned(),
-            })
-            .inc();
+        if hit {
+            self.cache_hits.inc();
+        } else {
+            self.cache_misses.inc();
+        }
     }
 
     pub fn refresh(&self, provider: &str, outcome: &str) {

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
 
 /// The text every secret renders as.
 pub const REDACTED: &str = "[redacted]";
@@ -33,11 +33,6 @@ impl SecretString {
 
     pub fn len(&self) -> usize {
         self.0.len()
-    }
-
-    /// Gives the plaintext away; the caller takes over the duty to zeroize it.
-    pub fn into_zeroizing(mut self) -> Zeroizing<String> {
-        Zeroizing::new(std::mem::take(&mut self.0))
     }
 }
 

@@ -144,11 +144,6 @@ impl Authenticator {
         &self.rules
     }
 
-    /// Swaps in a new policy; calls already authorized keep their answer.
-    pub fn replace_policy(&self, policy: Policy) {
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
-    }
-
     /// The identity of a connection, from its verified leaf certificate.
     pub fn identify(&self, leaf_der: Option<&[u8]>) -> Result<Identity, AuthError> {
         let leaf = leaf_der.ok_or(AuthError::NoCertificate)?;

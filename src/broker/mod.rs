@@ -439,11 +439,7 @@ impl Broker {
                     WriteBack::Superseded => continue,
                 },
                 Err(UpstreamError::GrantRejected { oauth_error }) => {
-                    let cause = if oauth_error == "invalid_scope" {
-                        ReauthCause::InvalidScope
-                    } else {
-                        ReauthCause::InvalidGrant
-                    };
+                    let cause = ReauthCause::of_rejected_grant(&oauth_error);
                     // A benign race looks exactly like a dead grant: someone
                     // rotated the refresh token after we read it. Re-read, and
                     // retry once if the grant we used is no longer current.
@@ -686,14 +682,9 @@ fn reauth(cause: ReauthCause, id: &CredentialId) -> BrokerError {
 
 fn upstream_error(error: UpstreamError, id: &CredentialId) -> BrokerError {
     match error {
-        UpstreamError::GrantRejected { oauth_error } => reauth(
-            if oauth_error == "invalid_scope" {
-                ReauthCause::InvalidScope
-            } else {
-                ReauthCause::InvalidGrant
-            },
-            id,
-        ),
+        UpstreamError::GrantRejected { oauth_error } => {
+            reauth(ReauthCause::of_rejected_grant(&oauth_error), id)
+        }
         UpstreamError::ClientRejected { oauth_error } => {
             BrokerError::ProviderRejectedClient { oauth_error }
         }

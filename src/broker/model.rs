@@ -111,6 +111,15 @@ impl ReauthCause {
         }
     }
 
+    /// The cause of a grant the provider rejected with `oauth_error`.
+    pub fn of_rejected_grant(oauth_error: &str) -> Self {
+        if oauth_error == "invalid_scope" {
+            Self::InvalidScope
+        } else {
+            Self::InvalidGrant
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         [
             Self::InvalidGrant,

@@ -86,10 +86,6 @@ impl Upstream {
         })
     }
 
-    pub fn policy(&self) -> &EndpointPolicy {
-        &self.policy
-    }
-
     /// Checks a client's endpoints against the policy, DNS included.
     pub async fn check_client(&self, client: &ClientConfig) -> Result<(), UpstreamError> {
         self.policy.check_resolved(&client.token_endpoint).await?;

@@ -121,7 +121,7 @@ async fn wait_for_rewrap(admin: &mut VaultAdminClient<Channel>) -> pb::RewrapSta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_under_load_fails_no_call() {
-    let provider = ProviderDouble::start().await;
+    let provider = Arc::new(ProviderDouble::start().await);
     provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
     let dir = VaultDir::new();
     let vault = TestVault::start(&dir).await;
@@ -133,17 +133,18 @@ async fn rotation_under_load_fails_no_call() {
     for worker in 0..4 {
         let mut client = vault.client(&dir, "admin").await;
         let (stop, calls) = (Arc::clone(&stop), Arc::clone(&calls));
-        let requests: Vec<_> = (0..20)
-            .map(|i| deposit(&provider, &format!("user-{i}"), &format!("at-{worker}-{i}")))
-            .collect();
+        let provider = Arc::clone(&provider);
         load.push(tokio::spawn(async move {
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 let subject = format!("user-{}", i % 20);
                 match i % 3 {
                     // Deposits re-seal under whatever key is primary right now.
+                    // Each with a fresh grant: re-depositing a refresh token
+                    // the provider has since rotated would deposit a dead one.
                     0 => {
-                        client.deposit(requests[i % 20].clone()).await.unwrap();
+                        let request = deposit(&provider, &subject, &format!("at-{worker}-{i}"));
+                        client.deposit(request).await.unwrap();
                     }
                     // Refreshes write back under the new primary too.
                     1 => {

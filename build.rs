@@ -7,6 +7,15 @@ use prost::Message;
 
 const PROTOS: &[&str] = &["credvault/v1/vault.proto", "credvault/v1/admin.proto"];
 
+/// Messages that carry a secret: their derived `Debug` would print it, so it
+/// is not generated; `src/api/pb.rs` writes a redacting one by hand.
+const SECRET_BEARING: &[&str] = &[
+    ".credvault.v1.OAuthClient",
+    ".credvault.v1.RefreshTokenGrant",
+    ".credvault.v1.AuthorizationCodeGrant",
+    ".credvault.v1.GetAccessTokenResponse",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // compile_fds emits no rerun-if-changed of its own.
     println!("cargo:rerun-if-changed=proto");
@@ -21,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     tonic_prost_build::configure()
+        .skip_debug(SECRET_BEARING)
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -4,9 +4,13 @@
 //! Relative paths in the file are resolved against the file's directory, so a
 //! config and the files it names can move together. Every field is documented
 //! in the README's configuration reference.
+//!
+//! This module only reads and shape-checks settings. Turning them into the
+//! domain's types (OAuth clients, identity rules, store settings) is the
+//! assembly's job, in `server`.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -18,12 +22,7 @@ use figment::{
 };
 use serde::Deserialize;
 
-use url::Url;
-
-use crate::{
-    broker::model::{ClientAuth, ClientConfig},
-    secret::SecretString,
-};
+use crate::{secret::SecretString, telemetry::LogFormat};
 
 /// Why the configuration cannot be used. One line, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -306,13 +305,6 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 /// Every top-level key of the file, for filtering the environment.
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
@@ -428,65 +420,11 @@ impl Config {
         }
     }
 
-    /// The provider presets as OAuth clients; secrets read from their files.
-    pub fn provider_presets(&self) -> Result<HashMap<String, ClientConfig>, ConfigError> {
-        let invalid = |name: &str, message: String| ConfigError::Invalid {
-            path: format!("providers.{name}"),
-            message,
-        };
-        let mut presets = HashMap::new();
-        for (name, preset) in &self.providers {
-            let url = |field: &str, raw: &str| {
-                Url::parse(raw).map_err(|e| invalid(name, format!("{field}: {e}")))
-            };
-            let secret = match (&preset.client_secret, &preset.client_secret_file) {
-                (Some(secret), _) => Some(secret.clone()),
-                (None, Some(path)) => Some(read_passphrase(path)?),
-                (None, None) => None,
-            };
-            let auth = match preset.auth_method {
-                PresetAuthMethod::ClientSecretBasic => ClientAuth::SecretBasic,
-                PresetAuthMethod::ClientSecretPost => ClientAuth::SecretPost,
-                PresetAuthMethod::None => ClientAuth::None,
-            };
-            if auth != ClientAuth::None && secret.is_none() {
-                return Err(invalid(
-                    name,
-                    "client_secret or client_secret_file is required unless auth_method = \"none\""
-                        .to_owned(),
-                ));
-            }
-            if preset.client_id.is_empty() {
-                return Err(invalid(name, "client_id is required".to_owned()));
-            }
-            presets.insert(
-                name.clone(),
-                ClientConfig {
-                    token_endpoint: url("token_endpoint", &preset.token_endpoint)?,
-                    client_id: preset.client_id.clone(),
-                    client_secret: secret,
-                    auth,
-                    revocation_endpoint: preset
-                        .revocation_endpoint
-                        .as_deref()
-                        .map(|raw| url("revocation_endpoint", raw))
-                        .transpose()?,
-                    scopes: preset.scopes.clone(),
-                },
-            );
-        }
-        Ok(presets)
-    }
-
     fn validate(&self) -> Result<(), String> {
         if self.keyring.passphrase.is_none() && self.keyring.passphrase_file.is_none() {
             return Err(
                 "keyring: set `passphrase_file` or CREDVAULT_KEYRING__PASSPHRASE".to_owned(),
             );
-        }
-        if let Some(domain) = &self.auth.trust_domain {
-            crate::auth::identity::validate_trust_domain(domain)
-                .map_err(|e| format!("auth.trust_domain: {e}"))?;
         }
         if self.tokens.refresh_skew > self.tokens.max_min_valid_for {
             return Err("tokens.refresh_skew must not exceed tokens.max_min_valid_for".to_owned());
@@ -495,8 +433,6 @@ impl Config {
             return Err("tokens.refresh_ahead_interval must be positive".to_owned());
         }
         if let Some(mesh) = self.auth.mesh.as_ref().filter(|m| m.enabled) {
-            crate::auth::identity::SpiffeId::parse(&mesh.vault_identity)
-                .map_err(|e| format!("auth.mesh.vault_identity: {e}"))?;
             if !mesh.listen.ip().is_loopback() {
                 return Err("auth.mesh.listen must be a loopback address: only the local sidecar may reach it".to_owned());
             }
@@ -506,39 +442,6 @@ impl Config {
         }
         Ok(())
     }
-
-    /// The keyring passphrase, from the environment or its file.
-    pub fn keyring_passphrase(&self) -> Result<SecretString, ConfigError> {
-        if let Some(passphrase) = &self.keyring.passphrase {
-            return Ok(passphrase.clone());
-        }
-        let Some(path) = &self.keyring.passphrase_file else {
-            return Err(ConfigError::Invalid {
-                path: "keyring".to_owned(),
-                message: "no passphrase configured".to_owned(),
-            });
-        };
-        read_passphrase(path)
-    }
-}
-
-/// Reads a passphrase file; one trailing newline is not part of it.
-pub fn read_passphrase(path: &Path) -> Result<SecretString, ConfigError> {
-    let text =
-        SecretString::from(
-            std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-                path: path.display().to_string(),
-                message: format!("cannot read passphrase file: {e}"),
-            })?,
-        );
-    let trimmed = text.expose().trim_end_matches(['\n', '\r']);
-    if trimmed.is_empty() {
-        return Err(ConfigError::File {
-            path: path.display().to_string(),
-            message: "passphrase file is empty".to_owned(),
-        });
-    }
-    Ok(SecretString::from(trimmed))
 }
 
 fn one_line(error: &figment::Error) -> String {

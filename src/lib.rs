@@ -5,40 +5,49 @@
 //! # Layout
 //!
 //! A call flows TLS -> auth -> api -> broker -> (cache, store, crypto,
-//! upstream) -> api.
+//! upstream) -> api. DESIGN §5 fixes who may import whom; `tests/walls.rs`
+//! enforces it.
 //!
-//! - [`server`]: assembly — mTLS transport, gRPC services, health,
-//!   reflection, the ops listener, graceful shutdown.
-//! - [`audit`]: the per-call audit event and the subject's keyed hash.
-//! - [`auth`]: caller identity from the peer certificate, the policy file,
-//!   tenant and action checks.
+//! - [`server`]: assembly ([`server::Vault::build`]) and serving — mTLS
+//!   transport, gRPC services, health, reflection, the ops listener,
+//!   background tasks, graceful shutdown.
+//! - [`auth`]: transport identity (the peer, the header gate), the policy
+//!   file, tenant and action checks.
 //! - [`api`]: tonic services; proto <-> domain; the one error-to-status table.
-//! - [`broker`]: the token lifecycle — cache, single-flight refresh, rotation
-//!   write-back by compare-and-swap, reauth state, revocation.
-//! - [`upstream`]: the OAuth client (refresh, code exchange, client
-//!   credentials, revocation) and the endpoint policy.
-//! - [`crypto`]: the versioned keyring, its sealed file, the record envelope.
-//! - [`store`]: the storage trait and its sled implementation.
-//! - [`admin_client`]: the operator's VaultAdmin client behind
-//!   `credvault admin …`.
+//! - [`broker`]: the token lifecycle — cache, single-flight refresh, the one
+//!   write path, reauth state, revocation, key rotation, backups.
+//! - `upstream`: the OAuth client (refresh, code exchange, client
+//!   credentials, revocation), its own types, and the endpoint policy.
+//! - [`crypto`]: the versioned keyring, its sealed file and source, the
+//!   record envelope.
+//! - [`store`]: the storage trait, its one scan, [`store::open`], and the
+//!   embedded sled backend.
 //! - [`config`]: the TOML configuration with `CREDVAULT_*` overrides.
+//! - [`telemetry`]: logging, Prometheus metrics, the audit trail.
+//! - [`cli`]: the command line, including the VaultAdmin client.
 //! - [`dev`]: `credvault dev` — a throwaway CA, certificates, keyring and
 //!   config for local use and tests.
-//! - [`metrics`]: the Prometheus metrics served on the ops listener.
+//! - `files`: atomic private writes, secret files, change watching.
 //! - [`secret`]: the redacting, zeroizing wrapper every secret travels in.
-//! - [`telemetry`]: logging setup.
+//!
+//! The public surface is what the binary, the tests and the benches need:
+//! the generated protos (`api::pb`), the server's entry points, the config,
+//! the crypto primitives, the store trait, the record codec and the domain
+//! vocabulary (`broker::model`, `broker::record`), the dev PKI, and the
+//! command line.
 
-pub mod admin_client;
+#![forbid(unsafe_code)]
+
 pub mod api;
-pub mod audit;
 pub mod auth;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod dev;
-pub mod metrics;
+mod files;
 pub mod secret;
 pub mod server;
 pub mod store;
 pub mod telemetry;
-pub mod upstream;
+mod upstream;

@@ -409,8 +409,12 @@ async fn the_keyring_file_is_watched_and_unreadable_records_are_reported_not_rew
     vault.stop().await.unwrap();
     // Damage one record's envelope magic.
     {
-        use credvault::store::{CredentialStore, SledStore, StoreKey};
-        let store = SledStore::open(&dir.config().data_dir).unwrap();
+        use credvault::store::{self, StoreKey, StoreSettings};
+        let store = store::open(&StoreSettings::Embedded {
+            data_dir: dir.config().data_dir,
+        })
+        .await
+        .unwrap();
         let key = StoreKey::new("acme", "b", "idp");
         let current = store.get(&key).await.unwrap().unwrap();
         let mut value = current.value.clone();

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use credvault::{
     api::pb,
     crypto::{KeyVersion, Keyring},
-    store::{CasOutcome, CredentialStore, SledStore, StoreKey},
+    store::{self, CasOutcome, StoreKey, StoreSettings},
 };
 use support::{
     provider::{ClientAuthMethod, Fault, ProviderDouble},
@@ -450,7 +450,11 @@ async fn callers_act_only_for_their_tenants() {
 
 /// Stops the vault, edits the store directly, and restarts it.
 async fn tamper(dir: &VaultDir, edit: impl FnOnce(&mut Vec<u8>)) {
-    let store = SledStore::open(&dir.config().data_dir).unwrap();
+    let store = store::open(&StoreSettings::Embedded {
+        data_dir: dir.config().data_dir,
+    })
+    .await
+    .unwrap();
     let key = StoreKey::new("acme", "henry", "idp");
     let current = store.get(&key).await.unwrap().unwrap();
     let mut value = current.value.clone();

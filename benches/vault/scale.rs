@@ -29,7 +29,7 @@ use credvault::{
     crypto::{self, KdfParams, Keyring, RecordIdentity},
     secret::SecretString,
     server::{self, tls, Listeners},
-    store::{CredentialStore, SledStore, StoreKey},
+    store::{self, StoreKey, StoreSettings},
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -41,9 +41,9 @@ use crate::{
     Params,
 };
 
-/// The record tree of `SledStore` (src/store/sled_store.rs). The bench
+/// The record tree of the sled store (src/store/sled_store.rs). The bench
 /// mirrors the store's on-disk layout to bulk-load it, then checks the
-/// result reads back through `SledStore` and the server.
+/// result reads back through the store and the server.
 const RECORDS_TREE: &str = "credentials.v1";
 /// Spreads the sampled credentials over the whole key space.
 const STRIDE: usize = 7919;
@@ -218,7 +218,7 @@ pub fn populate(
         };
         let envelope = crypto::seal(keyring, &id, &record::encode(&record)).expect("seal");
         let value = record::frame(record.generation, envelope);
-        // Revisions come from the same counter SledStore uses.
+        // Revisions come from the same counter the sled store uses.
         let revision = db.generate_id().expect("revision") + 1;
         let mut raw = Vec::with_capacity(8 + value.len());
         raw.extend_from_slice(&revision.to_be_bytes());
@@ -234,11 +234,19 @@ pub fn populate(
     started.elapsed()
 }
 
-/// Reads a few bulk-loaded records back through `SledStore` and the real
+/// Reads a few bulk-loaded records back through the store and the real
 /// envelope, so a drift of the mirrored layout fails here, loudly.
 async fn verify_layout(data: &Path, n: usize, keyring: &Keyring) {
-    let store = SledStore::open(data).expect("open populated store");
-    assert_eq!(store.len(), n, "populated record count");
+    let store = store::open(&StoreSettings::Embedded {
+        data_dir: data.to_owned(),
+    })
+    .await
+    .expect("open populated store");
+    assert_eq!(
+        store.count_after(None).await.expect("count"),
+        n as u64,
+        "populated record count"
+    );
     for k in [0, 1, n / 2] {
         let i = pick(k, n);
         let subject = subject(i);

@@ -1,27 +1,26 @@
-//! `credvault.v1.VaultAdmin`: credential metadata, key status, keyring reload
-//! and rewrap. Every call needs the `admin` action; listings are scoped to the
-//! caller's tenants and key operations need a grant for all tenants.
+//! `credvault.v1.VaultAdmin`: credential metadata, key status, keyring
+//! reload, rewrap and backups. Every call needs the `admin` action;
+//! listings are scoped to the caller's tenants, and key operations and
+//! backups need a grant for all tenants.
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use base64::Engine;
 use tonic::{Request, Response, Status};
 
 use super::{
+    call::{AuditEntry, Calls},
     pb::{self, vault_admin_server::VaultAdmin},
     status::{ApiError, FieldViolation},
-    vault::{finish, Audited, Gate},
 };
 use crate::{
-    auth::Action,
+    auth::{Action, Principal},
     broker::{
         inspect::{CredentialInfo, InfoStatus},
-        keys::{KeyAdminError, KeyManager, KeyStatus, RewrapState, RewrapStatus},
         model::CredentialId,
-        Broker, BrokerError,
+        rotation::{KeyAdminError, KeyRotation, KeyState, KeyStatus, RewrapState, RewrapStatus},
+        Broker,
     },
-    crypto::KeyState,
-    store::backup,
 };
 
 const DEFAULT_PAGE: usize = 100;
@@ -30,47 +29,25 @@ const MAX_PAGE: usize = 1000;
 /// The VaultAdmin service.
 pub struct AdminService {
     broker: Arc<Broker>,
-    keys: Arc<KeyManager>,
-    gate: Arc<Gate>,
+    rotation: Arc<KeyRotation>,
+    calls: Calls,
 }
 
 impl AdminService {
-    pub fn new(broker: Arc<Broker>, keys: Arc<KeyManager>, gate: Arc<Gate>) -> Self {
-        Self { broker, keys, gate }
-    }
-}
-
-impl AdminService {
-    /// A key-management call: it affects every tenant, so it needs the admin
-    /// action for all tenants; then `work`, then the usual bookkeeping.
-    async fn key_operation<R, T, F>(
-        &self,
-        method: &'static str,
-        request: Request<R>,
-        work: impl FnOnce(R) -> F,
-    ) -> Result<Response<T>, Status>
-    where
-        F: std::future::Future<Output = Result<T, ApiError>>,
-    {
-        let started = Instant::now();
-        let mut caller = None;
-        let result = async {
-            let principal = self.gate.principal(&request)?;
-            caller = Some(Audited::new(
-                principal.authorize_global(Action::Admin)?,
-                None,
-            ));
-            work(request.into_inner()).await
+    pub fn new(broker: Arc<Broker>, rotation: Arc<KeyRotation>, calls: Calls) -> Self {
+        Self {
+            broker,
+            rotation,
+            calls,
         }
-        .await;
-        finish(
-            self.broker.metrics(),
-            method,
-            caller.as_ref(),
-            started,
-            result,
-        )
     }
+}
+
+/// Admits a call that affects every tenant (key management, backups): it
+/// needs the admin action for all tenants.
+fn admit_global<R>(principal: Principal, request: R) -> Result<(AuditEntry, R), ApiError> {
+    let caller = principal.authorize_global(Action::Admin)?;
+    Ok((AuditEntry::new(caller, None), request))
 }
 
 impl From<KeyAdminError> for ApiError {
@@ -82,196 +59,197 @@ impl From<KeyAdminError> for ApiError {
     }
 }
 
+/// A page request, validated.
+struct ListPage {
+    tenant: String,
+    after: Option<(String, String)>,
+    size: usize,
+}
+
+fn admit_list(
+    principal: Principal,
+    request: pb::ListCredentialsRequest,
+) -> Result<(AuditEntry, ListPage), ApiError> {
+    let size = match request.page_size as usize {
+        0 => DEFAULT_PAGE,
+        n if n <= MAX_PAGE => n,
+        _ => {
+            return Err(ApiError::InvalidFields(vec![FieldViolation::new(
+                "page_size",
+                format!("at most {MAX_PAGE}"),
+            )]))
+        }
+    };
+    let after = match request.page_token.as_str() {
+        "" => None,
+        token => Some(decode_page_token(token).ok_or_else(|| {
+            ApiError::InvalidFields(vec![FieldViolation::new(
+                "page_token",
+                "not a token from a previous page",
+            )])
+        })?),
+    };
+    let caller = principal.authorize(&request.tenant, Action::Admin)?;
+    let tenant = caller.tenant.clone();
+    Ok((
+        AuditEntry::new(caller, None),
+        ListPage {
+            tenant,
+            after,
+            size,
+        },
+    ))
+}
+
+fn admit_describe(
+    principal: Principal,
+    request: pb::DescribeCredentialRequest,
+) -> Result<(AuditEntry, CredentialId), ApiError> {
+    let reference = request.credential.unwrap_or_default();
+    if reference.subject.is_empty() || reference.provider.is_empty() {
+        return Err(ApiError::InvalidFields(vec![FieldViolation::new(
+            "credential",
+            "subject and provider are required",
+        )]));
+    }
+    let caller = principal.authorize(&reference.tenant, Action::Admin)?;
+    let id = CredentialId {
+        tenant: caller.tenant.clone(),
+        subject: reference.subject,
+        provider: reference.provider,
+    };
+    Ok((AuditEntry::new(caller, Some(&id)), id))
+}
+
+type BackupStream = tokio_stream::wrappers::ReceiverStream<Result<pb::BackupChunk, Status>>;
+
 #[tonic::async_trait]
 impl VaultAdmin for AdminService {
-    type BackupStream = tokio_stream::wrappers::ReceiverStream<Result<pb::BackupChunk, Status>>;
+    type BackupStream = BackupStream;
 
     async fn backup(
         &self,
         request: Request<pb::BackupRequest>,
     ) -> Result<Response<Self::BackupStream>, Status> {
-        let started = Instant::now();
-        let mut caller = None;
-        let result = async {
-            caller = Some(Audited::new(
-                self.gate
-                    .principal(&request)?
-                    .authorize_global(Action::Admin)?,
-                None,
-            ));
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            let store = self.broker.store();
-            tokio::spawn(async move {
-                let (chunks, mut chunk_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-                let forward = {
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        while let Some(data) = chunk_rx.recv().await {
-                            if tx.send(Ok(pb::BackupChunk { data })).await.is_err() {
-                                break;
-                            }
-                        }
-                    })
-                };
-                let mut sink = chunks;
-                let outcome = backup::export(store.as_ref(), &mut sink).await;
-                drop(sink);
-                let _ = forward.await;
-                match outcome {
-                    Ok(records) => tracing::info!(records, "backup streamed"),
-                    Err(error) => {
-                        tracing::error!(%error, "backup failed");
-                        let _ = tx
-                            .send(Err(Status::from(ApiError::Broker(BrokerError::Storage(
-                                error.to_string(),
-                            )))))
-                            .await;
-                    }
-                }
-            });
-            Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
-        }
-        .await;
-        finish(
-            self.broker.metrics(),
-            "Backup",
-            caller.as_ref(),
-            started,
-            result,
-        )
+        let run = |_| async {
+            let broker = Arc::clone(&self.broker);
+            Ok(stream_backup(broker))
+        };
+        self.calls
+            .handle("Backup", request, admit_global, run)
+            .await
     }
 
     async fn list_credentials(
         &self,
         request: Request<pb::ListCredentialsRequest>,
     ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
-        let started = Instant::now();
-        let mut caller = None;
-        let result = async {
-            let principal = self.gate.principal(&request)?;
-            let request = request.into_inner();
-            let page_size = match request.page_size as usize {
-                0 => DEFAULT_PAGE,
-                n if n <= MAX_PAGE => n,
-                _ => {
-                    return Err(ApiError::InvalidFields(vec![FieldViolation::new(
-                        "page_size",
-                        format!("at most {MAX_PAGE}"),
-                    )]))
-                }
-            };
-            let after = match request.page_token.as_str() {
-                "" => None,
-                token => Some(decode_page_token(token).ok_or_else(|| {
-                    ApiError::InvalidFields(vec![FieldViolation::new(
-                        "page_token",
-                        "not a token from a previous page",
-                    )])
-                })?),
-            };
-            let who = principal.authorize(&request.tenant, Action::Admin)?;
-            let tenant = who.tenant.clone();
-            caller = Some(Audited::new(who, None));
+        let run = |page: ListPage| async move {
             // One extra tells us whether another page exists.
-            let mut page = self.broker.list(&tenant, after, page_size + 1).await?;
-            let next_page_token = if page.len() > page_size {
-                page.truncate(page_size);
-                page.last()
-                    .map(|last| encode_page_token(&last.id))
-                    .unwrap_or_default()
-            } else {
-                String::new()
-            };
+            let mut credentials = self
+                .broker
+                .list(&page.tenant, page.after, page.size + 1)
+                .await?;
+            let mut next_page_token = String::new();
+            if credentials.len() > page.size {
+                credentials.truncate(page.size);
+                if let Some(last) = credentials.last() {
+                    next_page_token = encode_page_token(&last.id);
+                }
+            }
             Ok(pb::ListCredentialsResponse {
-                credentials: page.into_iter().map(metadata).collect(),
+                credentials: credentials.into_iter().map(metadata).collect(),
                 next_page_token,
             })
-        }
-        .await;
-        finish(
-            self.broker.metrics(),
-            "ListCredentials",
-            caller.as_ref(),
-            started,
-            result,
-        )
+        };
+        self.calls
+            .handle("ListCredentials", request, admit_list, run)
+            .await
     }
 
     async fn describe_credential(
         &self,
         request: Request<pb::DescribeCredentialRequest>,
     ) -> Result<Response<pb::CredentialMetadata>, Status> {
-        let started = Instant::now();
-        let mut caller = None;
-        let result = async {
-            let principal = self.gate.principal(&request)?;
-            let reference = request.into_inner().credential.unwrap_or_default();
-            if reference.subject.is_empty() || reference.provider.is_empty() {
-                return Err(ApiError::InvalidFields(vec![FieldViolation::new(
-                    "credential",
-                    "subject and provider are required",
-                )]));
-            }
-            let who = principal.authorize(&reference.tenant, Action::Admin)?;
-            let id = CredentialId {
-                tenant: who.tenant.clone(),
-                subject: reference.subject,
-                provider: reference.provider,
-            };
-            caller = Some(Audited::new(who, Some(&id)));
-            Ok(metadata(self.broker.describe(&id).await?))
-        }
-        .await;
-        finish(
-            self.broker.metrics(),
-            "DescribeCredential",
-            caller.as_ref(),
-            started,
-            result,
-        )
+        let run = |id: CredentialId| async move { Ok(metadata(self.broker.describe(&id).await?)) };
+        self.calls
+            .handle("DescribeCredential", request, admit_describe, run)
+            .await
     }
 
     async fn get_key_status(
         &self,
         request: Request<pb::GetKeyStatusRequest>,
     ) -> Result<Response<pb::GetKeyStatusResponse>, Status> {
-        self.key_operation("GetKeyStatus", request, |_| async {
-            Ok(key_status(self.keys.status().await?))
-        })
-        .await
+        let run = |_| async { Ok(key_status(self.rotation.status().await?)) };
+        self.calls
+            .handle("GetKeyStatus", request, admit_global, run)
+            .await
     }
 
     async fn reload_keyring(
         &self,
         request: Request<pb::ReloadKeyringRequest>,
     ) -> Result<Response<pb::GetKeyStatusResponse>, Status> {
-        self.key_operation("ReloadKeyring", request, |_| async {
-            Ok(key_status(self.keys.reload().await?))
-        })
-        .await
+        let run = |_| async { Ok(key_status(self.rotation.reload().await?)) };
+        self.calls
+            .handle("ReloadKeyring", request, admit_global, run)
+            .await
     }
 
     async fn start_rewrap(
         &self,
         request: Request<pb::StartRewrapRequest>,
     ) -> Result<Response<pb::RewrapStatus>, Status> {
-        self.key_operation("StartRewrap", request, |r| async move {
+        let run = |r: pb::StartRewrapRequest| async move {
             Ok(rewrap_status(
-                self.keys.start_rewrap(Some(r.records_per_second)),
+                self.rotation.start_rewrap(Some(r.records_per_second)),
             ))
-        })
-        .await
+        };
+        self.calls
+            .handle("StartRewrap", request, admit_global, run)
+            .await
     }
 
     async fn get_rewrap_status(
         &self,
         request: Request<pb::GetRewrapStatusRequest>,
     ) -> Result<Response<pb::RewrapStatus>, Status> {
-        self.key_operation("GetRewrapStatus", request, |_| async {
-            Ok(rewrap_status(self.keys.rewrap_status()))
-        })
-        .await
+        let run = |_| async { Ok(rewrap_status(self.rotation.rewrap_status())) };
+        self.calls
+            .handle("GetRewrapStatus", request, admit_global, run)
+            .await
     }
+}
+
+/// Streams the broker's backup as gRPC chunks; a failure midway ends the
+/// stream with a typed status, so a truncated file is never mistaken for a
+/// whole one.
+fn stream_backup(broker: Arc<Broker>) -> BackupStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let (chunks, mut chunk_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let forward = {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(data) = chunk_rx.recv().await {
+                    if tx.send(Ok(pb::BackupChunk { data })).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let outcome = broker.backup(chunks).await;
+        let _ = forward.await;
+        match outcome {
+            Ok(records) => tracing::info!(records, "backup streamed"),
+            Err(error) => {
+                tracing::error!(%error, "backup failed");
+                let _ = tx.send(Err(Status::from(ApiError::Broker(error)))).await;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 fn encode_page_token(id: &CredentialId) -> String {

@@ -22,7 +22,7 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 use super::ApiError;
-use crate::{auth::Identity, metrics::Metrics};
+use crate::{auth::Identity, telemetry::Metrics};
 
 /// The global in-flight limit, as a tower layer over the gRPC router.
 #[derive(Clone)]
@@ -158,10 +158,6 @@ impl IdentityRateLimiter {
             burst: f64::from(burst.max(per_second).max(1)),
             buckets: Mutex::new(HashMap::new()),
         }
-    }
-
-    pub fn disabled() -> Self {
-        Self::new(0, 0)
     }
 
     /// Takes one token for `identity`, or refuses with `OVERLOADED`.

@@ -18,18 +18,14 @@ use crate::{
         AccessToken, ClientAuth, ClientConfig, CredentialId, DepositCommand, Grant, TokenRequest,
     },
     secret::SecretString,
+    upstream::{parse_http_url, ClientSpec},
 };
 
 const MAX_TENANT: usize = 128;
 const MAX_SUBJECT: usize = 512;
 const MAX_PROVIDER: usize = 128;
-const MAX_URL: usize = 2048;
-const MAX_CLIENT_ID: usize = 512;
-const MAX_CLIENT_SECRET: usize = 4096;
 const MAX_TOKEN: usize = 16 * 1024;
 const MAX_CODE: usize = 4096;
-const MAX_SCOPES: usize = 64;
-const MAX_SCOPE: usize = 256;
 const MAX_LABELS: usize = 32;
 const MAX_LABEL_KEY: usize = 63;
 const MAX_LABEL_VALUE: usize = 256;
@@ -191,21 +187,9 @@ fn check_name(field: &str, value: &str, max: usize, allowed: fn(char) -> bool, v
     }
 }
 
+/// The OAuth client of a request, checked by the one set of client rules
+/// (`upstream::ClientSpec`); its problems are reported under `client.`.
 fn client(c: pb::OAuthClient, v: &mut Violations) -> Option<ClientConfig> {
-    let token_endpoint = url_field("client.token_endpoint", &c.token_endpoint, true, v);
-    let revocation_endpoint = url_field(
-        "client.revocation_endpoint",
-        &c.revocation_endpoint,
-        false,
-        v,
-    );
-    if c.client_id.is_empty() {
-        v.add("client.client_id", "required");
-    } else if c.client_id.len() > MAX_CLIENT_ID {
-        v.add("client.client_id", format!("at most {MAX_CLIENT_ID} bytes"));
-    } else if c.client_id.chars().any(char::is_control) {
-        v.add("client.client_id", "must not contain control characters");
-    }
     let auth = match pb::ClientAuthMethod::try_from(c.auth_method) {
         Ok(pb::ClientAuthMethod::Unspecified | pb::ClientAuthMethod::ClientSecretBasic) => {
             Some(ClientAuth::SecretBasic)
@@ -220,47 +204,23 @@ fn client(c: pb::OAuthClient, v: &mut Violations) -> Option<ClientConfig> {
             None
         }
     };
-    let secret = SecretString::from(c.client_secret);
-    match auth {
-        Some(ClientAuth::None) if !secret.is_empty() => v.add(
-            "client.client_secret",
-            "must be empty when auth_method is CLIENT_AUTH_METHOD_NONE",
-        ),
-        Some(ClientAuth::SecretBasic | ClientAuth::SecretPost) if secret.is_empty() => v.add(
-            "client.client_secret",
-            "required for client_secret_basic and client_secret_post",
-        ),
-        _ if secret.len() > MAX_CLIENT_SECRET => v.add(
-            "client.client_secret",
-            format!("at most {MAX_CLIENT_SECRET} bytes"),
-        ),
-        _ => {}
-    }
-    if c.scopes.len() > MAX_SCOPES {
-        v.add("client.scopes", format!("at most {MAX_SCOPES} scopes"));
-    }
-    for (i, scope) in c.scopes.iter().enumerate() {
-        // RFC 6749 §3.3 scope-token: printable ASCII except space, `"` and `\`.
-        let valid = !scope.is_empty()
-            && scope.len() <= MAX_SCOPE
-            && scope
-                .bytes()
-                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
-        if !valid {
-            v.add(
-                format!("client.scopes[{i}]"),
-                "must be an RFC 6749 scope token (printable ASCII, no spaces)",
-            );
+    let spec = ClientSpec {
+        token_endpoint: c.token_endpoint,
+        revocation_endpoint: c.revocation_endpoint,
+        client_id: c.client_id,
+        client_secret: SecretString::from(c.client_secret),
+        auth,
+        scopes: c.scopes,
+    };
+    match spec.validate() {
+        Ok(client) => Some(client),
+        Err(problems) => {
+            for problem in problems {
+                v.add(format!("client.{}", problem.field), problem.description);
+            }
+            None
         }
     }
-    Some(ClientConfig {
-        token_endpoint: token_endpoint?,
-        client_id: c.client_id,
-        client_secret: (!secret.is_empty()).then_some(secret),
-        auth: auth?,
-        revocation_endpoint,
-        scopes: c.scopes,
-    })
 }
 
 /// Parses an absolute http(s) URL; whether it may be called is the endpoint
@@ -272,17 +232,9 @@ fn url_field(field: &str, raw: &str, required: bool, v: &mut Violations) -> Opti
         }
         return None;
     }
-    if raw.len() > MAX_URL {
-        v.add(field, format!("at most {MAX_URL} bytes"));
-        return None;
-    }
-    match Url::parse(raw) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Some(url),
-        _ => {
-            v.add(field, "must be an absolute http(s) URL");
-            None
-        }
-    }
+    parse_http_url(raw)
+        .map_err(|description| v.add(field, description))
+        .ok()
 }
 
 fn secret_field(

@@ -4,24 +4,25 @@
 //! This is the only module that knows tonic's request and status types; it
 //! turns protos into validated domain commands and domain results back into
 //! protos, and nothing else.
+//!
+//! - [`pb`]: the generated code, with redacting `Debug` for secrets.
+//! - `call`: the frame every RPC runs in (authenticate, admit, run, record).
+//! - `convert`: proto -> domain validation.
+//! - `status`: the error-to-wire table.
+//! - `admission`: the global in-flight cap and the per-identity rate limit.
+//! - `vault`, `admin`: the two services.
 
-pub mod admin;
-pub mod admission;
-pub mod convert;
-pub mod status;
-pub mod vault;
-
-/// Generated protobuf and gRPC code for `credvault.v1`.
-#[allow(clippy::all, clippy::pedantic, missing_docs)]
-pub mod pb {
-    tonic::include_proto!("credvault.v1");
-
-    /// The encoded descriptor set of `proto/`, served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/credvault_descriptor.bin"));
-}
+mod admin;
+pub(crate) mod admission;
+mod call;
+mod convert;
+pub mod pb;
+pub(crate) mod status;
+mod vault;
 
 pub use admin::AdminService;
+pub use admission::{AdmissionLayer, IdentityRateLimiter};
+pub use call::{Calls, Gate};
 pub use status::ApiError;
 pub use vault::VaultService;
 

@@ -32,6 +32,8 @@ pub mod reason {
     pub const INTERNAL: &str = "INTERNAL";
     /// An admin reload refused a keyring (wrong passphrase, fingerprints).
     pub const KEYRING_REJECTED: &str = "KEYRING_REJECTED";
+    /// Concurrent writers of one credential kept winning; retry the call.
+    pub const WRITE_CONTENTION: &str = "WRITE_CONTENTION";
 }
 
 /// One invalid request field.
@@ -79,125 +81,183 @@ impl From<Vec<FieldViolation>> for ApiError {
     }
 }
 
-impl ApiError {
-    /// The stable reason, for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        self.wire().1
-    }
+/// Everything the wire says about one failure; built in one place,
+/// [`ApiError::wire`].
+pub(crate) struct Wire {
+    pub code: Code,
+    pub reason: &'static str,
+    /// For the caller: lowercase, never a secret or an internal detail.
+    pub message: String,
+    /// For the server log: may name internals, never a secret.
+    pub detail: String,
+    metadata: HashMap<String, String>,
+    violations: Vec<(String, String)>,
+    retry_after: Option<std::time::Duration>,
+    /// Logged as an error when sent: the operator must look.
+    alarm: bool,
+}
 
-    fn wire(&self) -> (Code, &'static str) {
-        use reason::*;
-        match self {
-            Self::InvalidFields(_) => (Code::InvalidArgument, INVALID_FIELD),
-            Self::Overloaded(_) => (Code::ResourceExhausted, OVERLOADED),
-            Self::KeyringRejected(_) => (Code::FailedPrecondition, KEYRING_REJECTED),
-            Self::Auth(error) => match error {
-                AuthError::NoCertificate
-                | AuthError::BadIdentity(_)
-                | AuthError::Token(_)
-                | AuthError::TokenRequired { .. }
-                | AuthError::ForwardedIdentityRefused
-                | AuthError::Mesh(_) => (Code::Unauthenticated, UNAUTHENTICATED),
-                AuthError::TenantNotPermitted { .. } => {
-                    (Code::PermissionDenied, TENANT_NOT_PERMITTED)
-                }
-                AuthError::ActionNotPermitted { .. } => {
-                    (Code::PermissionDenied, ACTION_NOT_PERMITTED)
-                }
-                AuthError::TenantRequired { .. } => (Code::InvalidArgument, INVALID_FIELD),
-            },
-            Self::Broker(error) => match error {
-                BrokerError::NotFound => (Code::NotFound, CREDENTIAL_NOT_FOUND),
-                BrokerError::ReauthRequired { .. } => (Code::FailedPrecondition, REAUTH_REQUIRED),
-                BrokerError::KeyVersionUnavailable { .. } => {
-                    (Code::Internal, KEY_VERSION_UNAVAILABLE)
-                }
-                BrokerError::RecordUnreadable(_) => (Code::DataLoss, RECORD_UNREADABLE),
-                BrokerError::ProviderRejectedClient { .. } => {
-                    (Code::FailedPrecondition, PROVIDER_REJECTED_CLIENT)
-                }
-                BrokerError::UpstreamUnavailable { .. } => {
-                    (Code::Unavailable, UPSTREAM_UNAVAILABLE)
-                }
-                BrokerError::EndpointNotAllowed(_) => (Code::InvalidArgument, ENDPOINT_NOT_ALLOWED),
-                BrokerError::ClientRequired { .. } => (Code::InvalidArgument, INVALID_FIELD),
-                BrokerError::Storage(_) => (Code::Unavailable, STORAGE_UNAVAILABLE),
-                BrokerError::Internal(_) => (Code::Internal, INTERNAL),
-            },
+impl Wire {
+    fn new(code: Code, reason: &'static str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self {
+            code,
+            reason,
+            detail: message.clone(),
+            message,
+            metadata: HashMap::new(),
+            violations: Vec::new(),
+            retry_after: None,
+            alarm: false,
         }
     }
 
-    fn message(&self) -> String {
+    fn meta(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.to_owned(), value.into());
+        self
+    }
+
+    fn violation(mut self, field: impl Into<String>, description: impl Into<String>) -> Self {
+        self.violations.push((field.into(), description.into()));
+        self
+    }
+
+    /// Hides `detail` from the caller behind `message`, and raises the alarm.
+    fn internal(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self.alarm = true;
+        self
+    }
+
+    pub fn into_status(self) -> Status {
+        if self.alarm {
+            tracing::error!(reason = self.reason, detail = %self.detail, "call failed inside the vault");
+        }
+        let mut details = ErrorDetails::new();
+        for (field, description) in self.violations {
+            details.add_bad_request_violation(field, description);
+        }
+        if let Some(delay) = self.retry_after {
+            details.set_retry_info(Some(delay));
+        }
+        details.set_error_info(self.reason, ERROR_DOMAIN, self.metadata);
+        Status::with_error_details(self.code, self.message, details)
+    }
+}
+
+impl ApiError {
+    /// The stable reason, for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        self.wire().reason
+    }
+
+    /// The one table from failures to the wire (DESIGN §4).
+    pub(crate) fn wire(&self) -> Wire {
+        use reason::*;
         match self {
             Self::InvalidFields(violations) => {
                 let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
-                format!("invalid request field(s): {}", fields.join(", "))
+                let wire = Wire::new(
+                    Code::InvalidArgument,
+                    INVALID_FIELD,
+                    format!("invalid request field(s): {}", fields.join(", ")),
+                );
+                violations.iter().fold(wire, |wire, v| {
+                    wire.violation(v.field.clone(), v.description.clone())
+                })
             }
-            Self::Auth(error) => error.to_string(),
-            // Internal details stay in the server log.
-            Self::Broker(BrokerError::Storage(_)) => "storage is unavailable".to_owned(),
-            Self::Broker(BrokerError::Internal(_)) => "internal error".to_owned(),
-            Self::Broker(error) => error.to_string(),
-            Self::Overloaded(what) => format!("overloaded: {what}"),
-            Self::KeyringRejected(reason) => format!("keyring rejected: {reason}"),
+            Self::Overloaded(what) => Wire::new(
+                Code::ResourceExhausted,
+                OVERLOADED,
+                format!("overloaded: {what}"),
+            ),
+            Self::KeyringRejected(why) => Wire::new(
+                Code::FailedPrecondition,
+                KEYRING_REJECTED,
+                format!("keyring rejected: {why}"),
+            ),
+            Self::Auth(error) => auth_wire(error),
+            Self::Broker(error) => broker_wire(error),
+        }
+    }
+}
+
+fn auth_wire(error: &AuthError) -> Wire {
+    use reason::*;
+    let message = error.to_string();
+    match error {
+        AuthError::NoCertificate
+        | AuthError::BadIdentity(_)
+        | AuthError::Token(_)
+        | AuthError::TokenRequired { .. }
+        | AuthError::ForwardedIdentityRefused
+        | AuthError::Mesh(_) => Wire::new(Code::Unauthenticated, UNAUTHENTICATED, message),
+        AuthError::TenantNotPermitted { tenant, .. } => {
+            Wire::new(Code::PermissionDenied, TENANT_NOT_PERMITTED, message)
+                .meta("tenant", tenant.clone())
+        }
+        AuthError::ActionNotPermitted { action, .. } => {
+            Wire::new(Code::PermissionDenied, ACTION_NOT_PERMITTED, message)
+                .meta("action", action.as_str())
+        }
+        AuthError::TenantRequired { .. } => {
+            Wire::new(Code::InvalidArgument, INVALID_FIELD, message).violation(
+                "credential.tenant",
+                "required: the caller may act for several tenants",
+            )
+        }
+    }
+}
+
+fn broker_wire(error: &BrokerError) -> Wire {
+    use reason::*;
+    let message = error.to_string();
+    match error {
+        BrokerError::NotFound => Wire::new(Code::NotFound, CREDENTIAL_NOT_FOUND, message),
+        BrokerError::ReauthRequired { cause, provider } => {
+            Wire::new(Code::FailedPrecondition, REAUTH_REQUIRED, message)
+                .meta("cause", cause.as_str())
+                .meta("provider", provider.clone())
+        }
+        BrokerError::KeyVersionUnavailable { version } => {
+            Wire::new(Code::Internal, KEY_VERSION_UNAVAILABLE, message)
+                .meta("key_version", version.to_string())
+        }
+        BrokerError::RecordUnreadable(_) => Wire::new(Code::DataLoss, RECORD_UNREADABLE, message),
+        BrokerError::ProviderRejectedClient { oauth_error } => {
+            Wire::new(Code::FailedPrecondition, PROVIDER_REJECTED_CLIENT, message)
+                .meta("oauth_error", oauth_error.clone())
+        }
+        BrokerError::UpstreamUnavailable { retry_after, .. } => {
+            let mut wire = Wire::new(Code::Unavailable, UPSTREAM_UNAVAILABLE, message);
+            wire.retry_after = *retry_after;
+            wire
+        }
+        BrokerError::EndpointNotAllowed(_) => {
+            Wire::new(Code::InvalidArgument, ENDPOINT_NOT_ALLOWED, message)
+        }
+        BrokerError::ClientRequired { .. } => {
+            Wire::new(Code::InvalidArgument, INVALID_FIELD, message).violation(
+                "client",
+                "required unless `credential.provider` names a provider preset",
+            )
+        }
+        BrokerError::Contention => Wire::new(Code::Aborted, WRITE_CONTENTION, message),
+        // Internal details stay in the server log.
+        BrokerError::Storage(detail) => Wire::new(
+            Code::Unavailable,
+            STORAGE_UNAVAILABLE,
+            "storage is unavailable",
+        )
+        .internal(detail.clone()),
+        BrokerError::Internal(detail) => {
+            Wire::new(Code::Internal, INTERNAL, "internal error").internal(*detail)
         }
     }
 }
 
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Self {
-        let (code, reason) = error.wire();
-        let mut metadata = HashMap::new();
-        let mut details = ErrorDetails::new();
-        match &error {
-            ApiError::InvalidFields(violations) => {
-                for v in violations {
-                    details.add_bad_request_violation(v.field.clone(), v.description.clone());
-                }
-            }
-            ApiError::Auth(AuthError::TenantRequired { .. }) => {
-                details.add_bad_request_violation(
-                    "credential.tenant",
-                    "required: the caller may act for several tenants",
-                );
-            }
-            ApiError::Auth(AuthError::TenantNotPermitted { tenant, .. }) => {
-                metadata.insert("tenant".to_owned(), tenant.clone());
-            }
-            ApiError::Auth(AuthError::ActionNotPermitted { action, .. }) => {
-                metadata.insert("action".to_owned(), action.as_str().to_owned());
-            }
-            ApiError::Broker(BrokerError::ReauthRequired { cause, provider }) => {
-                metadata.insert("cause".to_owned(), cause.as_str().to_owned());
-                metadata.insert("provider".to_owned(), provider.clone());
-            }
-            ApiError::Broker(BrokerError::KeyVersionUnavailable { version }) => {
-                metadata.insert("key_version".to_owned(), version.to_string());
-            }
-            ApiError::Broker(BrokerError::ProviderRejectedClient { oauth_error }) => {
-                metadata.insert("oauth_error".to_owned(), oauth_error.clone());
-            }
-            ApiError::Broker(BrokerError::UpstreamUnavailable {
-                retry_after: Some(delay),
-                ..
-            }) => {
-                details.set_retry_info(Some(*delay));
-            }
-            ApiError::Broker(BrokerError::ClientRequired { .. }) => {
-                details.add_bad_request_violation(
-                    "client",
-                    "required unless `credential.provider` names a provider preset",
-                );
-            }
-            ApiError::Broker(BrokerError::Storage(detail)) => {
-                tracing::error!(%detail, "storage failure");
-            }
-            ApiError::Broker(BrokerError::Internal(detail)) => {
-                tracing::error!(%detail, "internal failure");
-            }
-            _ => {}
-        }
-        details.set_error_info(reason, ERROR_DOMAIN, metadata);
-        Status::with_error_details(code, error.message(), details)
+        error.wire().into_status()
     }
 }

@@ -1,10 +1,12 @@
 //! Who is calling and what they may do.
 //!
-//! Identity comes from the peer certificate ([`identity`]); grants come from
-//! the policy file ([`policy`]). [`Authenticator::authenticate`] turns a
-//! connection into a [`Principal`], and [`Principal::authorize`] turns a
-//! principal plus the request's tenant and action into a [`Caller`], the only
-//! proof of authorization the broker accepts from the API layer.
+//! Identity comes from the peer certificate ([`identity`]) or a mesh
+//! sidecar's forwarded header ([`mesh`]), through the transport gate
+//! ([`Peer`]); grants come from the policy file ([`policy`]).
+//! [`Authenticator::principal`] turns an identity into a [`Principal`], and
+//! [`Principal::authorize`] turns a principal plus the request's tenant and
+//! action into a [`Caller`], the only proof of authorization the broker
+//! accepts from the API layer.
 //!
 //! Later sources of claims (a JWT in `authorization`, a mesh sidecar's
 //! forwarded identity) narrow a principal's grants before `authorize` runs.
@@ -12,12 +14,12 @@
 pub mod identity;
 pub mod jwt;
 pub mod mesh;
+mod peer;
 pub mod policy;
-
-use std::sync::{Arc, RwLock};
 
 pub use self::identity::{Identity, IdentityError, IdentityRules};
 pub use self::jwt::{JwtVerifier, TokenError};
+pub use self::peer::{bearer, Peer};
 pub use self::policy::{Action, Grants, Policy, Tenants};
 
 /// Why a call is refused. Messages name identities and tenants (not secrets).
@@ -117,11 +119,10 @@ impl Principal {
     }
 }
 
-/// Resolves principals. The policy sits behind a lock so it can be replaced
-/// while the server runs.
+/// Resolves principals from identities, the policy and bearer tokens.
 pub struct Authenticator {
     rules: IdentityRules,
-    policy: RwLock<Arc<Policy>>,
+    policy: Policy,
     jwt: Option<JwtVerifier>,
 }
 
@@ -129,7 +130,7 @@ impl Authenticator {
     pub fn new(rules: IdentityRules, policy: Policy) -> Self {
         Self {
             rules,
-            policy: RwLock::new(Arc::new(policy)),
+            policy,
             jwt: None,
         }
     }
@@ -158,8 +159,7 @@ impl Authenticator {
         identity: Identity,
         bearer: Option<&str>,
     ) -> Result<Principal, AuthError> {
-        let policy = Arc::clone(&self.policy.read().unwrap_or_else(|e| e.into_inner()));
-        let mut grants = policy.grants_for(&identity);
+        let mut grants = self.policy.grants_for(&identity);
         match (&self.jwt, bearer) {
             (Some(verifier), Some(token)) => {
                 let claimed = verifier.verify(token)?;

@@ -8,13 +8,13 @@
 
 use std::{sync::Arc, time::Duration};
 
+use futures::TryStreamExt;
 use tokio::sync::Semaphore;
 
 use super::{
-    model::{CredentialId, CredentialState, TokenRequest},
+    model::{CredentialId, CredentialRecord, CredentialState, TokenRequest},
     Broker,
 };
-use crate::store::StoreKey;
 
 /// Settings of the proactive refresher.
 #[derive(Clone, Debug)]
@@ -26,8 +26,6 @@ pub struct AheadSettings {
     /// Refreshes running at once.
     pub concurrency: usize,
 }
-
-const PAGE: usize = 256;
 
 /// Runs sweeps until the task is dropped or aborted.
 pub async fn run(broker: Arc<Broker>, settings: AheadSettings) {
@@ -47,54 +45,52 @@ async fn sweep(
     settings: &AheadSettings,
     permits: &Arc<Semaphore>,
 ) -> Result<(), super::BrokerError> {
-    let everything = StoreKey::from_bytes(Vec::new());
-    let mut after: Option<StoreKey> = None;
     let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        let page = broker.store.scan(&everything, after.as_ref(), PAGE).await?;
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.clone());
-        for (key, versioned) in page {
-            let Some((tenant, subject, provider)) = key.parts() else {
-                continue;
-            };
-            let id = CredentialId {
-                tenant,
-                subject,
-                provider,
-            };
-            // Unreadable records are reported when someone asks for them.
-            let Ok(record) = broker.open(&id, &versioned) else {
-                continue;
-            };
-            let due = record.state == CredentialState::Active
-                && (record.refresh_token.is_some() || record.client_credentials)
-                && record.access_token.as_ref().is_none_or(|token| {
-                    nearing_expiry(token, record.last_refresh_at, settings.window)
-                });
-            if !due {
-                continue;
-            }
-            let Ok(permit) = Arc::clone(permits).acquire_owned().await else {
-                return Ok(());
-            };
-            let broker = Arc::clone(broker);
-            let window = settings.window;
-            tasks.spawn(async move {
-                let _permit = permit;
-                let request = TokenRequest {
-                    id,
-                    min_valid_for: Some(window),
-                    force_refresh: false,
-                };
-                if let Err(error) = broker.get_access_token(request).await {
-                    tracing::info!(%error, "proactive refresh failed");
-                }
-            });
+    let mut all = std::pin::pin!(broker.store.records(None));
+    while let Some((key, versioned)) = all.try_next().await? {
+        let Some((tenant, subject, provider)) = key.parts() else {
+            continue;
+        };
+        let id = CredentialId {
+            tenant,
+            subject,
+            provider,
+        };
+        // Unreadable records are reported when someone asks for them.
+        let Ok(record) = broker.open(&id, &versioned) else {
+            continue;
+        };
+        if !due(&record, settings.window) {
+            continue;
         }
+        let Ok(permit) = Arc::clone(permits).acquire_owned().await else {
+            return Ok(());
+        };
+        let broker = Arc::clone(broker);
+        let window = settings.window;
+        tasks.spawn(async move {
+            let _permit = permit;
+            let request = TokenRequest {
+                id,
+                min_valid_for: Some(window),
+                force_refresh: false,
+            };
+            if let Err(error) = broker.get_access_token(request).await {
+                tracing::info!(%error, "proactive refresh failed");
+            }
+        });
     }
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+fn due(record: &CredentialRecord, window: Duration) -> bool {
+    record.state == CredentialState::Active
+        && (record.refresh_token.is_some() || record.client_credentials)
+        && record
+            .access_token
+            .as_ref()
+            .is_none_or(|token| nearing_expiry(token, record.last_refresh_at, window))
 }
 
 /// Due when the token expires within `window` *and* at least half of its

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::model::ReauthCause;
-use crate::upstream::EndpointRejected;
+use crate::{store::StoreError, upstream::EndpointRejected};
 
 /// Everything that can go wrong in a broker operation. Cloneable because one
 /// refresh's outcome is handed to every caller waiting on it. No variant ever
@@ -35,12 +35,16 @@ pub enum BrokerError {
     ClientRequired { provider: String },
     #[error("storage is unavailable: {0}")]
     Storage(String),
+    /// Concurrent writers kept winning the compare-and-swap; retrying later
+    /// will do. Not a storage fault.
+    #[error("the credential is being changed concurrently")]
+    Contention,
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
 
-impl From<crate::store::StoreError> for BrokerError {
-    fn from(error: crate::store::StoreError) -> Self {
+impl From<StoreError> for BrokerError {
+    fn from(error: StoreError) -> Self {
         Self::Storage(error.to_string())
     }
 }

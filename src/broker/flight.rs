@@ -38,18 +38,10 @@ where
     T: Clone + Send + Sync + 'static,
 {
     /// Runs `work` unless a flight for `key` is already under way, and returns
-    /// that flight's result either way. `on_panic` stands in for the result if
-    /// the work panics, so waiters get an answer rather than a hang.
-    pub async fn run<F>(&self, key: K, work: impl FnOnce() -> F, on_panic: T) -> T
-    where
-        F: Future<Output = T> + Send + 'static,
-    {
-        self.run_counted(key, work, on_panic).await.0
-    }
-
-    /// Like [`SingleFlight::run`], also saying whether this caller joined a
-    /// flight already under way (for metrics).
-    pub async fn run_counted<F>(&self, key: K, work: impl FnOnce() -> F, on_panic: T) -> (T, bool)
+    /// that flight's result either way, and whether this caller joined a
+    /// flight already under way (for metrics). `on_panic` stands in for the
+    /// result if the work panics, so waiters get an answer rather than a hang.
+    pub async fn run<F>(&self, key: K, work: impl FnOnce() -> F, on_panic: T) -> (T, bool)
     where
         F: Future<Output = T> + Send + 'static,
     {
@@ -140,6 +132,7 @@ mod tests {
                         0,
                     )
                     .await
+                    .0
             }));
         }
         // Let every caller join before the work may finish.
@@ -150,7 +143,7 @@ mod tests {
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         // Finished flights are forgotten: the next call runs again.
-        assert_eq!(flights.run("cred", || async { 7 }, 0).await, 7);
+        assert_eq!(flights.run("cred", || async { 7 }, 0).await.0, 7);
     }
 
     #[tokio::test]
@@ -176,8 +169,8 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_flight_answers_with_the_fallback() {
         let flights: SingleFlight<u8, u8> = SingleFlight::default();
-        let out = flights.run(1, || async { panic!("boom") }, 42).await;
+        let (out, _) = flights.run(1, || async { panic!("boom") }, 42).await;
         assert_eq!(out, 42);
-        assert_eq!(flights.run(1, || async { 5 }, 0).await, 5);
+        assert_eq!(flights.run(1, || async { 5 }, 0).await.0, 5);
     }
 }

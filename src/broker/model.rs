@@ -9,6 +9,9 @@ use std::{
 
 use url::Url;
 
+// The OAuth client and its tokens belong to `upstream`; the lifecycle speaks
+// of them in the same words.
+pub use crate::upstream::{AccessToken, ClientAuth, ClientConfig};
 use crate::{secret::SecretString, store::StoreKey};
 
 /// One credential: whose grant, at which provider, in which tenant.
@@ -32,44 +35,6 @@ impl fmt::Debug for CredentialId {
             .field("tenant", &self.tenant)
             .field("provider", &self.provider)
             .finish_non_exhaustive()
-    }
-}
-
-/// How the vault authenticates to the token endpoint (RFC 6749 §2.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientAuth {
-    SecretBasic,
-    SecretPost,
-    /// Public client: only `client_id` is sent.
-    None,
-}
-
-/// The OAuth client the vault uses on a credential's behalf.
-#[derive(Clone, Debug)]
-pub struct ClientConfig {
-    pub token_endpoint: Url,
-    pub client_id: String,
-    pub client_secret: Option<SecretString>,
-    pub auth: ClientAuth,
-    pub revocation_endpoint: Option<Url>,
-    pub scopes: Vec<String>,
-}
-
-/// An access token and what we know of it.
-#[derive(Clone, Debug)]
-pub struct AccessToken {
-    pub token: SecretString,
-    pub token_type: String,
-    pub expires_at: SystemTime,
-    pub scopes: Vec<String>,
-}
-
-impl AccessToken {
-    /// Whether the token stays valid for at least `margin` from `now`.
-    pub fn valid_for(&self, margin: Duration, now: SystemTime) -> bool {
-        self.expires_at
-            .duration_since(now)
-            .is_ok_and(|left| left >= margin)
     }
 }
 

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroU32;
-use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::rngs::OsRng;
@@ -114,11 +113,6 @@ impl Fingerprint {
     pub fn as_bytes(&self) -> &[u8; 8] {
         &self.0
     }
-
-    /// Rebuilds a fingerprint from its 8 bytes (e.g. as persisted by the store).
-    pub fn from_bytes(bytes: [u8; 8]) -> Self {
-        Self(bytes)
-    }
 }
 
 impl fmt::Display for Fingerprint {
@@ -132,22 +126,6 @@ impl fmt::Debug for Fingerprint {
         write!(f, "Fingerprint({self})")
     }
 }
-
-/// Parses the 16-hex-digit form produced by `Display`.
-impl FromStr for Fingerprint {
-    type Err = InvalidFingerprint;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut out = [0u8; 8];
-        hex::decode_to_slice(s, &mut out).map_err(|_| InvalidFingerprint)?;
-        Ok(Self(out))
-    }
-}
-
-/// A string that is not 16 hex digits was given as a fingerprint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a key fingerprint is 16 hex digits")]
-pub struct InvalidFingerprint;
 
 /// One 256-bit key, zeroized on drop.
 #[derive(Clone)]
@@ -614,9 +592,6 @@ mod tests {
         let expect = hex::encode(&h.finalize()[..8]);
         assert_eq!(fp.to_string(), expect);
         assert_eq!(fp.to_string().len(), 16);
-        assert_eq!(expect.parse::<Fingerprint>().unwrap(), fp);
-        assert!("xyz".parse::<Fingerprint>().is_err());
-        assert!("00".parse::<Fingerprint>().is_err());
     }
 
     #[test]

@@ -19,8 +19,7 @@
 //! (base64) and is only ever kept in zeroizing buffers.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use aes_gcm_siv::aead::{AeadInPlace, KeyInit};
@@ -36,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::keyring::{Entry, KeyMaterial, KeyState, KeyVersion, Keyring, KEY_LEN};
-use crate::secret::SecretString;
+use crate::{files, secret::SecretString};
 
 /// The first four bytes of a keyring file.
 pub const MAGIC: [u8; 4] = *b"CVKR";
@@ -236,61 +235,12 @@ pub fn store(
     params: KdfParams,
 ) -> Result<(), KeyringFileError> {
     let bytes = seal_keyring(keyring, passphrase, params)?;
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| KeyringFileError::Io { path, source }
-    };
-
-    let file_name = path.file_name().ok_or_else(|| KeyringFileError::Io {
-        path: path.to_owned(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-    })?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    // Same directory, so the rename cannot cross filesystems.
-    let mut suffix = [0u8; 8];
-    OsRng.fill_bytes(&mut suffix);
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp-{}", hex::encode(suffix)));
-    let tmp = dir.join(tmp_name);
-
-    let result = (|| {
-        let mut file = create_private(&tmp).map_err(io(&tmp))?;
-        file.write_all(&bytes).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        drop(file);
-        fs::rename(&tmp, path).map_err(io(path))?;
-        sync_dir(dir).map_err(io(dir))
-    })();
-    if result.is_err() {
-        // Best effort: the temp file is harmless (sealed) but clutter.
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn create_private(path: &Path) -> std::io::Result<File> {
-    let mut options = OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    options.open(path)
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    // Makes the rename itself durable; directories cannot be opened this way
-    // on Windows, where the rename is already journaled.
-    #[cfg(unix)]
-    File::open(dir)?.sync_all()?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
+    files::write_atomically(path, &bytes, files::Access::Private).map_err(|e| {
+        KeyringFileError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(e.message),
+        }
+    })
 }
 
 fn be_u32(bytes: &[u8], at: usize) -> u32 {

@@ -9,6 +9,7 @@
 //! - [`keyring_file`]: the keyring sealed at rest under an Argon2id-derived
 //!   key, written atomically.
 //! - [`shared`]: the running server's keyring, swapped atomically on reload.
+//! - [`source`]: where that keyring is read from, again on every reload.
 //!
 //! Nothing printable from this module (errors, `Debug`, `Display`) carries key
 //! bytes or plaintext. Randomness comes from the OS RNG; if the OS cannot
@@ -18,11 +19,13 @@ pub mod envelope;
 pub mod keyring;
 pub mod keyring_file;
 pub mod shared;
+pub mod source;
 
 pub use envelope::{key_version_of, open, seal, seal_with, OpenError, RecordIdentity, SealError};
 pub use keyring::{
-    Fingerprint, InvalidFingerprint, KeyInfo, KeyMaterial, KeyState, KeyUnavailable, KeyVersion,
-    Keyring, KeyringError, KEY_LEN,
+    Fingerprint, KeyInfo, KeyMaterial, KeyState, KeyUnavailable, KeyVersion, Keyring, KeyringError,
+    KEY_LEN,
 };
 pub use keyring_file::{load, open_keyring, seal_keyring, store, KdfParams, KeyringFileError};
 pub use shared::SharedKeyring;
+pub use source::{KeyringSource, KeyringSourceError};

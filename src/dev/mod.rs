@@ -14,7 +14,6 @@ pub mod pki;
 
 use std::{
     fs,
-    io::Write,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -25,6 +24,7 @@ use rand::RngCore;
 use self::pki::{ClientCertSpec, DevCa, PkiError};
 use crate::{
     crypto::{self, KdfParams, Keyring},
+    files,
     secret::SecretString,
 };
 
@@ -182,19 +182,15 @@ fn read_opt(path: &Path) -> Result<Option<String>, DevError> {
 }
 
 fn write(path: &Path, contents: &str, private: bool) -> Result<(), DevError> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    let mut file = options.open(path).map_err(|e| io_error(path, e))?;
-    file.write_all(contents.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|e| io_error(path, e))
+    let access = if private {
+        files::Access::Private
+    } else {
+        files::Access::Shared
+    };
+    files::write_atomically(path, contents.as_bytes(), access).map_err(|e| DevError::Io {
+        path: e.path,
+        message: e.message,
+    })
 }
 
 /// Ready-to-paste grpcurl commands for the prepared directory.

@@ -1,60 +1,48 @@
-//! Assembly: opens the store, loads the keyring and the policy, wires the
-//! broker into the gRPC services, and runs the mTLS and ops listeners until
-//! shutdown.
+//! Assembly and serving: [`Vault::build`] wires the parts from a config,
+//! [`serve`] runs the mTLS (and mesh) gRPC listener until shutdown, and
+//! [`run`] does both with the ops listener answering probes throughout.
 //!
 //! [`run`] takes bound listeners and a shutdown future, so tests run the real
 //! server on `127.0.0.1:0` and stop it when they like (the mini-redis shape).
 //!
 //! Shutdown: readiness and health go NOT_SERVING first (so balancers stop
 //! sending), tonic stops accepting and drains in-flight calls for at most
-//! `server.shutdown_grace`, then the store is flushed.
+//! `server.shutdown_grace`, the background tasks stop together, then the
+//! store is flushed.
 
 pub mod ops;
 pub mod tls;
+mod vault;
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
+use tokio_stream::Stream;
 
+pub use self::vault::Vault;
 use crate::{
     api::{
-        admission::{AdmissionLayer, IdentityRateLimiter},
         pb::{
             credential_vault_server::CredentialVaultServer, vault_admin_server::VaultAdminServer,
         },
-        vault::Gate,
-        AdminService, VaultService,
+        AdminService, AdmissionLayer, VaultService,
     },
-    auth::{
-        jwt::{JwtSettings, JwtVerifier},
-        Authenticator, IdentityRules, Policy,
-    },
-    broker::{
-        ahead, keyguard,
-        keys::{KeyManager, KeyringSource},
-        Broker, BrokerSettings,
-    },
-    config::Config,
-    crypto::{self, SharedKeyring},
-    metrics::Metrics,
-    store::{CredentialStore, SledStore},
-    upstream::{EndpointPolicy, HttpSettings, Upstream, UpstreamSettings},
+    broker::fingerprints::KeyGuardError,
+    config::{Config, ConfigError},
+    telemetry::Metrics,
 };
 
 /// Why the server could not start or stopped abnormally. One line each.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{0}")]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] ConfigError),
     #[error("{0}")]
     Tls(#[from] tls::TlsError),
-    #[error("keyring {path}: {source}")]
-    Keyring {
-        path: String,
-        source: crypto::KeyringFileError,
-    },
     #[error("{0}")]
-    KeyGuard(#[from] keyguard::KeyGuardError),
+    Keyring(String),
+    #[error("{0}")]
+    KeyGuard(#[from] KeyGuardError),
     #[error("store {path}: {message}")]
     Store { path: String, message: String },
     #[error("{0}")]
@@ -88,235 +76,50 @@ impl Listeners {
     }
 }
 
-/// Runs the vault until `shutdown` resolves, then drains and flushes.
+/// Builds the vault and serves it until `shutdown` resolves. The ops
+/// listener answers from the first moment ("not ready" while starting).
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    tls::install_crypto_provider();
-
-    // Probes answer from the first moment, "not ready" until we are.
-    let readiness = ops::Readiness::default();
     let metrics = Arc::new(Metrics::default());
-    let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
-    let ops_task = tokio::spawn(ops::serve(
-        listeners.ops,
-        readiness.clone(),
-        Arc::clone(&metrics),
-        async move {
-            let _ = ops_stopped.await;
-        },
-    ));
-
-    let tls_config = tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca)?;
-    let passphrase = config.keyring_passphrase()?;
-    let keyring =
-        crypto::load(&config.keyring.path, &passphrase).map_err(|source| ServerError::Keyring {
-            path: config.keyring.path.display().to_string(),
-            source,
-        })?;
-    drop(passphrase);
-    let store = SledStore::open(&config.data_dir).map_err(|e| ServerError::Store {
-        path: config.data_dir.display().to_string(),
-        message: e.to_string(),
-    })?;
-    keyguard::check_and_remember(&store, &keyring).await?;
-    let policy = Policy::load(&config.auth.policy)?;
-    let mut authenticator = Authenticator::new(
-        IdentityRules {
-            trust_domain: config.auth.trust_domain.clone(),
-            allow_common_name: config.auth.allow_common_name,
-        },
-        policy,
-    );
-    if let Some(jwt) = &config.auth.jwt {
-        let verifier = JwtVerifier::load(
-            &jwt.jwks_file,
-            JwtSettings {
-                issuer: jwt.issuer.clone(),
-                audience: jwt.audience.clone(),
-                tenant_claim: jwt.tenant_claim.clone(),
-                algorithms: jwt.algorithms.clone(),
-                leeway: jwt.leeway,
-            },
-        )
-        .map_err(|e| ServerError::Jwt(e.to_string()))?;
-        authenticator = authenticator.with_jwt(verifier);
+    let readiness = ops::Readiness::default();
+    let ops = ops::OpsServer::start(listeners.ops, readiness.clone(), Arc::clone(&metrics));
+    let served = match Vault::build(&config, metrics).await {
+        Ok(vault) => serve(vault, listeners.grpc, listeners.mesh, &readiness, shutdown).await,
+        Err(error) => Err(error),
+    };
+    let stopped = ops.stop().await.map_err(ServerError::Ops);
+    if served.is_ok() {
+        tracing::info!("credvault stopped");
     }
-    let auth = Arc::new(authenticator);
-    let upstream = Upstream::new(UpstreamSettings {
-        http: HttpSettings {
-            connect_timeout: config.upstream.connect_timeout,
-            request_timeout: config.upstream.request_timeout,
-            max_response_bytes: config.upstream.max_response_bytes,
-        },
-        policy: EndpointPolicy {
-            allow_http_loopback: config.upstream.allow_http_loopback,
-            allowed_hosts: config.upstream.allowed_hosts.clone(),
-            allow_private_networks: config.upstream.allow_private_networks,
-        },
-        default_token_lifetime: config.tokens.default_lifetime,
-    })
-    .map_err(|e| ServerError::Upstream(e.to_string()))?;
-    let presets = config.provider_presets()?;
-    for (name, preset) in &presets {
-        upstream.check_client(preset).await.map_err(|e| {
-            ServerError::Config(crate::config::ConfigError::Invalid {
-                path: format!("providers.{name}"),
-                message: e.to_string(),
-            })
-        })?;
-    }
-    let store: Arc<dyn CredentialStore> = Arc::new(store);
-    let broker = Broker::with_metrics(
-        Arc::clone(&store),
-        SharedKeyring::new(keyring),
-        upstream,
-        BrokerSettings {
-            refresh_skew: config.tokens.refresh_skew,
-            max_min_valid_for: config.tokens.max_min_valid_for,
-            force_refresh_interval: config.tokens.force_refresh_interval,
-            presets,
-        },
-        Arc::clone(&metrics),
-    );
+    served.and(stopped)
+}
 
-    let refresh_ahead = config.tokens.refresh_ahead.then(|| {
-        tokio::spawn(ahead::run(
-            Arc::clone(&broker),
-            ahead::AheadSettings {
-                interval: config.tokens.refresh_ahead_interval,
-                window: config.tokens.refresh_ahead_window,
-                concurrency: config.tokens.refresh_ahead_concurrency,
-            },
-        ))
-    });
-
+/// Serves `vault` on `grpc` (and the mesh listener, in mesh mode) until
+/// `shutdown` resolves, then drains, stops its tasks and flushes the store.
+pub async fn serve(
+    mut vault: Vault,
+    grpc: TcpListener,
+    mesh: Option<TcpListener>,
+    readiness: &ops::Readiness,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let config = vault.config.clone();
+    let incoming = incoming(&vault, grpc, mesh).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<CredentialVaultServer<VaultService>>()
         .await;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
-            // So grpcurl can render google.rpc error details from any status.
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            // So `grpcurl list` shows every service the port really serves.
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| ServerError::Transport(e.to_string()))?;
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| ServerError::Transport(e.to_string()))?;
-    let keys = KeyManager::new(
-        Arc::clone(&broker),
-        KeyringSource {
-            path: config.keyring.path.clone(),
-            passphrase: config.keyring.passphrase.clone(),
-            passphrase_file: config.keyring.passphrase_file.clone(),
-        },
-        config.keyring.rewrap_rate,
-    );
-    let reloader = tokio::spawn(reload_keyring_on_change(
-        Arc::clone(&keys),
-        config.keyring.path.clone(),
-        config.keyring.watch_interval,
-    ));
-    let gate = Arc::new(Gate {
-        auth: Arc::clone(&auth),
-        limiter: IdentityRateLimiter::new(
-            config.server.rate_limit_per_identity,
-            config.server.rate_limit_burst,
-        ),
-    });
-    let admin = VaultAdminServer::new(AdminService::new(
-        Arc::clone(&broker),
-        Arc::clone(&keys),
-        Arc::clone(&gate),
-    ))
-    .max_decoding_message_size(config.server.max_request_bytes);
-    let gauges = tokio::spawn(refresh_gauges(
-        Arc::clone(&keys),
-        Arc::clone(&store),
-        Arc::clone(&metrics),
-    ));
-    let vault = CredentialVaultServer::new(VaultService::new(broker, Arc::clone(&gate)))
-        .max_decoding_message_size(config.server.max_request_bytes);
-
-    let tls_config = tls::SharedServerConfig::new(tls_config);
-    let tls_reloader = tokio::spawn(tls::reload_on_change(
-        tls_config.clone(),
-        config.tls.cert.clone(),
-        config.tls.key.clone(),
-        config.tls.client_ca.clone(),
-        config.tls.reload_interval,
-    ));
-    let incoming = tls::incoming(
-        listeners.grpc,
-        tls_config,
-        auth,
-        config.tls.handshake_timeout,
-    );
-    let mesh_incoming = match config.auth.mesh.as_ref().filter(|m| m.enabled) {
-        None => None,
-        Some(mesh) => {
-            let listener = match listeners.mesh {
-                Some(listener) => listener,
-                None => TcpListener::bind(mesh.listen).await.map_err(|e| {
-                    ServerError::Transport(format!("mesh listener {}: {e}", mesh.listen))
-                })?,
-            };
-            tracing::warn!(listen = %mesh.listen, "mesh mode: trusting x-forwarded-client-cert from the local sidecar");
-            Some(tls::mesh_incoming(
-                listener,
-                mesh.vault_identity.as_str().into(),
-            ))
-        }
-    };
-    // One server for both: the same layers, limits and services.
-    let incoming: std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<tls::Connection, std::io::Error>> + Send>,
-    > = match mesh_incoming {
-        Some(mesh) => Box::pin(tokio_stream::StreamExt::merge(incoming, mesh)),
-        None => Box::pin(incoming),
-    };
     let (stop_grpc, grpc_stopped) = tokio::sync::oneshot::channel::<()>();
-    let grpc = tonic::transport::Server::builder()
-        // Bounds every call, upstream round trips included, so a hung
-        // provider cannot pin a client's request forever.
-        .timeout(config.server.request_timeout)
-        // Detects dead peers on long-lived mesh connections.
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        // Clients reconnect now and then, so a load balancer in front of a
-        // future replicated vault can spread them; in-flight calls finish.
-        .max_connection_age(config.server.max_connection_age)
-        .max_connection_age_grace(std::time::Duration::from_secs(30))
-        // Bounds the streams one connection may multiplex; the global cap
-        // below is what protects the vault.
-        .max_concurrent_streams(Some(256))
-        // Sheds calls beyond the global in-flight cap with OVERLOADED
-        // instead of queueing them into timeouts.
-        .layer(AdmissionLayer::new(
-            config.server.max_concurrent_calls,
-            config.server.max_request_bytes,
-            Arc::clone(&metrics),
-        ))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(vault)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(incoming, async move {
+    let grpc =
+        services(&vault, health_service)?.serve_with_incoming_shutdown(incoming, async move {
             let _ = grpc_stopped.await;
         });
     tokio::pin!(grpc);
 
-    readiness.watch_store(Arc::clone(&store));
+    readiness.watch_store(Arc::clone(&vault.store));
     readiness.set(true);
     tracing::info!(listen = %config.listen, ops_listen = %config.ops_listen, "credvault is serving");
 
@@ -336,96 +139,105 @@ pub async fn run(
             }
         }
     };
-
-    if let Some(task) = refresh_ahead {
-        task.abort();
-    }
-    reloader.abort();
-    tls_reloader.abort();
-    gauges.abort();
+    vault.tasks.shutdown().await;
     // A rewrap's cursor is durable; the next start resumes it.
-    keys.stop();
+    vault.rotation.stop();
     // Acknowledged writes are already durable; this covers bookkeeping.
-    if let Err(error) = store.flush().await {
+    if let Err(error) = vault.store.flush().await {
         tracing::error!(%error, "final store flush failed");
     }
-    let _ = ops_stop.send(());
-    if let Ok(Err(error)) = ops_task.await {
-        return Err(ServerError::Ops(error));
-    }
-    tracing::info!("credvault stopped");
     result
 }
 
-/// Reloads the keyring on SIGHUP and when its file changes. A rejected
-/// keyring is logged and the running one stays.
-async fn reload_keyring_on_change(
-    keys: Arc<KeyManager>,
-    path: std::path::PathBuf,
-    interval: std::time::Duration,
-) {
-    #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let stamp = |path: &std::path::Path| {
-        std::fs::metadata(path)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len()))
+type Incoming = Pin<Box<dyn Stream<Item = Result<tls::Connection, std::io::Error>> + Send>>;
+
+/// The connections to serve: mTLS, merged with the mesh sidecar's in mesh
+/// mode. One server for both: the same layers, limits and services.
+async fn incoming(
+    vault: &Vault,
+    grpc: TcpListener,
+    mesh: Option<TcpListener>,
+) -> Result<Incoming, ServerError> {
+    let config = &vault.config;
+    let tls = tls::incoming(
+        grpc,
+        vault.tls.clone(),
+        Arc::clone(&vault.auth),
+        config.tls.handshake_timeout,
+    );
+    let Some(mesh_config) = config.auth.mesh.as_ref().filter(|m| m.enabled) else {
+        return Ok(Box::pin(tls));
     };
-    let mut seen = stamp(&path);
-    let mut ticker = (!interval.is_zero()).then(|| tokio::time::interval(interval));
-    loop {
-        let hup = async {
-            #[cfg(unix)]
-            if let Some(signal) = hangup.as_mut() {
-                signal.recv().await;
-                return;
-            }
-            std::future::pending::<()>().await
-        };
-        let tick = async {
-            match ticker.as_mut() {
-                Some(ticker) => {
-                    ticker.tick().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        let changed = tokio::select! {
-            () = hup => true,
-            () = tick => {
-                let now = stamp(&path);
-                let changed = now != seen;
-                seen = now;
-                changed
-            }
-        };
-        if changed {
-            if let Err(error) = keys.reload().await {
-                tracing::error!(%error, "keyring reload refused; keeping the running keyring");
-            }
-        }
-    }
+    let listener = match mesh {
+        Some(listener) => listener,
+        None => TcpListener::bind(mesh_config.listen).await.map_err(|e| {
+            ServerError::Transport(format!("mesh listener {}: {e}", mesh_config.listen))
+        })?,
+    };
+    tracing::warn!(listen = %mesh_config.listen, "mesh mode: trusting x-forwarded-client-cert from the local sidecar");
+    let mesh = tls::mesh_incoming(listener, mesh_config.vault_identity.as_str().into());
+    Ok(Box::pin(tokio_stream::StreamExt::merge(tls, mesh)))
 }
 
-/// Keeps the gauges that cost a store scan fresh, off the scrape path.
-async fn refresh_gauges(
-    keys: Arc<KeyManager>,
-    store: Arc<dyn CredentialStore>,
-    metrics: Arc<Metrics>,
-) {
-    // The record count walks the whole store: not at start-up (cold start
-    // matters) and not often. Store size is cheap and goes with it.
-    let period = std::time::Duration::from_secs(60);
-    let mut ticker = tokio::time::interval_at(
-        tokio::time::Instant::now() + std::time::Duration::from_secs(5),
-        period,
-    );
-    loop {
-        ticker.tick().await;
-        // Updates the per-version record gauges as a side effect.
-        let _ = keys.status().await;
-        if let Some(bytes) = store.size_on_disk() {
-            metrics.store_bytes.set(bytes);
-        }
-    }
+/// The gRPC router: transport limits, admission, and every service.
+fn services(
+    vault: &Vault,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<
+    tonic::transport::server::Router<
+        tower::layer::util::Stack<AdmissionLayer, tower::layer::util::Identity>,
+    >,
+    ServerError,
+> {
+    let server = &vault.config.server;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::api::pb::FILE_DESCRIPTOR_SET)
+            // So grpcurl can render google.rpc error details from any status.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            // So `grpcurl list` shows every service the port really serves.
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+    };
+    let transport = |e: tonic_reflection::server::Error| ServerError::Transport(e.to_string());
+    let vault_service = CredentialVaultServer::new(VaultService::new(
+        Arc::clone(&vault.broker),
+        vault.calls.clone(),
+        vault.config.tokens.max_min_valid_for,
+    ))
+    .max_decoding_message_size(server.max_request_bytes);
+    let admin = VaultAdminServer::new(AdminService::new(
+        Arc::clone(&vault.broker),
+        Arc::clone(&vault.rotation),
+        vault.calls.clone(),
+    ))
+    .max_decoding_message_size(server.max_request_bytes);
+    Ok(tonic::transport::Server::builder()
+        // Bounds every call, upstream round trips included, so a hung
+        // provider cannot pin a client's request forever.
+        .timeout(server.request_timeout)
+        // Detects dead peers on long-lived mesh connections.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Clients reconnect now and then, so a load balancer in front of a
+        // replicated vault can spread them; in-flight calls finish.
+        .max_connection_age(server.max_connection_age)
+        .max_connection_age_grace(Duration::from_secs(30))
+        // Bounds the streams one connection may multiplex; the global cap
+        // below is what protects the vault.
+        .max_concurrent_streams(Some(256))
+        // Sheds calls beyond the global in-flight cap with OVERLOADED
+        // instead of queueing them into timeouts.
+        .layer(AdmissionLayer::new(
+            server.max_concurrent_calls,
+            server.max_request_bytes,
+            Arc::clone(&vault.metrics),
+        ))
+        .add_service(health)
+        .add_service(reflection().build_v1().map_err(transport)?)
+        .add_service(reflection().build_v1alpha().map_err(transport)?)
+        .add_service(vault_service)
+        .add_service(admin))
 }

@@ -13,7 +13,7 @@ use std::{
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 use tokio::net::TcpListener;
 
-use crate::{metrics::Metrics, store::CredentialStore};
+use crate::{store::CredentialStore, telemetry::Metrics};
 
 /// Whether the vault can serve: store open and healthy, keyring loaded, not
 /// draining.
@@ -42,8 +42,30 @@ impl Readiness {
     }
 }
 
+/// The running ops listener.
+pub struct OpsServer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl OpsServer {
+    /// Serves the ops endpoints in the background until [`OpsServer::stop`].
+    pub fn start(listener: TcpListener, readiness: Readiness, metrics: Arc<Metrics>) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, readiness, metrics, async move {
+            let _ = stopped.await;
+        }));
+        Self { stop, task }
+    }
+
+    pub async fn stop(self) -> std::io::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or(Ok(()))
+    }
+}
+
 /// Serves the ops endpoints until `shutdown` resolves.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     readiness: Readiness,
     metrics: Arc<Metrics>,

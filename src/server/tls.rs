@@ -32,7 +32,10 @@ use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::{api::vault::Peer, auth::Authenticator};
+use crate::{
+    auth::{Authenticator, Peer},
+    files::ChangeWatch,
+};
 
 /// Why TLS material could not be loaded. Names the file, never key bytes.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +47,8 @@ pub enum TlsError {
 }
 
 /// Installs ring as the process's rustls provider (idempotent). Every rustls
-/// user in the process (server, reqwest, test clients) then agrees.
+/// user in the process (server, reqwest, test clients) then agrees. Called
+/// once at start: by the assembly, and by the CLI before any client.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
@@ -84,7 +88,6 @@ pub fn server_config(
     key: &Path,
     client_ca: &Path,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    install_crypto_provider();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for ca in load_certs(client_ca)? {
@@ -128,9 +131,8 @@ impl SharedServerConfig {
 }
 
 /// Reloads certificate, key and client CA bundle when their files change.
-/// Kubernetes updates mounted Secrets by swapping a symlink, so the files are
-/// compared by content stamp, not by inode. A half-written or mismatched set
-/// is refused (logged) and the running configuration stays.
+/// A half-written or mismatched set is refused (logged) and the running
+/// configuration stays.
 pub async fn reload_on_change(
     shared: SharedServerConfig,
     cert: std::path::PathBuf,
@@ -138,36 +140,21 @@ pub async fn reload_on_change(
     client_ca: std::path::PathBuf,
     interval: Duration,
 ) {
-    if interval.is_zero() {
-        return;
-    }
-    let stamp = || {
-        [&cert, &key, &client_ca]
-            .iter()
-            .map(|p| {
-                std::fs::metadata(p)
-                    .ok()
-                    .map(|m| (m.modified().ok(), m.len()))
-            })
-            .collect::<Vec<_>>()
-    };
-    let mut seen = stamp();
-    let mut ticker = tokio::time::interval(interval);
+    let mut watch = ChangeWatch::new(vec![cert.clone(), key.clone(), client_ca.clone()]);
     loop {
-        ticker.tick().await;
-        let now = stamp();
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        match server_config(&cert, &key, &client_ca) {
-            Ok(config) => {
+        watch.next_change(interval).await;
+        let (cert, key, client_ca) = (cert.clone(), key.clone(), client_ca.clone());
+        let loaded =
+            tokio::task::spawn_blocking(move || server_config(&cert, &key, &client_ca)).await;
+        match loaded {
+            Ok(Ok(config)) => {
                 shared.replace(config);
                 tracing::info!("tls certificate and client CA reloaded");
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 tracing::error!(%error, "tls reload refused; keeping the running certificates")
             }
+            Err(_) => tracing::error!("tls reload task failed; keeping the running certificates"),
         }
     }
 }

@@ -10,6 +10,7 @@
 //! `kind (1 = record, 2 = meta) | key len u32 | key | value len u32 | value`,
 //! then kind `0` and the SHA-256 of everything before it.
 
+use futures::TryStreamExt;
 use sha2::{Digest, Sha256};
 
 use super::{CasOutcome, CredentialStore, StoreError, StoreKey};
@@ -19,7 +20,6 @@ const VERSION: u8 = 1;
 const RECORD: u8 = 1;
 const META: u8 = 2;
 const END: u8 = 0;
-const PAGE: usize = 512;
 /// Bytes handed to the sink at a time.
 pub const CHUNK: usize = 64 * 1024;
 
@@ -109,18 +109,11 @@ pub async fn export<S: ChunkSink>(
     for (name, value) in store.all_meta().await? {
         w.entry(META, name.as_bytes(), &value).await?;
     }
-    let everything = StoreKey::from_bytes(Vec::new());
-    let mut after: Option<StoreKey> = None;
     let mut records = 0;
-    loop {
-        let page = store.scan(&everything, after.as_ref(), PAGE).await?;
-        let Some((last, _)) = page.last() else { break };
-        let last = last.clone();
-        for (key, versioned) in page {
-            w.entry(RECORD, key.as_bytes(), &versioned.value).await?;
-            records += 1;
-        }
-        after = Some(last);
+    let mut all = std::pin::pin!(store.records(None));
+    while let Some((key, versioned)) = all.try_next().await? {
+        w.entry(RECORD, key.as_bytes(), &versioned.value).await?;
+        records += 1;
     }
     w.put(&[END]).await?;
     let digest = w.hash.clone().finalize();
@@ -205,12 +198,20 @@ pub async fn import(store: &dyn CredentialStore, bytes: &[u8]) -> Result<u64, Ba
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::SledStore;
+    use crate::store::{open, StoreSettings};
+
+    async fn store_in(dir: &std::path::Path) -> std::sync::Arc<dyn CredentialStore> {
+        open(&StoreSettings::Embedded {
+            data_dir: dir.to_owned(),
+        })
+        .await
+        .unwrap()
+    }
 
     #[tokio::test]
     async fn round_trip_and_tamper_detection() {
         let a = tempfile::tempdir().unwrap();
-        let source = SledStore::open(a.path()).unwrap();
+        let source = store_in(a.path()).await;
         for i in 0..1000u32 {
             let key = StoreKey::new("t", &format!("s{i}"), "p");
             source
@@ -223,19 +224,21 @@ mod tests {
             .await
             .unwrap();
         let mut file = Vec::new();
-        let exported = export(&source, &mut file).await.unwrap();
+        let exported = export(source.as_ref(), &mut file).await.unwrap();
         assert_eq!(exported, 1000);
 
         let b = tempfile::tempdir().unwrap();
-        let target = SledStore::open(b.path()).unwrap();
+        let target = store_in(b.path()).await;
         let mut flipped = file.clone();
         flipped[100] ^= 1;
         assert!(matches!(
-            import(&target, &flipped).await,
+            import(target.as_ref(), &flipped).await,
             Err(BackupError::Corrupt(_))
         ));
-        assert!(import(&target, &file[..file.len() - 1]).await.is_err());
-        assert_eq!(import(&target, &file).await.unwrap(), 1000);
+        assert!(import(target.as_ref(), &file[..file.len() - 1])
+            .await
+            .is_err());
+        assert_eq!(import(target.as_ref(), &file).await.unwrap(), 1000);
         assert_eq!(
             target.get_meta("key-fingerprint/1").await.unwrap(),
             Some(vec![1, 2, 3])
@@ -247,7 +250,7 @@ mod tests {
         );
         // Never over existing data.
         assert!(matches!(
-            import(&target, &file).await,
+            import(target.as_ref(), &file).await,
             Err(BackupError::TargetNotEmpty)
         ));
     }

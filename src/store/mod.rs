@@ -2,8 +2,9 @@
 //!
 //! The store knows keys, opaque bytes and revisions; it never sees plaintext
 //! and never interprets a record. [`CredentialStore`] is the seam that lets a
-//! replicated engine replace the embedded [`SledStore`] when one node is not
-//! enough: nothing above this module names sled.
+//! replicated engine replace the embedded sled store when one node is not
+//! enough: [`open`] is the one place that picks a backend, and nothing above
+//! this module names one.
 //!
 //! Every write is a compare-and-swap on the record's *revision*, a counter the
 //! store bumps on every write of a key. The broker builds its own
@@ -15,11 +16,29 @@
 pub mod backup;
 mod sled_store;
 
-use std::fmt;
+use std::{fmt, path::PathBuf, sync::Arc};
 
 use async_trait::async_trait;
+use futures::{stream, Stream, TryStreamExt};
 
-pub use sled_store::SledStore;
+/// Records fetched per round trip by [`records`](CredentialStore::records).
+const SCAN_PAGE: usize = 512;
+
+/// Which engine holds the records, and its settings.
+#[derive(Clone, Debug)]
+pub enum StoreSettings {
+    /// The embedded single-process store in a data directory.
+    Embedded { data_dir: PathBuf },
+}
+
+/// Opens the configured store: the only place that names a backend.
+pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn CredentialStore>, StoreError> {
+    match settings {
+        StoreSettings::Embedded { data_dir } => {
+            Ok(Arc::new(sled_store::SledStore::open(data_dir).await?))
+        }
+    }
+}
 
 /// Identifies one record: (tenant, subject, provider), length-prefixed so that
 /// no two distinct triples share an encoding and a tenant is a key prefix.
@@ -165,4 +184,38 @@ pub trait CredentialStore: Send + Sync + 'static {
 
     /// Makes every acknowledged write durable; used at shutdown.
     async fn flush(&self) -> Result<(), StoreError>;
+}
+
+impl dyn CredentialStore {
+    /// Every record strictly after `after` (from the start when `None`), in
+    /// key order, fetched a page at a time: the one way to walk the store.
+    pub fn records(
+        &self,
+        after: Option<StoreKey>,
+    ) -> impl Stream<Item = Result<(StoreKey, Versioned), StoreError>> + Send + '_ {
+        let everything = StoreKey::from_bytes(Vec::new());
+        stream::try_unfold(Some(after), move |cursor| {
+            let everything = everything.clone();
+            async move {
+                // `None`: the previous page was the last one.
+                let Some(after) = cursor else {
+                    return Ok(None);
+                };
+                let page = self.scan(&everything, after.as_ref(), SCAN_PAGE).await?;
+                let next = match page.last() {
+                    Some((last, _)) if page.len() == SCAN_PAGE => Some(Some(last.clone())),
+                    _ => None,
+                };
+                Ok(Some((stream::iter(page.into_iter().map(Ok)), next)))
+            }
+        })
+        .try_flatten()
+    }
+
+    /// How many records lie strictly after `after`.
+    pub async fn count_after(&self, after: Option<StoreKey>) -> Result<u64, StoreError> {
+        self.records(after)
+            .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+            .await
+    }
 }

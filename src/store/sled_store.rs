@@ -10,6 +10,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
+    time::Duration,
 };
 
 use async_trait::async_trait;
@@ -51,28 +52,40 @@ struct GroupCommit {
     one_flush_at_a_time: tokio::sync::Mutex<()>,
 }
 
+/// How long a start waits for the directory lock of a previous owner, whose
+/// last background flush can outlive it briefly.
+const LOCK_WAIT: Duration = Duration::from_secs(20);
+const LOCK_POLL: Duration = Duration::from_millis(100);
+
 impl SledStore {
-    /// Opens (or creates) the store under `dir`.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        // The directory lock of a previous owner can outlive it briefly (its
-        // last background flush still finishing): wait a little for it.
-        let mut attempts = 0;
-        let db = loop {
-            match sled::Config::new()
-                .path(dir)
-                .mode(sled::Mode::HighThroughput)
-                .open()
-            {
-                Ok(db) => break db,
+    /// Opens (or creates) the store under `dir`, waiting up to [`LOCK_WAIT`]
+    /// for another process's lock; the wait sleeps no runtime worker.
+    pub async fn open(dir: &Path) -> Result<Self, StoreError> {
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        loop {
+            let path = dir.to_owned();
+            let attempt = tokio::task::spawn_blocking(move || {
+                sled::Config::new()
+                    .path(path)
+                    .mode(sled::Mode::HighThroughput)
+                    .open()
+            })
+            .await
+            .map_err(|_| StoreError::Io("open: the opening task failed".into()))?;
+            match attempt {
+                Ok(db) => return Self::with_db(db),
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 200 =>
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && tokio::time::Instant::now() < deadline =>
                 {
-                    attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    tokio::time::sleep(LOCK_POLL).await;
                 }
                 Err(e) => return Err(io_error("open", &e)),
             }
-        };
+        }
+    }
+
+    fn with_db(db: sled::Db) -> Result<Self, StoreError> {
         let records = db
             .open_tree(RECORDS_TREE)
             .map_err(|e| io_error("open tree", &e))?;
@@ -87,13 +100,15 @@ impl SledStore {
         })
     }
 
-    /// Number of records, for readiness and metrics.
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+    /// Runs sled work on the blocking pool: a read can wait on disk.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Self) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || work(&this))
+            .await
+            .map_err(|_| StoreError::Io("a storage task failed".into()))?
     }
 
     /// sled ids are monotonic across restarts, which makes them usable as
@@ -243,60 +258,34 @@ fn encode(revision: Revision, value: &[u8]) -> Vec<u8> {
     raw
 }
 
-#[async_trait]
-impl CredentialStore for SledStore {
-    async fn get(&self, key: &StoreKey) -> Result<Option<Versioned>, StoreError> {
-        if let Some(previous) = self.unacknowledged(key.as_bytes()) {
+impl SledStore {
+    fn get_now(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
+        if let Some(previous) = self.unacknowledged(key) {
             return previous.as_deref().map(decode).transpose();
         }
-        match self
-            .records
-            .get(key.as_bytes())
-            .map_err(|e| io_error("get", &e))?
-        {
+        match self.records.get(key).map_err(|e| io_error("get", &e))? {
             Some(raw) => decode(&raw).map(Some),
             None => Ok(None),
         }
     }
 
-    async fn compare_and_swap(
-        &self,
-        key: &StoreKey,
-        expected: Option<Revision>,
-        value: Option<Vec<u8>>,
-    ) -> Result<CasOutcome, StoreError> {
-        let (outcome, raw) = self.swap_raw(key, expected, value)?;
-        if let (CasOutcome::Written(_), Some((old, new))) = (&outcome, raw) {
-            if let Err(error) = self.durable().await {
-                // Not durable, so not acknowledged: take the in-memory write
-                // back, or readers would see what the caller was told failed.
-                let reverted = self
-                    .records
-                    .compare_and_swap(key.as_bytes(), new, old.clone())
-                    .is_ok_and(|swapped| swapped.is_ok());
-                if !reverted {
-                    self.commits
-                        .unacknowledged
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(key.as_bytes().to_vec(), old);
-                }
-                return Err(error);
-            }
+    /// Takes back a write whose flush failed, so readers never see what the
+    /// caller was told failed.
+    fn take_back(&self, key: &[u8], old: Option<sled::IVec>, new: Option<Vec<u8>>) {
+        let reverted = self
+            .records
+            .compare_and_swap(key, new, old.clone())
+            .is_ok_and(|swapped| swapped.is_ok());
+        if !reverted {
+            self.commits
+                .unacknowledged
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.to_vec(), old);
         }
-        Ok(outcome)
     }
 
-    async fn compare_and_swap_unflushed(
-        &self,
-        key: &StoreKey,
-        expected: Option<Revision>,
-        value: Option<Vec<u8>>,
-    ) -> Result<CasOutcome, StoreError> {
-        self.swap(key, expected, value)
-    }
-
-    async fn scan(
+    fn scan_now(
         &self,
         prefix: &StoreKey,
         after: Option<&StoreKey>,
@@ -332,23 +321,7 @@ impl CredentialStore for SledStore {
         Ok(out)
     }
 
-    async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .meta
-            .get(name.as_bytes())
-            .map_err(|e| io_error("get meta", &e))?
-            .map(|v| v.to_vec()))
-    }
-
-    async fn put_meta(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        self.meta
-            .insert(name.as_bytes(), value)
-            .map_err(|e| self.failed(io_error("put meta", &e)))?;
-        self.wrote();
-        self.durable().await
-    }
-
-    async fn all_meta(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    fn all_meta_now(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
         for item in self.meta.iter() {
             let (name, value) = item.map_err(|e| io_error("scan meta", &e))?;
@@ -358,9 +331,94 @@ impl CredentialStore for SledStore {
         }
         Ok(out)
     }
+}
+
+#[async_trait]
+impl CredentialStore for SledStore {
+    async fn get(&self, key: &StoreKey) -> Result<Option<Versioned>, StoreError> {
+        let key = key.clone();
+        self.blocking(move |store| store.get_now(key.as_bytes()))
+            .await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &StoreKey,
+        expected: Option<Revision>,
+        value: Option<Vec<u8>>,
+    ) -> Result<CasOutcome, StoreError> {
+        let owned = key.clone();
+        let (outcome, raw) = self
+            .blocking(move |store| store.swap_raw(&owned, expected, value))
+            .await?;
+        if let (CasOutcome::Written(_), Some((old, new))) = (&outcome, raw) {
+            if let Err(error) = self.durable().await {
+                let key = key.as_bytes().to_vec();
+                self.blocking(move |store| {
+                    store.take_back(&key, old, new);
+                    Ok(())
+                })
+                .await?;
+                return Err(error);
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn compare_and_swap_unflushed(
+        &self,
+        key: &StoreKey,
+        expected: Option<Revision>,
+        value: Option<Vec<u8>>,
+    ) -> Result<CasOutcome, StoreError> {
+        let key = key.clone();
+        self.blocking(move |store| store.swap(&key, expected, value))
+            .await
+    }
+
+    async fn scan(
+        &self,
+        prefix: &StoreKey,
+        after: Option<&StoreKey>,
+        limit: usize,
+    ) -> Result<Vec<(StoreKey, Versioned)>, StoreError> {
+        let (prefix, after) = (prefix.clone(), after.cloned());
+        self.blocking(move |store| store.scan_now(&prefix, after.as_ref(), limit))
+            .await
+    }
+
+    async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let name = name.to_owned();
+        self.blocking(move |store| {
+            Ok(store
+                .meta
+                .get(name.as_bytes())
+                .map_err(|e| io_error("get meta", &e))?
+                .map(|v| v.to_vec()))
+        })
+        .await
+    }
+
+    async fn put_meta(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        self.blocking(move |store| {
+            store
+                .meta
+                .insert(name.as_bytes(), value)
+                .map_err(|e| store.failed(io_error("put meta", &e)))?;
+            store.wrote();
+            Ok(())
+        })
+        .await?;
+        self.durable().await
+    }
+
+    async fn all_meta(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.blocking(Self::all_meta_now).await
+    }
 
     fn healthy(&self) -> bool {
-        !self.commits.failing.load(Ordering::SeqCst)
+        self.healthy_now()
     }
 
     fn size_on_disk(&self) -> Option<u64> {
@@ -376,15 +434,15 @@ impl CredentialStore for SledStore {
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, SledStore) {
+    async fn store() -> (tempfile::TempDir, SledStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = SledStore::open(dir.path()).await.unwrap();
         (dir, store)
     }
 
     #[tokio::test]
     async fn cas_creates_updates_and_detects_conflicts() {
-        let (_dir, store) = store();
+        let (_dir, store) = store().await;
         let key = StoreKey::new("acme", "alice", "google");
 
         let CasOutcome::Written(Some(r1)) = store
@@ -429,21 +487,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = StoreKey::new("acme", "alice", "google");
         let first = {
-            let store = SledStore::open(dir.path()).unwrap();
+            let store = SledStore::open(dir.path()).await.unwrap();
             store
                 .compare_and_swap(&key, None, Some(b"v".to_vec()))
                 .await
                 .unwrap();
             store.get(&key).await.unwrap().unwrap()
         };
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = SledStore::open(dir.path()).await.unwrap();
         let again = store.get(&key).await.unwrap().unwrap();
         assert_eq!(first, again);
     }
 
     #[tokio::test]
     async fn scan_is_scoped_to_a_tenant_and_pages() {
-        let (_dir, store) = store();
+        let (_dir, store) = store().await;
         for (tenant, subject) in [("acme", "a"), ("acme", "b"), ("acme", "c"), ("acmex", "a")] {
             let key = StoreKey::new(tenant, subject, "p");
             store

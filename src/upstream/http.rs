@@ -4,6 +4,9 @@
 //! A provider's 5xx or 429 is turned into an [`HttpError::Status`] here, before
 //! `oauth2` sees it, so "provider down" can never be mistaken for an OAuth
 //! error code. Error values never carry bodies or URLs with secrets.
+//!
+//! rustls needs a process-wide crypto provider before the client is built;
+//! the server installs it once at start (`server::tls`).
 
 use std::time::Duration;
 
@@ -56,7 +59,6 @@ pub struct HttpClient {
 
 impl HttpClient {
     pub fn new(settings: &HttpSettings, resolver: PolicyResolver) -> Result<Self, reqwest::Error> {
-        crate::server::tls::install_crypto_provider();
         let client = reqwest::Client::builder()
             // A redirect would let a provider steer our credentials to a host
             // the endpoint policy never saw.

@@ -6,8 +6,10 @@
 //! a rejected client, or an unavailable provider. The broker decides what to
 //! persist; this module only says what the provider meant.
 
-pub mod http;
-pub mod policy;
+mod client;
+mod http;
+mod policy;
+mod token;
 
 use std::time::{Duration, SystemTime};
 
@@ -18,20 +20,21 @@ use oauth2::{
 };
 use url::Url;
 
-pub use self::http::{HttpClient, HttpError, HttpSettings};
-pub use self::policy::{EndpointPolicy, EndpointRejected, PolicyResolver};
-use crate::{
-    broker::model::{AccessToken, ClientAuth, ClientConfig},
-    secret::SecretString,
+pub use self::{
+    client::{parse_http_url, ClientAuth, ClientConfig, ClientSpec},
+    http::HttpSettings,
+    policy::{EndpointPolicy, EndpointRejected},
+    token::{AccessToken, IssuedTokens},
 };
+use self::{
+    http::{HttpClient, HttpError},
+    policy::PolicyResolver,
+};
+use crate::secret::SecretString;
 
-/// Tokens a provider issued.
-#[derive(Debug)]
-pub struct IssuedTokens {
-    pub access_token: AccessToken,
-    /// `None` when the provider did not rotate (or never issues one).
-    pub refresh_token: Option<SecretString>,
-}
+/// The longest lifetime believed of a token, whatever `expires_in` says: a
+/// provider's number may be anything up to 2^64-1 seconds.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// What went wrong upstream, as the broker needs to know it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -236,7 +239,10 @@ impl Upstream {
         response: oauth2::basic::BasicTokenResponse,
         requested_scopes: &[String],
     ) -> IssuedTokens {
-        let lifetime = response.expires_in().unwrap_or(self.default_token_lifetime);
+        let lifetime = response
+            .expires_in()
+            .unwrap_or(self.default_token_lifetime)
+            .min(MAX_TOKEN_LIFETIME);
         let scopes = match response.scopes() {
             Some(granted) => granted.iter().map(|s| s.to_string()).collect(),
             None => requested_scopes.to_vec(),

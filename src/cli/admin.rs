@@ -4,9 +4,101 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use clap::{Args, Subcommand};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::api::pb::{self, vault_admin_client::VaultAdminClient};
+use crate::{
+    api::pb::{self, vault_admin_client::VaultAdminClient},
+    files,
+};
+
+#[derive(Args)]
+pub(super) struct TargetArgs {
+    /// The vault's gRPC address (host:port; the host is the TLS server name).
+    #[arg(long, default_value = "localhost:50051", global = true)]
+    target: String,
+    /// Take ca.pem, admin.pem and admin-key.pem from a `credvault dev` directory.
+    #[arg(long, global = true)]
+    dev_dir: Option<PathBuf>,
+    /// CA bundle that the vault's certificate chains to.
+    #[arg(long, global = true)]
+    cacert: Option<PathBuf>,
+    /// The operator's client certificate.
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
+    /// The operator's client key.
+    #[arg(long, global = true)]
+    key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub(super) enum AdminCommand {
+    /// Key versions, states and record counts.
+    KeyStatus,
+    /// Make the vault re-read its keyring file now.
+    ReloadKeyring,
+    /// Re-encrypt every record under the primary key, with a progress bar.
+    Rewrap {
+        /// Records per second (0: the server's default).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+        /// Start it and return without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stream a backup of the running vault's store into a file.
+    Backup {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// A tenant's credentials (metadata only).
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// One credential's metadata.
+    Describe {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        provider: String,
+    },
+}
+
+/// Runs one admin command and prints its report.
+pub(super) async fn run(args: TargetArgs, command: AdminCommand) -> Result<(), String> {
+    let pick = |explicit: Option<PathBuf>, dev_name: &str, flag: &str| {
+        explicit
+            .or_else(|| args.dev_dir.as_ref().map(|d| d.join(dev_name)))
+            .ok_or_else(|| format!("--{flag} (or --dev-dir) is required"))
+    };
+    let target = Target {
+        address: args.target.clone(),
+        ca: pick(args.cacert.clone(), "ca.pem", "cacert")?,
+        cert: pick(args.cert.clone(), "admin.pem", "cert")?,
+        key: pick(args.key.clone(), "admin-key.pem", "key")?,
+    };
+    let output = match command {
+        AdminCommand::KeyStatus => key_status(&target).await,
+        AdminCommand::ReloadKeyring => reload_keyring(&target).await,
+        AdminCommand::Rewrap { rate, no_wait } => rewrap(&target, rate, !no_wait).await,
+        AdminCommand::List { tenant } => list(&target, &tenant).await,
+        AdminCommand::Backup { out } => backup(&target, &out).await,
+        AdminCommand::Describe {
+            tenant,
+            subject,
+            provider,
+        } => describe(&target, &tenant, &subject, &provider).await,
+    }
+    .map_err(|e| e.to_string())?;
+    print!("{output}");
+    if !output.ends_with('\n') {
+        println!();
+    }
+    Ok(())
+}
 
 /// How to reach and authenticate to a vault.
 #[derive(Clone, Debug)]
@@ -43,7 +135,6 @@ fn status_error(status: tonic::Status) -> AdminError {
 
 /// Connects with the operator's client certificate.
 pub async fn connect(target: &Target) -> Result<VaultAdminClient<Channel>, AdminError> {
-    crate::server::tls::install_crypto_provider();
     let host = target
         .address
         .rsplit_once(':')
@@ -266,33 +357,11 @@ pub async fn backup(target: &Target, out: &std::path::Path) -> Result<String, Ad
     while let Some(chunk) = stream.message().await.map_err(status_error)? {
         bytes.extend_from_slice(&chunk.data);
     }
-    write_atomically(out, &bytes)?;
+    files::write_atomically(out, &bytes, files::Access::Private)
+        .map_err(|e| AdminError(e.to_string()))?;
     Ok(format!(
         "backup written to {} ({} bytes)",
         out.display(),
         bytes.len()
     ))
-}
-
-/// Temp file in the same directory, fsync, rename: a crash leaves either
-/// the old file or the whole new one.
-pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(), AdminError> {
-    use std::io::Write;
-    let fail = |e: std::io::Error| AdminError(format!("{}: {e}", path.display()));
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("backup")
-    ));
-    let mut file = std::fs::File::create(&tmp).map_err(fail)?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)?;
-    Ok(())
 }

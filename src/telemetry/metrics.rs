@@ -66,7 +66,7 @@ pub struct Metrics {
     pub refreshes: Family<RefreshLabels, Counter>,
     pub coalesced_waiters: Counter,
     pub reauth_transitions: Family<CauseLabels, Counter>,
-    pub forced_refreshes_coalesced: Counter,
+    pub forced_refreshes_rate_limited: Counter,
     pub records: Family<KeyVersionLabels, Gauge>,
     pub store_bytes: Gauge<u64, AtomicU64>,
     pub overloaded: Counter,
@@ -76,12 +76,8 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("credvault");
-        let calls = Family::<CallLabels, Counter>::default();
-        registry.register(
-            "rpc_calls",
-            "gRPC calls by method and outcome reason",
-            calls.clone(),
-        );
+        let r = &mut registry;
+        let calls = register(r, "rpc_calls", "gRPC calls by method and outcome reason");
         let call_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
             // 100 µs .. ~26 s: cache hits sit at the bottom, upstream round
             // trips in the middle, timeouts at the top.
@@ -89,51 +85,13 @@ impl Default for Metrics {
                 0.0001, 2.0, 19,
             ))
         });
-        registry.register(
+        r.register(
             "rpc_duration_seconds",
             "gRPC call latency",
             call_seconds.clone(),
         );
-        let cache = Family::<CacheLabels, Counter>::default();
-        registry.register("token_cache", "access token cache lookups", cache.clone());
-        let refreshes = Family::<RefreshLabels, Counter>::default();
-        registry.register(
-            "refreshes",
-            "upstream refreshes by provider and outcome",
-            refreshes.clone(),
-        );
-        let coalesced_waiters = Counter::default();
-        registry.register(
-            "refresh_coalesced_waiters",
-            "callers that joined a refresh already in flight",
-            coalesced_waiters.clone(),
-        );
-        let reauth_transitions = Family::<CauseLabels, Counter>::default();
-        registry.register(
-            "reauth_transitions",
-            "grants newly marked REAUTH_REQUIRED",
-            reauth_transitions.clone(),
-        );
-        let forced_refreshes_coalesced = Counter::default();
-        registry.register(
-            "forced_refreshes_rate_limited",
-            "force_refresh calls answered with a recent refresh",
-            forced_refreshes_coalesced.clone(),
-        );
-        let records = Family::<KeyVersionLabels, Gauge>::default();
-        registry.register("records", "stored records by key version", records.clone());
-        let store_bytes = Gauge::<u64, AtomicU64>::default();
-        registry.register(
-            "store_size_bytes",
-            "size of the store on disk",
-            store_bytes.clone(),
-        );
-        let overloaded = Counter::default();
-        registry.register(
-            "overloaded",
-            "calls shed because the vault was at capacity",
-            overloaded.clone(),
-        );
+        let cache: Family<CacheLabels, Counter> =
+            register(r, "token_cache", "access token cache lookups");
         let resolve = |result: &str| {
             cache
                 .get_or_create(&CacheLabels {
@@ -143,22 +101,48 @@ impl Default for Metrics {
         };
         let (cache_hits, cache_misses) = (resolve("hit"), resolve("miss"));
         Self {
-            registry,
-            cache_hits,
-            cache_misses,
             calls,
             call_seconds,
+            cache_hits,
+            cache_misses,
+            refreshes: register(r, "refreshes", "upstream refreshes by provider and outcome"),
+            coalesced_waiters: register(
+                r,
+                "refresh_coalesced_waiters",
+                "callers that joined a refresh already in flight",
+            ),
+            reauth_transitions: register(
+                r,
+                "reauth_transitions",
+                "grants newly marked REAUTH_REQUIRED",
+            ),
+            forced_refreshes_rate_limited: register(
+                r,
+                "forced_refreshes_rate_limited",
+                "force_refresh calls answered with a recent refresh",
+            ),
+            records: register(r, "records", "stored records by key version"),
+            store_bytes: register(r, "store_size_bytes", "size of the store on disk"),
+            overloaded: register(
+                r,
+                "overloaded",
+                "calls shed because the vault was at capacity",
+            ),
             cache,
-            refreshes,
-            coalesced_waiters,
-            reauth_transitions,
-            forced_refreshes_coalesced,
-            records,
-            store_bytes,
-            overloaded,
             providers: Mutex::new(HashSet::new()),
+            registry,
         }
     }
+}
+
+/// Registers a fresh metric under `name` and returns a handle to it.
+fn register<M>(registry: &mut Registry, name: &str, help: &str) -> M
+where
+    M: prometheus_client::registry::Metric + Clone + Default,
+{
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Metrics {

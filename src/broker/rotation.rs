@@ -1,16 +1,16 @@
-//! Key management on a live vault: reloading the keyring without a restart,
-//! per-version record counts, and rewrap (re-encrypting every record under
-//! the primary key, online).
+//! Key rotation on a live vault, behind one front ([`KeyRotation`]):
+//! reloading the keyring without a restart, per-version record counts, and
+//! rewrap (re-encrypting every record under one target key, online).
 //!
 //! A reload swaps the whole keyring atomically (readers never see half of
-//! one) and only after the fingerprint guard accepted it. A rewrap takes the
-//! credential's write lock for each record, so it serializes with Deposit,
-//! Revoke and refresh write-backs: none of them can be lost. Its progress is
-//! saved as a cursor in the store, so a killed rewrap resumes where it was.
+//! one) and only after the fingerprint guard accepted it. A rewrap seals each
+//! record through the broker's one write path, pinned to the key version
+//! that was primary when it started, so it serializes with Deposit, Revoke
+//! and refresh write-backs: none of them can be lost. Its progress is saved
+//! as a cursor in the store, so a killed rewrap resumes where it was.
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -18,37 +18,27 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::{keyguard, model::CredentialId, record, Broker, BrokerError};
-use crate::{
-    crypto::{self, KeyInfo, Keyring},
-    secret::SecretString,
-    store::{CasOutcome, StoreKey},
+use futures::TryStreamExt;
+
+use super::{
+    fingerprints,
+    model::CredentialId,
+    record,
+    write::{How, Step},
+    Broker, BrokerError,
 };
+use crate::{
+    crypto::{self, KeyInfo, KeyVersion, KeyringSource},
+    store::{StoreKey, Versioned},
+};
+
+/// The states a key's status reports, in the crypto module's words.
+pub use crate::crypto::KeyState;
 
 const CURSOR_META: &str = "rewrap/cursor";
 const TARGET_META: &str = "rewrap/target";
-const PAGE: usize = 256;
-
-/// Where the keyring comes from, so it can be read again.
-#[derive(Clone, Debug)]
-pub struct KeyringSource {
-    pub path: PathBuf,
-    pub passphrase: Option<SecretString>,
-    pub passphrase_file: Option<PathBuf>,
-}
-
-impl KeyringSource {
-    fn load(&self) -> Result<Keyring, KeyAdminError> {
-        let passphrase = match (&self.passphrase, &self.passphrase_file) {
-            (Some(passphrase), _) => passphrase.clone(),
-            (None, Some(file)) => crate::config::read_passphrase(file)
-                .map_err(|e| KeyAdminError::Rejected(e.to_string()))?,
-            (None, None) => return Err(KeyAdminError::Rejected("no passphrase configured".into())),
-        };
-        crypto::load(&self.path, &passphrase)
-            .map_err(|e| KeyAdminError::Rejected(format!("{}: {e}", self.path.display())))
-    }
-}
+/// Records rewrapped between two durable progress checkpoints.
+const CHECKPOINT_EVERY: u64 = 256;
 
 /// Why a key operation did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +114,7 @@ impl Default for ProgressMeta {
 }
 
 /// Runtime key management for one vault.
-pub struct KeyManager {
+pub struct KeyRotation {
     broker: Arc<Broker>,
     source: KeyringSource,
     default_rate: u32,
@@ -133,7 +123,7 @@ pub struct KeyManager {
     reload_lock: tokio::sync::Mutex<()>,
 }
 
-impl KeyManager {
+impl KeyRotation {
     pub fn new(broker: Arc<Broker>, source: KeyringSource, default_rate: u32) -> Arc<Self> {
         Arc::new(Self {
             broker,
@@ -148,8 +138,12 @@ impl KeyManager {
     /// Reads the keyring file again and swaps it in if the store accepts it.
     pub async fn reload(&self) -> Result<KeyStatus, KeyAdminError> {
         let _one_at_a_time = self.reload_lock.lock().await;
-        let keyring = self.source.load()?;
-        keyguard::check_and_remember(self.broker.store.as_ref(), &keyring)
+        let keyring = self
+            .source
+            .load()
+            .await
+            .map_err(|e| KeyAdminError::Rejected(e.to_string()))?;
+        fingerprints::check_and_remember(self.broker.store.as_ref(), &keyring)
             .await
             .map_err(|e| KeyAdminError::Rejected(e.to_string()))?;
         let primary = keyring.primary();
@@ -179,24 +173,11 @@ impl KeyManager {
         let keyring = self.broker.keys.current();
         let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
         let mut unreadable = 0;
-        let everything = StoreKey::from_bytes(Vec::new());
-        let mut after: Option<StoreKey> = None;
-        loop {
-            let page = self
-                .broker
-                .store
-                .scan(&everything, after.as_ref(), 4 * PAGE)
-                .await
-                .map_err(BrokerError::from)?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            for (_, versioned) in page {
-                match record::unframe(&versioned.value)
-                    .and_then(|(_, envelope)| crypto::key_version_of(envelope).ok())
-                {
-                    Some(version) => *counts.entry(version.get()).or_default() += 1,
-                    None => unreadable += 1,
-                }
+        let mut all = std::pin::pin!(self.broker.store.records(None));
+        while let Some((_, versioned)) = all.try_next().await.map_err(BrokerError::from)? {
+            match sealed_under(&versioned) {
+                Some(version) => *counts.entry(version.get()).or_default() += 1,
+                None => unreadable += 1,
             }
         }
         let versions: Vec<(KeyInfo, u64)> = keyring
@@ -211,7 +192,7 @@ impl KeyManager {
             .iter()
             .map(|(info, count)| (info.version.get(), *count))
             .collect();
-        self.broker.metrics().set_records(&gauge);
+        self.broker.metrics.set_records(&gauge);
         Ok(KeyStatus {
             primary: keyring.primary().get(),
             versions,
@@ -286,89 +267,58 @@ impl KeyManager {
     }
 }
 
+/// The key version a stored value is sealed under, read from the envelope
+/// header without decrypting; `None` for a value too damaged to say.
+fn sealed_under(versioned: &Versioned) -> Option<KeyVersion> {
+    record::unframe(&versioned.value)
+        .and_then(|(_, envelope)| crypto::key_version_of(envelope).ok())
+}
+
 async fn rewrap(
     broker: &Broker,
     progress: &Progress,
     target: u32,
     rate: u32,
 ) -> Result<(), BrokerError> {
+    let target = KeyVersion::new(target).ok_or(BrokerError::Internal("key version 0"))?;
+    let after = resume_point(broker, target).await?;
     let store = broker.store.as_ref();
-    // Resume only a rewrap towards the same target; a new primary restarts.
-    let resumed_target = store.get_meta(TARGET_META).await?;
-    let mut after = match resumed_target.as_deref() == Some(&target.to_be_bytes()[..]) {
-        true => store
-            .get_meta(CURSOR_META)
-            .await?
-            .filter(|c| !c.is_empty())
-            .map(StoreKey::from_bytes),
-        false => {
-            store
-                .put_meta(TARGET_META, target.to_be_bytes().to_vec())
-                .await?;
-            store.put_meta(CURSOR_META, Vec::new()).await?;
-            None
-        }
-    };
-    if after.is_some() {
-        tracing::info!(target_version = target, "resuming rewrap");
-    }
-    let everything = StoreKey::from_bytes(Vec::new());
-    progress.total.store(
-        count_after(broker, after.as_ref()).await?,
-        Ordering::Relaxed,
-    );
+    progress
+        .total
+        .store(store.count_after(after.clone()).await?, Ordering::Relaxed);
 
     // A zero period would panic; anything under a microsecond is "unlimited".
     let period = (Duration::from_secs(1) / rate).max(Duration::from_micros(1));
     let mut pace = tokio::time::interval(period);
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    loop {
-        let page = store.scan(&everything, after.as_ref(), PAGE).await?;
-        let Some((last, _)) = page.last() else { break };
-        let last = last.clone();
-        for (key, versioned) in page {
-            progress.scanned.fetch_add(1, Ordering::Relaxed);
-            let under = record::unframe(&versioned.value)
-                .and_then(|(_, envelope)| crypto::key_version_of(envelope).ok());
-            match under {
-                Some(version) if version.get() == target => {
-                    progress.skipped.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                // Corrupt records are reported, never rewritten.
-                None => {
-                    progress.failed.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                Some(_) => {}
+    let mut all = std::pin::pin!(store.records(after));
+    let mut last = None;
+    while let Some((key, versioned)) = all.try_next().await? {
+        let scanned = progress.scanned.fetch_add(1, Ordering::Relaxed) + 1;
+        let outcome = match (sealed_under(&versioned), key.parts()) {
+            (Some(version), _) if version == target => Outcome::Skipped,
+            // Corrupt records are reported, never rewritten.
+            (None, _) | (_, None) => Outcome::Failed,
+            (Some(_), Some((tenant, subject, provider))) => {
+                pace.tick().await;
+                let id = CredentialId {
+                    tenant,
+                    subject,
+                    provider,
+                };
+                rewrap_one(broker, &id, target).await?
             }
-            let Some((tenant, subject, provider)) = key.parts() else {
-                progress.failed.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            pace.tick().await;
-            let id = CredentialId {
-                tenant,
-                subject,
-                provider,
-            };
-            let counter = match rewrap_one(broker, &id, &key).await? {
-                Outcome::Rewrapped => &progress.rewrapped,
-                Outcome::Skipped => &progress.skipped,
-                Outcome::Failed => &progress.failed,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
+        };
+        progress.count(outcome);
+        last = Some(key);
+        if scanned % CHECKPOINT_EVERY == 0 {
+            checkpoint(broker, last.as_ref()).await?;
         }
-        // The cursor moves only past writes that are durable.
-        store.flush().await?;
-        store
-            .put_meta(CURSOR_META, last.as_bytes().to_vec())
-            .await?;
-        after = Some(last);
     }
+    checkpoint(broker, last.as_ref()).await?;
     store.put_meta(CURSOR_META, Vec::new()).await?;
     tracing::info!(
-        target_version = target,
+        target_version = target.get(),
         rewrapped = progress.rewrapped.load(Ordering::Relaxed),
         failed = progress.failed.load(Ordering::Relaxed),
         "rewrap finished"
@@ -376,54 +326,87 @@ async fn rewrap(
     Ok(())
 }
 
+/// Where a rewrap towards `target` starts: after the saved cursor of an
+/// interrupted rewrap to the same target; a new target starts over.
+async fn resume_point(
+    broker: &Broker,
+    target: KeyVersion,
+) -> Result<Option<StoreKey>, BrokerError> {
+    let store = broker.store.as_ref();
+    let target_bytes = target.get().to_be_bytes();
+    if store.get_meta(TARGET_META).await?.as_deref() == Some(&target_bytes[..]) {
+        let after = store
+            .get_meta(CURSOR_META)
+            .await?
+            .filter(|c| !c.is_empty())
+            .map(StoreKey::from_bytes);
+        if after.is_some() {
+            tracing::info!(target_version = target.get(), "resuming rewrap");
+        }
+        return Ok(after);
+    }
+    store.put_meta(TARGET_META, target_bytes.to_vec()).await?;
+    store.put_meta(CURSOR_META, Vec::new()).await?;
+    Ok(None)
+}
+
+/// Makes the rewrapped records durable, then moves the cursor past them:
+/// the cursor never runs ahead of what a crash would keep.
+async fn checkpoint(broker: &Broker, last: Option<&StoreKey>) -> Result<(), BrokerError> {
+    let Some(last) = last else { return Ok(()) };
+    broker.store.flush().await?;
+    broker
+        .store
+        .put_meta(CURSOR_META, last.as_bytes().to_vec())
+        .await?;
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
 enum Outcome {
     Rewrapped,
     Skipped,
     Failed,
 }
 
-async fn rewrap_one(
-    broker: &Broker,
-    id: &CredentialId,
-    key: &StoreKey,
-) -> Result<Outcome, BrokerError> {
-    let _write = broker.write_lock(id).await;
-    // Re-read under the lock: whatever was written meanwhile is what we seal.
-    let Some(current) = broker.store.get(key).await? else {
-        return Ok(Outcome::Skipped);
-    };
-    let record = match broker.open(id, &current) {
-        Ok(record) => record,
-        Err(error) => {
-            tracing::warn!(tenant = %id.tenant, provider = %id.provider, %error, "rewrap cannot open a record; left untouched");
-            return Ok(Outcome::Failed);
-        }
-    };
-    let (value, _) = broker.seal(id, &record)?;
-    match broker
-        .store
-        .compare_and_swap_unflushed(key, Some(current.revision), Some(value))
-        .await?
-    {
-        CasOutcome::Written(_) => Ok(Outcome::Rewrapped),
-        // Only another process could have written under our lock; whatever
-        // it wrote was sealed under its primary.
-        CasOutcome::Conflict(_) => Ok(Outcome::Skipped),
+impl Progress {
+    fn count(&self, outcome: Outcome) {
+        let counter = match outcome {
+            Outcome::Rewrapped => &self.rewrapped,
+            Outcome::Skipped => &self.skipped,
+            Outcome::Failed => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-async fn count_after(broker: &Broker, after: Option<&StoreKey>) -> Result<u64, BrokerError> {
-    let everything = StoreKey::from_bytes(Vec::new());
-    let mut cursor = after.cloned();
-    let mut total = 0;
-    loop {
-        let page = broker
-            .store
-            .scan(&everything, cursor.as_ref(), 4 * PAGE)
-            .await?;
-        let Some((last, _)) = page.last() else { break };
-        total += page.len() as u64;
-        cursor = Some(last.clone());
-    }
-    Ok(total)
+/// Re-seals one record under `target`, through the one write path: whatever
+/// was written meanwhile is what gets sealed.
+async fn rewrap_one(
+    broker: &Broker,
+    id: &CredentialId,
+    target: KeyVersion,
+) -> Result<Outcome, BrokerError> {
+    let how = How {
+        durable: false,
+        key: Some(target),
+    };
+    let wrote = broker
+        .write(id, how, |current| {
+            let Some(current) = current else {
+                return Ok(Step::Leave(Outcome::Skipped));
+            };
+            if sealed_under(current) == Some(target) {
+                return Ok(Step::Leave(Outcome::Skipped));
+            }
+            match broker.open(id, current) {
+                Ok(record) => Ok(Step::Put(Box::new(record), Outcome::Rewrapped)),
+                Err(error) => {
+                    tracing::warn!(tenant = %id.tenant, provider = %id.provider, %error, "rewrap cannot open a record; left untouched");
+                    Ok(Step::Leave(Outcome::Failed))
+                }
+            }
+        })
+        .await?;
+    Ok(wrote.answer)
 }

@@ -1,0 +1,345 @@
+//! Serving a token: from the cache while it is valid, else through one
+//! refresh flight per credential, whose outcome every waiter shares.
+//!
+//! A flight reads the record, serves its stored token if that is good
+//! enough, else asks the provider and writes the issued tokens back onto the
+//! grant they came from. A provider's `invalid_grant` is believed only after
+//! a re-read shows nobody rotated the grant meanwhile (DESIGN §5b).
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use super::{
+    model::{
+        AccessToken, CredentialId, CredentialRecord, CredentialState, ReauthCause, TokenRequest,
+    },
+    reauth, upstream_error,
+    write::{How, Step},
+    Broker, BrokerError,
+};
+use crate::{
+    store::Versioned,
+    upstream::{IssuedTokens, UpstreamError},
+};
+
+/// Flights a caller may take part in before giving up: one that joined a
+/// flight started for a weaker requirement runs one of its own.
+const FLIGHTS_PER_CALL: usize = 2;
+/// Reads of the record one flight may make: a Deposit that replaced the
+/// grant meanwhile, and one retry after a benign rotation race.
+const ROUNDS_PER_FLIGHT: usize = 4;
+
+/// The outcome of one refresh flight, shared by all its waiters.
+#[derive(Clone, Debug)]
+pub(super) struct FlightOutcome {
+    token: AccessToken,
+    /// Issued by the provider during this flight (not read from storage).
+    fresh: bool,
+    /// Issued within `force_refresh_interval`: good enough for a forced call.
+    recent: bool,
+}
+
+pub(super) type FlightResult = Result<FlightOutcome, BrokerError>;
+
+/// What one round of a flight came to.
+enum Round {
+    Done(FlightResult),
+    /// The record changed under us; read it again.
+    Again,
+}
+
+/// Where a write-back landed.
+enum WriteBack {
+    Stored(AccessToken),
+    /// A Deposit replaced the grant meanwhile.
+    Superseded,
+}
+
+impl Broker {
+    /// An access token valid for at least `max(skew, min_valid_for)`.
+    pub async fn get_access_token(
+        self: &Arc<Self>,
+        request: TokenRequest,
+    ) -> Result<AccessToken, BrokerError> {
+        let margin = request
+            .min_valid_for
+            .unwrap_or(self.settings.refresh_skew)
+            .max(self.settings.refresh_skew);
+        if !request.force_refresh {
+            let cached = self.cache.get(&request.id, margin, SystemTime::now());
+            self.metrics.cache(cached.is_some());
+            if let Some(token) = cached {
+                return Ok(token);
+            }
+        }
+        for _ in 0..FLIGHTS_PER_CALL {
+            let broker = Arc::clone(self);
+            let id = request.id.clone();
+            let force = request.force_refresh;
+            let (outcome, joined) = self
+                .flights
+                .run(
+                    request.id.clone(),
+                    move || async move { broker.refresh_flow(id, margin, force).await },
+                    Err(BrokerError::Internal("refresh task failed")),
+                )
+                .await;
+            if joined {
+                self.metrics.coalesced_waiters.inc();
+            }
+            let outcome = outcome?;
+            let acceptable = if request.force_refresh {
+                outcome.recent
+            } else {
+                outcome.fresh || outcome.token.valid_for(margin, SystemTime::now())
+            };
+            if acceptable {
+                return Ok(outcome.token);
+            }
+        }
+        Err(BrokerError::Internal("could not satisfy the token request"))
+    }
+
+    /// The body of one refresh flight (runs detached from its callers).
+    async fn refresh_flow(
+        self: Arc<Self>,
+        id: CredentialId,
+        margin: Duration,
+        force: bool,
+    ) -> FlightResult {
+        let mut rotation_retry_used = false;
+        for _ in 0..ROUNDS_PER_FLIGHT {
+            match self
+                .refresh_round(&id, margin, force, &mut rotation_retry_used)
+                .await
+            {
+                Round::Done(result) => return result,
+                Round::Again => continue,
+            }
+        }
+        Err(BrokerError::Contention)
+    }
+
+    async fn refresh_round(
+        &self,
+        id: &CredentialId,
+        margin: Duration,
+        force: bool,
+        rotation_retry_used: &mut bool,
+    ) -> Round {
+        let (versioned, record) = match self.load(id).await {
+            Ok(loaded) => loaded,
+            Err(error) => return Round::Done(Err(error)),
+        };
+        if let CredentialState::ReauthRequired(cause) = record.state {
+            return Round::Done(Err(reauth(cause, id)));
+        }
+        if let Some(outcome) = self
+            .stored_outcome(id, &versioned, &record, margin, force)
+            .await
+        {
+            return Round::Done(Ok(outcome));
+        }
+        let issued = match self.call_provider(id, &record).await {
+            Ok(issued) => issued,
+            Err(error) => return Round::Done(Err(error)),
+        };
+        match issued {
+            Ok(tokens) => match self.write_back(id, &versioned, &record, tokens).await {
+                Ok(WriteBack::Stored(token)) => Round::Done(Ok(FlightOutcome {
+                    token,
+                    fresh: true,
+                    recent: true,
+                })),
+                Ok(WriteBack::Superseded) => Round::Again,
+                Err(error) => Round::Done(Err(error)),
+            },
+            Err(UpstreamError::GrantRejected { oauth_error }) => {
+                let cause = ReauthCause::of_rejected_grant(&oauth_error);
+                self.on_rejected_grant(id, &record, cause, rotation_retry_used)
+                    .await
+            }
+            Err(error) => Round::Done(Err(upstream_error(error, id))),
+        }
+    }
+
+    /// The stored token, when it answers this flight without the provider.
+    async fn stored_outcome(
+        &self,
+        id: &CredentialId,
+        versioned: &Versioned,
+        record: &CredentialRecord,
+        margin: Duration,
+        force: bool,
+    ) -> Option<FlightOutcome> {
+        let now = SystemTime::now();
+        let recent = record.last_refresh_at.is_some_and(|at| {
+            now.duration_since(at)
+                .map_or(true, |age| age < self.settings.force_refresh_interval)
+        });
+        if force && !recent {
+            return None;
+        }
+        let token = record
+            .access_token
+            .as_ref()
+            .filter(|t| t.valid_for(margin, now))?;
+        if force {
+            self.metrics.forced_refreshes_rate_limited.inc();
+            tracing::debug!(provider = %id.provider, "forced refresh answered with a recent one");
+        }
+        self.cache_if_current(id, versioned, token).await;
+        Some(FlightOutcome {
+            token: token.clone(),
+            fresh: false,
+            recent,
+        })
+    }
+
+    /// Asks the provider for new tokens; `Err` when it must not be asked.
+    async fn call_provider(
+        &self,
+        id: &CredentialId,
+        record: &CredentialRecord,
+    ) -> Result<Result<IssuedTokens, UpstreamError>, BrokerError> {
+        // A refresh rotates the grant upstream; if its write-back cannot
+        // land, the rotated token is lost and the user must re-consent.
+        // With a failing store, fail fast instead.
+        if !self.store.healthy() {
+            return Err(BrokerError::Storage(
+                "the store is failing; refresh not attempted".into(),
+            ));
+        }
+        let client = self.client_for(record)?;
+        let issued = match (&record.refresh_token, record.client_credentials) {
+            (Some(refresh_token), _) => self.upstream.refresh(&client, refresh_token).await,
+            (None, true) => self.upstream.client_credentials(&client).await,
+            (None, false) => return Err(reauth(ReauthCause::NoRefreshToken, id)),
+        };
+        self.metrics.refresh(
+            &id.provider,
+            match &issued {
+                Ok(_) => "ok",
+                Err(UpstreamError::GrantRejected { .. }) => "grant_rejected",
+                Err(UpstreamError::ClientRejected { .. }) => "rejected_client",
+                Err(UpstreamError::Unavailable { .. }) => "unavailable",
+                Err(UpstreamError::EndpointNotAllowed(_)) => "endpoint_not_allowed",
+            },
+        );
+        Ok(issued)
+    }
+
+    /// A benign race looks exactly like a dead grant: someone rotated the
+    /// refresh token after we read it. Re-read, and retry once if the grant
+    /// we used is no longer current; else persist the reauth state.
+    async fn on_rejected_grant(
+        &self,
+        id: &CredentialId,
+        used: &CredentialRecord,
+        cause: ReauthCause,
+        rotation_retry_used: &mut bool,
+    ) -> Round {
+        let (latest_versioned, latest) = match self.load(id).await {
+            Ok(loaded) => loaded,
+            Err(error) => return Round::Done(Err(error)),
+        };
+        let changed =
+            latest.generation != used.generation || latest.refresh_token != used.refresh_token;
+        if changed && !*rotation_retry_used {
+            *rotation_retry_used = true;
+            return Round::Again;
+        }
+        match self.mark_reauth(id, &latest_versioned, latest, cause).await {
+            Ok(()) => Round::Done(Err(reauth(cause, id))),
+            Err(error) => Round::Done(Err(error)),
+        }
+    }
+
+    /// Persists freshly issued tokens, but only onto the grant they came
+    /// from: same generation, record still present.
+    async fn write_back(
+        &self,
+        id: &CredentialId,
+        read: &Versioned,
+        used: &CredentialRecord,
+        tokens: IssuedTokens,
+    ) -> Result<WriteBack, BrokerError> {
+        let wrote = self
+            .write(id, How::DURABLE, |current| {
+                // Revoked while we were upstream: the new tokens die with it.
+                let current = current.ok_or(BrokerError::NotFound)?;
+                let mut base = if current.revision == read.revision {
+                    used.clone()
+                } else {
+                    let latest = self.open(id, current)?;
+                    if latest.generation != used.generation {
+                        return Ok(Step::Leave(WriteBack::Superseded));
+                    }
+                    // Same grant, rewritten meanwhile (e.g. re-encrypted
+                    // under a new key): apply our tokens on top of it.
+                    latest
+                };
+                let now = SystemTime::now();
+                base.access_token = Some(tokens.access_token.clone());
+                if let Some(rotated) = &tokens.refresh_token {
+                    base.refresh_token = Some(rotated.clone());
+                }
+                base.state = CredentialState::Active;
+                base.updated_at = now;
+                base.last_refresh_at = Some(now);
+                Ok(Step::Put(
+                    Box::new(base),
+                    WriteBack::Stored(tokens.access_token.clone()),
+                ))
+            })
+            .await?;
+        if matches!(wrote.answer, WriteBack::Stored(_)) {
+            tracing::info!(
+                tenant = %id.tenant,
+                provider = %id.provider,
+                rotated = tokens.refresh_token.is_some(),
+                "access token refreshed"
+            );
+        }
+        Ok(wrote.answer)
+    }
+
+    /// Persists REAUTH_REQUIRED onto the record as it was read. If anything
+    /// wrote meanwhile (a new Deposit), that write wins and the dead grant
+    /// needs no mark.
+    async fn mark_reauth(
+        &self,
+        id: &CredentialId,
+        read: &Versioned,
+        mut record: CredentialRecord,
+        cause: ReauthCause,
+    ) -> Result<(), BrokerError> {
+        record.state = CredentialState::ReauthRequired(cause);
+        record.access_token = None;
+        record.updated_at = SystemTime::now();
+        let mut record = Some(record);
+        let marked = self
+            .write(id, How::DURABLE, |current| {
+                Ok(match (current, record.take()) {
+                    (Some(current), Some(record)) if current.revision == read.revision => {
+                        Step::Put(Box::new(record), true)
+                    }
+                    _ => Step::Leave(false),
+                })
+            })
+            .await?
+            .answer;
+        if marked {
+            self.metrics.reauth(cause.as_str());
+        }
+        tracing::warn!(
+            tenant = %id.tenant,
+            provider = %id.provider,
+            cause = cause.as_str(),
+            "grant is dead; reauthorization required"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,147 @@
+//! The one write path. Every change to a credential (Deposit, Revoke, a
+//! refresh write-back, a reauth mark, the rewrap of one record) goes through
+//! [`Broker::write`], which:
+//!
+//! 1. takes the credential's write lock (so writers of one credential queue
+//!    instead of racing, and a rewrap never loses a concurrent write);
+//! 2. reads the stored value and asks the caller's `decide` what to do with
+//!    it: put a record, delete, or leave it;
+//! 3. seals the record and writes it by compare-and-swap on the revision it
+//!    read; on a conflict (another process wrote) it reads again and asks
+//!    again, at most [`CAS_ATTEMPTS`] times;
+//! 4. updates the token cache only after the store accepted the write, so
+//!    the cache never serves a token the store has already dropped.
+
+use std::hash::BuildHasher;
+
+use tokio::sync::MutexGuard;
+
+use super::{
+    model::{CredentialId, CredentialRecord, CredentialState},
+    Broker, BrokerError,
+};
+use crate::{
+    crypto::KeyVersion,
+    store::{CasOutcome, Versioned},
+};
+
+/// How many times a write re-reads after losing a compare-and-swap before
+/// it reports contention; each loss needs a concurrent writer.
+pub(super) const CAS_ATTEMPTS: usize = 8;
+/// Credentials share this many write locks (striped by hash).
+pub(super) const WRITE_LOCK_STRIPES: usize = 256;
+
+/// What a write does with the value it found.
+pub(crate) enum Step<T> {
+    /// Seal and store this record, then answer `T`.
+    Put(Box<CredentialRecord>, T),
+    /// Delete the stored value, then answer `T`.
+    Delete(T),
+    /// Leave the store as it is and answer `T`.
+    Leave(T),
+}
+
+/// How a write is made.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct How {
+    /// Durable before `write` returns; otherwise at the next store flush
+    /// (bulk work whose loss is harmless, such as a rewrap).
+    pub durable: bool,
+    /// Seal under this key version instead of the primary.
+    pub key: Option<KeyVersion>,
+}
+
+impl How {
+    pub const DURABLE: How = How {
+        durable: true,
+        key: None,
+    };
+}
+
+/// The answer of a write, and the key version it sealed under (if it put).
+pub(crate) struct Wrote<T> {
+    pub answer: T,
+    pub key_version: Option<u32>,
+}
+
+impl Broker {
+    /// Changes one credential; see the module documentation.
+    pub(crate) async fn write<T>(
+        &self,
+        id: &CredentialId,
+        how: How,
+        mut decide: impl FnMut(Option<&Versioned>) -> Result<Step<T>, BrokerError>,
+    ) -> Result<Wrote<T>, BrokerError> {
+        let key = id.store_key();
+        let _write = self.write_lock(id).await;
+        let mut current = self.store.get(&key).await?;
+        for _ in 0..CAS_ATTEMPTS {
+            let (value, written, answer) = match decide(current.as_ref())? {
+                Step::Leave(answer) => {
+                    return Ok(Wrote {
+                        answer,
+                        key_version: None,
+                    })
+                }
+                Step::Delete(answer) => (None, None, answer),
+                Step::Put(record, answer) => {
+                    let (value, key_version) = self.seal(id, &record, how.key)?;
+                    (Some(value), Some((*record, key_version)), answer)
+                }
+            };
+            let expected = current.as_ref().map(|v| v.revision);
+            let outcome = if how.durable {
+                self.store.compare_and_swap(&key, expected, value).await?
+            } else {
+                self.store
+                    .compare_and_swap_unflushed(&key, expected, value)
+                    .await?
+            };
+            match outcome {
+                CasOutcome::Written(_) => {
+                    self.cache_after_write(id, written.as_ref().map(|(record, _)| record));
+                    return Ok(Wrote {
+                        answer,
+                        key_version: written.map(|(_, version)| version),
+                    });
+                }
+                CasOutcome::Conflict(now_stored) => current = now_stored,
+            }
+        }
+        Err(BrokerError::Contention)
+    }
+
+    /// The cache follows the store: the written record's token while it is
+    /// active, nothing after a delete or for a dead grant.
+    fn cache_after_write(&self, id: &CredentialId, written: Option<&CredentialRecord>) {
+        match written {
+            Some(CredentialRecord {
+                state: CredentialState::Active,
+                access_token: Some(token),
+                ..
+            }) => self.cache.put(id, token.clone()),
+            _ => self.cache.remove(id),
+        }
+    }
+
+    /// Caches a token read from storage, unless the record moved on since.
+    /// Under the write lock, so no write can slip in between.
+    pub(super) async fn cache_if_current(
+        &self,
+        id: &CredentialId,
+        read: &Versioned,
+        token: &crate::upstream::AccessToken,
+    ) {
+        let _write = self.write_lock(id).await;
+        if let Ok(Some(now_stored)) = self.store.get(&id.store_key()).await {
+            if now_stored.revision == read.revision {
+                self.cache.put(id, token.clone());
+            }
+        }
+    }
+
+    pub(super) async fn write_lock(&self, id: &CredentialId) -> MutexGuard<'_, ()> {
+        let stripe = self.lock_hasher.hash_one(id) as usize % WRITE_LOCK_STRIPES;
+        self.write_locks[stripe].lock().await
+    }
+}

@@ -1,0 +1,220 @@
+//! The `credvault` command line: parsing and dispatch of every subcommand
+//! (`serve`, `dev`, `keyring …`, `backup`, `restore`, `admin …`). The binary
+//! (`src/main.rs`) only calls [`main`].
+//!
+//! - [`admin`]: the operator's VaultAdmin client behind `credvault admin …`.
+//! - `keyring`: the offline keyring file operations.
+
+pub mod admin;
+mod keyring;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Parser, Subcommand};
+
+use self::{
+    admin::{AdminCommand, TargetArgs},
+    keyring::KeyringCommand,
+};
+use crate::{
+    config::Config,
+    dev, files,
+    server::{self, tls, Listeners},
+    store::{self, backup, StoreSettings},
+    telemetry,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "credvault",
+    version,
+    about = "A gRPC credential vault for OAuth grants."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the vault from a configuration file.
+    Serve {
+        /// The TOML configuration; settings can be overridden by CREDVAULT_* variables.
+        #[arg(long, env = "CREDVAULT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run a local vault with generated certificates, keyring and config.
+    Dev {
+        /// Where the dev files live; reused when it exists.
+        #[arg(long, default_value = ".credvault-dev")]
+        dir: PathBuf,
+        /// The mTLS gRPC listener.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// The plaintext ops listener (/livez, /readyz).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        ops_listen: SocketAddr,
+    },
+    /// Manage the sealed keyring file (offline; a running vault picks up changes).
+    #[command(subcommand)]
+    Keyring(KeyringCommand),
+    /// Back up a stopped vault's store (still encrypted; safe to copy).
+    /// For a running vault use `credvault admin backup`.
+    Backup {
+        /// The data dir of a stopped vault.
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into an empty data dir.
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Operate a running vault through its VaultAdmin service.
+    Admin {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+/// Runs the command line; the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Once, before any TLS client or server exists.
+    tls::install_crypto_provider();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(&format!("cannot start the async runtime: {error}")),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { config } => serve(&config, None).await,
+            Command::Dev {
+                dir,
+                listen,
+                ops_listen,
+            } => run_dev(&dir, listen, ops_listen).await,
+            Command::Keyring(command) => tokio::task::spawn_blocking(move || keyring::run(command))
+                .await
+                .unwrap_or_else(|_| Err("the keyring task failed".into())),
+            Command::Backup { data_dir, out } => backup_offline(&data_dir, &out).await,
+            Command::Restore { from, data_dir } => restore(&from, &data_dir).await,
+            Command::Admin { target, command } => admin::run(target, command).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => fail(&message),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("credvault: error: {message}");
+    ExitCode::FAILURE
+}
+
+async fn serve(path: &Path, listen: Option<(SocketAddr, SocketAddr)>) -> Result<(), String> {
+    let owned = path.to_owned();
+    let mut config = tokio::task::spawn_blocking(move || Config::load(&owned))
+        .await
+        .map_err(|_| "the config task failed".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if let Some((grpc, ops)) = listen {
+        config.listen = grpc;
+        config.ops_listen = ops;
+    }
+    telemetry::init_logging(&config.log.filter, config.log.format);
+    let listeners = Listeners::bind(&config).await.map_err(|e| {
+        format!(
+            "cannot listen on {} / {}: {e}",
+            config.listen, config.ops_listen
+        )
+    })?;
+    server::run(config, listeners, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn run_dev(dir: &Path, listen: SocketAddr, ops_listen: SocketAddr) -> Result<(), String> {
+    let owned = dir.to_owned();
+    let prepared = tokio::task::spawn_blocking(move || dev::prepare(&owned))
+        .await
+        .map_err(|_| "the dev set-up task failed".to_owned())?
+        .map_err(|e| e.to_string())?;
+    println!("{}", dev::instructions(&prepared.dir, listen, ops_listen));
+    serve(&prepared.config, Some((listen, ops_listen))).await
+}
+
+async fn open_store(data_dir: &Path) -> Result<std::sync::Arc<dyn store::CredentialStore>, String> {
+    store::open(&StoreSettings::Embedded {
+        data_dir: data_dir.to_owned(),
+    })
+    .await
+    .map_err(|e| format!("{}: {e}", data_dir.display()))
+}
+
+async fn backup_offline(data_dir: &Path, out: &Path) -> Result<(), String> {
+    if !data_dir.is_dir() {
+        return Err(format!("{}: no such data dir", data_dir.display()));
+    }
+    let store = open_store(data_dir)
+        .await
+        .map_err(|e| format!("{e} (is the vault running? use `credvault admin backup`)"))?;
+    let mut bytes = Vec::new();
+    let records = backup::export(store.as_ref(), &mut bytes)
+        .await
+        .map_err(|e| e.to_string())?;
+    let out_owned = out.to_owned();
+    tokio::task::spawn_blocking(move || {
+        files::write_atomically(&out_owned, &bytes, files::Access::Private)
+    })
+    .await
+    .map_err(|_| "the write task failed".to_owned())?
+    .map_err(|e| e.to_string())?;
+    println!("backed up {records} records to {}", out.display());
+    Ok(())
+}
+
+async fn restore(from: &Path, data_dir: &Path) -> Result<(), String> {
+    let bytes = tokio::fs::read(from)
+        .await
+        .map_err(|e| format!("{}: {e}", from.display()))?;
+    let store = open_store(data_dir).await?;
+    let records = backup::import(store.as_ref(), &bytes)
+        .await
+        .map_err(|e| format!("{}: {e}", from.display()))?;
+    println!("restored {records} records into {}", data_dir.display());
+    Ok(())
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,323 @@
+//! Assembly: from a [`Config`] to a [`Vault`] whose parts are wired and
+//! whose background tasks run. Every conversion from settings to domain
+//! types (OAuth clients, identity rules, store settings) happens here, so
+//! `config` stays a plain reader of the file.
+//!
+//! Files (TLS material, keyring, policy, JWKS, secrets) are read and Argon2
+//! runs on the blocking pool; nothing here blocks a runtime worker.
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::task::JoinSet;
+
+use super::{tls, ServerError};
+use crate::{
+    api::{Calls, Gate, IdentityRateLimiter},
+    auth::{
+        identity::{validate_trust_domain, SpiffeId},
+        jwt::{JwtSettings, JwtVerifier},
+        Authenticator, IdentityRules, Policy,
+    },
+    broker::{ahead, fingerprints, rotation::KeyRotation, Broker, BrokerSettings},
+    config::{Config, ConfigError, PresetAuthMethod, ProviderPreset},
+    crypto::{KeyringSource, SharedKeyring},
+    files,
+    secret::SecretString,
+    store::{self, CredentialStore, StoreSettings},
+    telemetry::Metrics,
+    upstream::{
+        ClientAuth, ClientConfig, ClientSpec, EndpointPolicy, HttpSettings, Upstream,
+        UpstreamSettings,
+    },
+};
+
+/// A vault ready to serve: its parts, wired.
+pub struct Vault {
+    pub(super) config: Config,
+    pub(super) store: Arc<dyn CredentialStore>,
+    pub(super) broker: Arc<Broker>,
+    pub(super) rotation: Arc<KeyRotation>,
+    pub(super) auth: Arc<Authenticator>,
+    pub(super) calls: Calls,
+    pub(super) tls: tls::SharedServerConfig,
+    pub(super) metrics: Arc<Metrics>,
+    /// Every background task; stopped together at shutdown.
+    pub(super) tasks: JoinSet<()>,
+}
+
+/// What the file phase of a start reads.
+struct Loaded {
+    tls: Arc<rustls::ServerConfig>,
+    policy: Policy,
+    jwt: Option<JwtVerifier>,
+    presets: HashMap<String, ClientConfig>,
+}
+
+impl Vault {
+    /// Opens the store, loads the keyring and the policy, and wires the
+    /// broker into the services. Fails with one line naming what is wrong.
+    pub async fn build(config: &Config, metrics: Arc<Metrics>) -> Result<Self, ServerError> {
+        tls::install_crypto_provider();
+        let identity_rules = identity_rules(config)?;
+        let loaded = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || load_files(&config))
+                .await
+                .map_err(|_| ServerError::Transport("the start-up task failed".into()))??
+        };
+        let keyring = keyring_source(config)
+            .load()
+            .await
+            .map_err(|e| ServerError::Keyring(e.to_string()))?;
+        let store = store::open(&StoreSettings::Embedded {
+            data_dir: config.data_dir.clone(),
+        })
+        .await
+        .map_err(|e| ServerError::Store {
+            path: config.data_dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        fingerprints::check_and_remember(store.as_ref(), &keyring).await?;
+        let mut authenticator = Authenticator::new(identity_rules, loaded.policy);
+        if let Some(verifier) = loaded.jwt {
+            authenticator = authenticator.with_jwt(verifier);
+        }
+        let auth = Arc::new(authenticator);
+        let upstream = upstream(config)?;
+        for (name, preset) in &loaded.presets {
+            upstream
+                .check_client(preset)
+                .await
+                .map_err(|e| invalid(format!("providers.{name}"), e.to_string()))?;
+        }
+        let broker = Broker::new(
+            Arc::clone(&store),
+            SharedKeyring::new(keyring),
+            upstream,
+            BrokerSettings {
+                refresh_skew: config.tokens.refresh_skew,
+                force_refresh_interval: config.tokens.force_refresh_interval,
+                presets: loaded.presets,
+            },
+            Arc::clone(&metrics),
+        );
+        let rotation = KeyRotation::new(
+            Arc::clone(&broker),
+            keyring_source(config),
+            config.keyring.rewrap_rate,
+        );
+        let gate = Arc::new(Gate {
+            auth: Arc::clone(&auth),
+            limiter: IdentityRateLimiter::new(
+                config.server.rate_limit_per_identity,
+                config.server.rate_limit_burst,
+            ),
+        });
+        let mut vault = Self {
+            config: config.clone(),
+            calls: Calls::new(gate, Arc::clone(&metrics)),
+            tls: tls::SharedServerConfig::new(loaded.tls),
+            store,
+            broker,
+            rotation,
+            auth,
+            metrics,
+            tasks: JoinSet::new(),
+        };
+        vault.spawn_background();
+        Ok(vault)
+    }
+
+    /// Starts the background tasks: proactive refresh (when on), keyring
+    /// and TLS reloads, gauges.
+    fn spawn_background(&mut self) {
+        let tokens = &self.config.tokens;
+        if tokens.refresh_ahead {
+            self.tasks.spawn(ahead::run(
+                Arc::clone(&self.broker),
+                ahead::AheadSettings {
+                    interval: tokens.refresh_ahead_interval,
+                    window: tokens.refresh_ahead_window,
+                    concurrency: tokens.refresh_ahead_concurrency,
+                },
+            ));
+        }
+        self.tasks.spawn(reload_keyring_on_change(
+            Arc::clone(&self.rotation),
+            self.config.keyring.path.clone(),
+            self.config.keyring.watch_interval,
+        ));
+        let tls = &self.config.tls;
+        self.tasks.spawn(tls::reload_on_change(
+            self.tls.clone(),
+            tls.cert.clone(),
+            tls.key.clone(),
+            tls.client_ca.clone(),
+            tls.reload_interval,
+        ));
+        self.tasks.spawn(refresh_gauges(
+            Arc::clone(&self.rotation),
+            Arc::clone(&self.store),
+            Arc::clone(&self.metrics),
+        ));
+    }
+}
+
+fn invalid(path: impl Into<String>, message: impl Into<String>) -> ServerError {
+    ServerError::Config(ConfigError::Invalid {
+        path: path.into(),
+        message: message.into(),
+    })
+}
+
+fn identity_rules(config: &Config) -> Result<IdentityRules, ServerError> {
+    if let Some(domain) = &config.auth.trust_domain {
+        validate_trust_domain(domain).map_err(|e| invalid("auth.trust_domain", e.to_string()))?;
+    }
+    if let Some(mesh) = config.auth.mesh.as_ref().filter(|m| m.enabled) {
+        SpiffeId::parse(&mesh.vault_identity)
+            .map_err(|e| invalid("auth.mesh.vault_identity", e.to_string()))?;
+    }
+    Ok(IdentityRules {
+        trust_domain: config.auth.trust_domain.clone(),
+        allow_common_name: config.auth.allow_common_name,
+    })
+}
+
+fn keyring_source(config: &Config) -> KeyringSource {
+    KeyringSource {
+        path: config.keyring.path.clone(),
+        passphrase: config.keyring.passphrase.clone(),
+        passphrase_file: config.keyring.passphrase_file.clone(),
+    }
+}
+
+/// The file phase of a start (blocking: runs on the blocking pool).
+fn load_files(config: &Config) -> Result<Loaded, ServerError> {
+    let tls = tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca)?;
+    let policy = Policy::load(&config.auth.policy)?;
+    let jwt = match &config.auth.jwt {
+        None => None,
+        Some(jwt) => Some(
+            JwtVerifier::load(
+                &jwt.jwks_file,
+                JwtSettings {
+                    issuer: jwt.issuer.clone(),
+                    audience: jwt.audience.clone(),
+                    tenant_claim: jwt.tenant_claim.clone(),
+                    algorithms: jwt.algorithms.clone(),
+                    leeway: jwt.leeway,
+                },
+            )
+            .map_err(|e| ServerError::Jwt(e.to_string()))?,
+        ),
+    };
+    let mut presets = HashMap::new();
+    for (name, preset) in &config.providers {
+        presets.insert(name.clone(), preset_client(name, preset)?);
+    }
+    Ok(Loaded {
+        tls,
+        policy,
+        jwt,
+        presets,
+    })
+}
+
+/// A provider preset as an OAuth client, under the same rules as a
+/// Deposit's client; the secret read from its file.
+fn preset_client(name: &str, preset: &ProviderPreset) -> Result<ClientConfig, ServerError> {
+    let secret = match (&preset.client_secret, &preset.client_secret_file) {
+        (Some(secret), _) => secret.clone(),
+        (None, Some(path)) => files::read_secret(path).map_err(|e| {
+            invalid(
+                format!("providers.{name}.client_secret_file"),
+                e.to_string(),
+            )
+        })?,
+        (None, None) => SecretString::default(),
+    };
+    ClientSpec {
+        token_endpoint: preset.token_endpoint.clone(),
+        revocation_endpoint: preset.revocation_endpoint.clone().unwrap_or_default(),
+        client_id: preset.client_id.clone(),
+        client_secret: secret,
+        auth: Some(match preset.auth_method {
+            PresetAuthMethod::ClientSecretBasic => ClientAuth::SecretBasic,
+            PresetAuthMethod::ClientSecretPost => ClientAuth::SecretPost,
+            PresetAuthMethod::None => ClientAuth::None,
+        }),
+        scopes: preset.scopes.clone(),
+    }
+    .validate()
+    .map_err(|problems| {
+        let described: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.description))
+            .collect();
+        invalid(format!("providers.{name}"), described.join("; "))
+    })
+}
+
+fn upstream(config: &Config) -> Result<Upstream, ServerError> {
+    Upstream::new(UpstreamSettings {
+        http: HttpSettings {
+            connect_timeout: config.upstream.connect_timeout,
+            request_timeout: config.upstream.request_timeout,
+            max_response_bytes: config.upstream.max_response_bytes,
+        },
+        policy: EndpointPolicy {
+            allow_http_loopback: config.upstream.allow_http_loopback,
+            allowed_hosts: config.upstream.allowed_hosts.clone(),
+            allow_private_networks: config.upstream.allow_private_networks,
+        },
+        default_token_lifetime: config.tokens.default_lifetime,
+    })
+    .map_err(|e| ServerError::Upstream(e.to_string()))
+}
+
+/// Reloads the keyring on SIGHUP and when its file changes. A rejected
+/// keyring is logged and the running one stays.
+async fn reload_keyring_on_change(rotation: Arc<KeyRotation>, path: PathBuf, interval: Duration) {
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut watch = files::ChangeWatch::new(vec![path]);
+    loop {
+        let hup = async {
+            #[cfg(unix)]
+            if let Some(signal) = hangup.as_mut() {
+                signal.recv().await;
+                return;
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            () = hup => {}
+            () = watch.next_change(interval) => {}
+        }
+        if let Err(error) = rotation.reload().await {
+            tracing::error!(%error, "keyring reload refused; keeping the running keyring");
+        }
+    }
+}
+
+async fn refresh_gauges(
+    rotation: Arc<KeyRotation>,
+    store: Arc<dyn CredentialStore>,
+    metrics: Arc<Metrics>,
+) {
+    // The record count walks the whole store: not at start-up (cold start
+    // matters) and not often. Store size is cheap and goes with it.
+    let period = Duration::from_secs(60);
+    let mut ticker =
+        tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(5), period);
+    loop {
+        ticker.tick().await;
+        // Updates the per-version record gauges as a side effect.
+        let _ = rotation.status().await;
+        let store = Arc::clone(&store);
+        if let Ok(Some(bytes)) = tokio::task::spawn_blocking(move || store.size_on_disk()).await {
+            metrics.store_bytes.set(bytes);
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! What the vault tells its operators: logs, metrics and the audit trail.
+//!
+//! - [`init_logging`]: the global `tracing` subscriber (text or JSON).
+//! - [`metrics`]: the Prometheus metrics served on the ops listener.
+//! - [`audit`]: the per-call audit event and the subject's keyed hash.
+//!
+//! Structured fields, lowercase messages; secrets never reach any of them
+//! because every type that holds one prints `[redacted]`.
+
+pub mod audit;
+pub mod metrics;
+
+use serde::Deserialize;
+use tracing_subscriber::{fmt, EnvFilter};
+
+pub use self::metrics::Metrics;
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the global subscriber: `RUST_LOG` wins over `filter`.
+pub fn init_logging(filter: &str, format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    // Colours only for a person at a terminal; log pipelines get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

@@ -1,0 +1,216 @@
+//! The OAuth client the vault acts as, and the one set of rules a client
+//! must meet, whether it arrives in a Deposit or from a provider preset in
+//! the server's config.
+
+use url::Url;
+
+use crate::secret::SecretString;
+
+const MAX_URL: usize = 2048;
+const MAX_CLIENT_ID: usize = 512;
+const MAX_CLIENT_SECRET: usize = 4096;
+const MAX_SCOPES: usize = 64;
+const MAX_SCOPE: usize = 256;
+
+/// How the vault authenticates to the token endpoint (RFC 6749 §2.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    SecretBasic,
+    SecretPost,
+    /// Public client: only `client_id` is sent.
+    None,
+}
+
+/// The OAuth client the vault uses on a credential's behalf.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub token_endpoint: Url,
+    pub client_id: String,
+    pub client_secret: Option<SecretString>,
+    pub auth: ClientAuth,
+    pub revocation_endpoint: Option<Url>,
+    pub scopes: Vec<String>,
+}
+
+/// An OAuth client as given, before any check: the fields of the proto
+/// message or of a `[providers.x]` section.
+#[derive(Debug, Default)]
+pub struct ClientSpec {
+    pub token_endpoint: String,
+    /// Empty: no RFC 7009 revocation.
+    pub revocation_endpoint: String,
+    pub client_id: String,
+    /// Empty for public clients.
+    pub client_secret: SecretString,
+    /// `None` when the given method was not recognised (already reported).
+    pub auth: Option<ClientAuth>,
+    pub scopes: Vec<String>,
+}
+
+/// One field of a [`ClientSpec`] that breaks the rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientProblem {
+    /// The field's name, e.g. `token_endpoint` or `scopes[2]`.
+    pub field: String,
+    pub description: String,
+}
+
+impl ClientSpec {
+    /// Checks every field and reports every problem at once. Whether an
+    /// endpoint may be *called* is the endpoint policy's decision, made
+    /// before each call; this only checks the shape.
+    pub fn validate(self) -> Result<ClientConfig, Vec<ClientProblem>> {
+        let mut problems = Vec::new();
+        let mut problem = |field: String, description: String| {
+            problems.push(ClientProblem { field, description });
+        };
+        let token_endpoint = url("token_endpoint", &self.token_endpoint, true, &mut problem);
+        let revocation_endpoint = url(
+            "revocation_endpoint",
+            &self.revocation_endpoint,
+            false,
+            &mut problem,
+        );
+        if self.client_id.is_empty() {
+            problem("client_id".into(), "required".into());
+        } else if self.client_id.len() > MAX_CLIENT_ID {
+            problem("client_id".into(), format!("at most {MAX_CLIENT_ID} bytes"));
+        } else if self.client_id.chars().any(char::is_control) {
+            problem(
+                "client_id".into(),
+                "must not contain control characters".into(),
+            );
+        }
+        check_secret(self.auth, &self.client_secret, &mut problem);
+        check_scopes(&self.scopes, &mut problem);
+        match (token_endpoint, self.auth) {
+            (Some(token_endpoint), Some(auth)) if problems.is_empty() => Ok(ClientConfig {
+                token_endpoint,
+                client_id: self.client_id,
+                client_secret: (!self.client_secret.is_empty()).then_some(self.client_secret),
+                auth,
+                revocation_endpoint,
+                scopes: self.scopes,
+            }),
+            _ => Err(problems),
+        }
+    }
+}
+
+/// Parses an absolute http(s) URL with a host: the shape of every endpoint
+/// and redirect URI the vault accepts.
+pub fn parse_http_url(raw: &str) -> Result<Url, String> {
+    if raw.len() > MAX_URL {
+        return Err(format!("at most {MAX_URL} bytes"));
+    }
+    match Url::parse(raw) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Ok(url),
+        _ => Err("must be an absolute http(s) URL".into()),
+    }
+}
+
+fn url(
+    field: &str,
+    raw: &str,
+    required: bool,
+    problem: &mut impl FnMut(String, String),
+) -> Option<Url> {
+    if raw.is_empty() {
+        if required {
+            problem(field.into(), "required".into());
+        }
+        return None;
+    }
+    parse_http_url(raw)
+        .map_err(|description| problem(field.into(), description))
+        .ok()
+}
+
+fn check_secret(
+    auth: Option<ClientAuth>,
+    secret: &SecretString,
+    problem: &mut impl FnMut(String, String),
+) {
+    let field = || "client_secret".to_owned();
+    match auth {
+        Some(ClientAuth::None) if !secret.is_empty() => {
+            problem(field(), "must be empty when the auth method is none".into())
+        }
+        Some(ClientAuth::SecretBasic | ClientAuth::SecretPost) if secret.is_empty() => problem(
+            field(),
+            "required for client_secret_basic and client_secret_post".into(),
+        ),
+        _ if secret.len() > MAX_CLIENT_SECRET => {
+            problem(field(), format!("at most {MAX_CLIENT_SECRET} bytes"))
+        }
+        _ => {}
+    }
+}
+
+fn check_scopes(scopes: &[String], problem: &mut impl FnMut(String, String)) {
+    if scopes.len() > MAX_SCOPES {
+        problem("scopes".into(), format!("at most {MAX_SCOPES} scopes"));
+    }
+    for (i, scope) in scopes.iter().enumerate() {
+        // RFC 6749 §3.3 scope-token: printable ASCII except space, `"` and `\`.
+        let valid = !scope.is_empty()
+            && scope.len() <= MAX_SCOPE
+            && scope
+                .bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
+        if !valid {
+            problem(
+                format!("scopes[{i}]"),
+                "must be an RFC 6749 scope token (printable ASCII, no spaces)".into(),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ClientSpec {
+        ClientSpec {
+            token_endpoint: "https://idp.example/token".into(),
+            client_id: "client".into(),
+            client_secret: "s3cret".into(),
+            auth: Some(ClientAuth::SecretBasic),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_complete_client_validates() {
+        let client = spec().validate().unwrap();
+        assert_eq!(client.token_endpoint.host_str(), Some("idp.example"));
+        assert!(client.revocation_endpoint.is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let problems = ClientSpec {
+            token_endpoint: "ftp://idp".into(),
+            client_id: String::new(),
+            client_secret: SecretString::default(),
+            auth: Some(ClientAuth::SecretPost),
+            scopes: vec!["a b".into()],
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["token_endpoint", "client_id", "client_secret", "scopes[0]"]
+        );
+    }
+
+    #[test]
+    fn a_public_client_carries_no_secret() {
+        let mut public = spec();
+        public.auth = Some(ClientAuth::None);
+        assert!(public.validate().is_err());
+    }
+}

@@ -1,0 +1,351 @@
+//! The architecture of DESIGN §5, checked by reading `src/` as text:
+//!
+//! - the walls: which top-level module may name which (`crate::x` in
+//!   non-test code, grouped `use crate::{…}` included);
+//! - nothing outside `src/store/` names a storage engine;
+//! - no function is longer than 80 lines, except the declarative tables
+//!   listed here with their reason.
+//!
+//! A failure names the file, the line and the rule it breaks.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+/// Who may import whom. A module not listed as a key may import anything
+/// (the crate root and the binary). DESIGN §5 fixes the forbidden
+/// directions; this table is the allowed list that keeps them closed.
+const ALLOWED: &[(&str, &[&str])] = &[
+    // The wire: never the store, the assembly or the config file.
+    (
+        "api",
+        &["auth", "broker", "upstream", "secret", "telemetry"],
+    ),
+    // Identity and policy: knows no storage, no lifecycle, no wire.
+    ("auth", &["secret"]),
+    // The lifecycle: never the api, the server or the config file.
+    (
+        "broker",
+        &["crypto", "store", "upstream", "secret", "telemetry"],
+    ),
+    // The OAuth client knows nothing of the lifecycle.
+    ("upstream", &["secret"]),
+    // The store never reaches the broker (nor anything else).
+    ("store", &[]),
+    // Crypto never reaches the store.
+    ("crypto", &["secret", "files"]),
+    // The config knows no domain internals beyond the settings it builds.
+    ("config", &["secret", "telemetry"]),
+    ("telemetry", &[]),
+    ("files", &["secret"]),
+    ("secret", &[]),
+    ("dev", &["crypto", "files", "secret"]),
+    // Assembly: wires everything but the command line.
+    (
+        "server",
+        &[
+            "api",
+            "auth",
+            "broker",
+            "config",
+            "crypto",
+            "files",
+            "secret",
+            "store",
+            "telemetry",
+            "upstream",
+        ],
+    ),
+    // The command line: the assembly's entry point, offline store and
+    // keyring operations, and the admin client.
+    (
+        "cli",
+        &[
+            "api",
+            "config",
+            "crypto",
+            "dev",
+            "files",
+            "secret",
+            "server",
+            "store",
+            "telemetry",
+        ],
+    ),
+];
+
+/// Functions allowed past 80 lines: declarative tables, not logic.
+const LONG_TABLES: &[(&str, &str)] = &[];
+
+const MAX_FN_LINES: usize = 80;
+
+fn src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// `src/broker/write.rs` -> `broker`; `src/config.rs` -> `config`.
+fn module_of(path: &Path) -> String {
+    let relative = path.strip_prefix(src()).unwrap();
+    let first = relative.components().next().unwrap();
+    first
+        .as_os_str()
+        .to_str()
+        .unwrap()
+        .trim_end_matches(".rs")
+        .to_owned()
+}
+
+/// The file without its unit tests (`#[cfg(test)]` to the end of the file,
+/// where this code base keeps them) and without comments.
+fn production_lines(path: &Path) -> Vec<(usize, String)> {
+    let text = fs::read_to_string(path).unwrap();
+    let mut lines = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with("#[cfg(test)]") {
+            break;
+        }
+        let code = match line.find("//") {
+            Some(at) if !line[..at].contains('"') => &line[..at],
+            _ => line,
+        };
+        lines.push((i + 1, code.to_owned()));
+    }
+    lines
+}
+
+/// Every top-level module a piece of code names through `crate::`.
+fn crate_references(code: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("crate::") {
+        rest = &rest[at + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // `use crate::{a::b, c, d::{e, f}}`: the first name of each
+            // element at depth one.
+            let mut depth = 1;
+            let mut element = String::new();
+            for ch in group.chars() {
+                match ch {
+                    '{' => depth += 1,
+                    '}' => depth -= 1,
+                    ',' if depth == 1 => {
+                        found.push(first_name(&element));
+                        element.clear();
+                        continue;
+                    }
+                    _ => {}
+                }
+                if depth == 0 {
+                    break;
+                }
+                if depth == 1 {
+                    element.push(ch);
+                }
+            }
+            found.push(first_name(&element));
+        } else {
+            found.push(first_name(rest));
+        }
+    }
+    found.retain(|name| !name.is_empty());
+    found
+}
+
+fn first_name(text: &str) -> String {
+    text.trim()
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}
+
+#[test]
+fn walls_of_design_section_5_hold() {
+    let allowed: BTreeMap<&str, &[&str]> = ALLOWED.iter().copied().collect();
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let mut breaches = Vec::new();
+    for file in &files {
+        let module = module_of(file);
+        let Some(may) = allowed.get(module.as_str()) else {
+            continue;
+        };
+        // Grouped imports span lines: read the production code as one text.
+        let code: String = production_lines(file)
+            .into_iter()
+            .map(|(_, line)| line + "\n")
+            .collect();
+        for target in crate_references(&code) {
+            if target != module && !may.contains(&target.as_str()) {
+                breaches.push(format!(
+                    "{}: `{module}` names `crate::{target}`",
+                    file.display()
+                ));
+            }
+        }
+    }
+    assert!(
+        breaches.is_empty(),
+        "walls crossed:\n{}",
+        breaches.join("\n")
+    );
+}
+
+#[test]
+fn the_wall_checker_sees_grouped_and_inline_imports() {
+    let code =
+        "use crate::{\n    api::pb,\n    store::{self, X},\n};\nlet x = crate::config::load();";
+    assert_eq!(crate_references(code), ["api", "store", "config"]);
+}
+
+#[test]
+fn nothing_above_the_store_names_a_storage_engine() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let store = src().join("store");
+    let mut breaches = Vec::new();
+    for file in files.iter().filter(|f| !f.starts_with(&store)) {
+        for (number, line) in production_lines(file) {
+            if line.contains("sled::") || line.contains("SledStore") || line.contains("etcd_client")
+            {
+                breaches.push(format!("{}:{number}: {}", file.display(), line.trim()));
+            }
+        }
+    }
+    assert!(
+        breaches.is_empty(),
+        "a backend named outside src/store:\n{}",
+        breaches.join("\n")
+    );
+}
+
+/// `(name, first line, length)` of every function in production code.
+fn functions(file: &Path) -> Vec<(String, usize, usize)> {
+    let lines = production_lines(file);
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let (start, line) = &lines[i];
+        let Some(name) = fn_name(line) else {
+            i += 1;
+            continue;
+        };
+        // Find the body's opening brace (a signature can span lines; a
+        // declaration without a body ends with `;`).
+        let mut j = i;
+        let mut depth = 0i32;
+        let mut opened = false;
+        'scan: while j < lines.len() {
+            for ch in strip_literals(&lines[j].1).chars() {
+                match ch {
+                    '{' => {
+                        depth += 1;
+                        opened = true;
+                    }
+                    '}' => depth -= 1,
+                    ';' if !opened && depth == 0 => break 'scan,
+                    _ => {}
+                }
+                if opened && depth == 0 {
+                    break 'scan;
+                }
+            }
+            j += 1;
+        }
+        if opened {
+            out.push((name, *start, lines[j.min(lines.len() - 1)].0 - start + 1));
+        }
+        i += 1;
+    }
+    out
+}
+
+fn fn_name(line: &str) -> Option<String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "fn")?;
+    // Only declarations: every word before `fn` is a qualifier.
+    let qualifiers = ["pub", "async", "const", "unsafe", "extern", "default"];
+    if !words[..at]
+        .iter()
+        .all(|w| qualifiers.contains(w) || w.starts_with("pub("))
+    {
+        return None;
+    }
+    let name = words.get(at + 1)?;
+    Some(first_name(name))
+}
+
+/// Drops string and char literal contents so their braces do not count.
+fn strip_literals(line: &str) -> String {
+    let mut out = String::new();
+    let mut in_string = false;
+    let mut chars = line.chars().peekable();
+    while let Some(ch) = chars.next() {
+        match ch {
+            '\\' if in_string => {
+                chars.next();
+            }
+            '"' => in_string = !in_string,
+            '\'' if !in_string => {
+                // A char literal such as '{' or '\''; a lifetime has no
+                // closing quote within three characters.
+                let ahead: String = chars.clone().take(3).collect();
+                if let Some(end) = ahead.find('\'') {
+                    for _ in 0..=end {
+                        chars.next();
+                    }
+                }
+            }
+            _ if in_string => {}
+            _ => out.push(ch),
+        }
+    }
+    out
+}
+
+#[test]
+fn no_function_is_longer_than_80_lines() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let mut long = Vec::new();
+    for file in &files {
+        for (name, line, length) in functions(file) {
+            let exempt = LONG_TABLES.iter().any(|(n, _)| *n == name);
+            if length > MAX_FN_LINES && !exempt {
+                long.push(format!(
+                    "{}:{line}: fn {name} is {length} lines",
+                    file.display()
+                ));
+            }
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "functions over {MAX_FN_LINES} lines:\n{}",
+        long.join("\n")
+    );
+}
+
+#[test]
+fn the_length_checker_measures_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sample.rs");
+    fs::write(
+        &file,
+        "pub async fn short(x: u8)\n    -> u8\n{\n    let s = \"}\";\n    x\n}\nfn declared();\n",
+    )
+    .unwrap();
+    assert_eq!(functions(&file), [("short".to_owned(), 1, 6)]);
+}

@@ -204,3 +204,55 @@ async fn secrets_never_reach_logs_or_error_messages() {
         }
     }
 }
+
+/// Every generated message that carries a secret prints it redacted, alone
+/// and nested in its request: one `tracing::debug!(?request)` cannot leak.
+#[test]
+fn secret_bearing_messages_debug_print_redacted() {
+    const SECRET: &str = "leak-canary-7d41e0";
+    let client = pb::OAuthClient {
+        token_endpoint: "https://idp.example/token".into(),
+        client_id: "client-id".into(),
+        client_secret: SECRET.into(),
+        ..Default::default()
+    };
+    let refresh = pb::RefreshTokenGrant {
+        refresh_token: SECRET.into(),
+        access_token: SECRET.into(),
+        access_token_expires_at: None,
+    };
+    let code = pb::AuthorizationCodeGrant {
+        code: SECRET.into(),
+        redirect_uri: "https://app.example/cb".into(),
+        code_verifier: SECRET.into(),
+    };
+    let response = pb::GetAccessTokenResponse {
+        access_token: SECRET.into(),
+        token_type: "Bearer".into(),
+        ..Default::default()
+    };
+    let deposits = [
+        pb::deposit_request::Grant::RefreshToken(refresh.clone()),
+        pb::deposit_request::Grant::AuthorizationCode(code.clone()),
+    ]
+    .map(|grant| pb::DepositRequest {
+        client: Some(client.clone()),
+        grant: Some(grant),
+        ..Default::default()
+    });
+    let printed = [
+        format!("{client:?}"),
+        format!("{refresh:?}"),
+        format!("{code:?}"),
+        format!("{response:?}"),
+        format!("{:#?}", deposits[0]),
+        format!("{:?}", deposits[1]),
+    ];
+    for text in &printed {
+        assert!(!text.contains(SECRET), "a secret printed: {text}");
+        assert!(text.contains("[redacted]"), "{text}");
+    }
+    // The non-secret fields still print, so debugging stays possible.
+    assert!(printed[0].contains("client-id"), "{}", printed[0]);
+    assert!(printed[2].contains("app.example"), "{}", printed[2]);
+}

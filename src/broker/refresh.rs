@@ -43,9 +43,9 @@ pub(super) struct FlightOutcome {
 
 pub(super) type FlightResult = Result<FlightOutcome, BrokerError>;
 
-/// What one round of a flight came to.
+/// What one round of a flight came to, when it did not fail.
 enum Round {
-    Done(FlightResult),
+    Served(FlightOutcome),
     /// The record changed under us; read it again.
     Again,
 }
@@ -113,9 +113,9 @@ impl Broker {
         for _ in 0..ROUNDS_PER_FLIGHT {
             match self
                 .refresh_round(&id, margin, force, &mut rotation_retry_used)
-                .await
+                .await?
             {
-                Round::Done(result) => return result,
+                Round::Served(outcome) => return Ok(outcome),
                 Round::Again => continue,
             }
         }
@@ -128,40 +128,34 @@ impl Broker {
         margin: Duration,
         force: bool,
         rotation_retry_used: &mut bool,
-    ) -> Round {
-        let (versioned, record) = match self.load(id).await {
-            Ok(loaded) => loaded,
-            Err(error) => return Round::Done(Err(error)),
-        };
+    ) -> Result<Round, BrokerError> {
+        let (versioned, record) = self.load(id).await?;
         if let CredentialState::ReauthRequired(cause) = record.state {
-            return Round::Done(Err(reauth(cause, id)));
+            return Err(reauth(cause, id));
         }
         if let Some(outcome) = self
             .stored_outcome(id, &versioned, &record, margin, force)
             .await
         {
-            return Round::Done(Ok(outcome));
+            return Ok(Round::Served(outcome));
         }
-        let issued = match self.call_provider(id, &record).await {
-            Ok(issued) => issued,
-            Err(error) => return Round::Done(Err(error)),
-        };
-        match issued {
-            Ok(tokens) => match self.write_back(id, &versioned, &record, tokens).await {
-                Ok(WriteBack::Stored(token)) => Round::Done(Ok(FlightOutcome {
-                    token,
-                    fresh: true,
-                    recent: true,
-                })),
-                Ok(WriteBack::Superseded) => Round::Again,
-                Err(error) => Round::Done(Err(error)),
-            },
+        match self.call_provider(id, &record).await? {
+            Ok(tokens) => Ok(
+                match self.write_back(id, &versioned, &record, tokens).await? {
+                    WriteBack::Stored(token) => Round::Served(FlightOutcome {
+                        token,
+                        fresh: true,
+                        recent: true,
+                    }),
+                    WriteBack::Superseded => Round::Again,
+                },
+            ),
             Err(UpstreamError::GrantRejected { oauth_error }) => {
                 let cause = ReauthCause::of_rejected_grant(&oauth_error);
                 self.on_rejected_grant(id, &record, cause, rotation_retry_used)
                     .await
             }
-            Err(error) => Round::Done(Err(upstream_error(error, id))),
+            Err(error) => Err(upstream_error(error, id)),
         }
     }
 
@@ -240,21 +234,17 @@ impl Broker {
         used: &CredentialRecord,
         cause: ReauthCause,
         rotation_retry_used: &mut bool,
-    ) -> Round {
-        let (latest_versioned, latest) = match self.load(id).await {
-            Ok(loaded) => loaded,
-            Err(error) => return Round::Done(Err(error)),
-        };
+    ) -> Result<Round, BrokerError> {
+        let (latest_versioned, latest) = self.load(id).await?;
         let changed =
             latest.generation != used.generation || latest.refresh_token != used.refresh_token;
         if changed && !*rotation_retry_used {
             *rotation_retry_used = true;
-            return Round::Again;
+            return Ok(Round::Again);
         }
-        match self.mark_reauth(id, &latest_versioned, latest, cause).await {
-            Ok(()) => Round::Done(Err(reauth(cause, id))),
-            Err(error) => Round::Done(Err(error)),
-        }
+        self.mark_reauth(id, &latest_versioned, latest, cause)
+            .await?;
+        Err(reauth(cause, id))
     }
 
     /// Persists freshly issued tokens, but only onto the grant they came

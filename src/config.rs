@@ -136,6 +136,10 @@ pub struct KeyringConfig {
 pub struct AuthConfig {
     /// The policy file mapping identities to tenants and actions.
     pub policy: PathBuf,
+    /// How often the policy file is checked for changes (SIGHUP and the
+    /// admin call reload it too); `0s` turns the watch off.
+    #[serde(default = "defaults::policy_watch", with = "humantime_serde")]
+    pub policy_watch_interval: Duration,
     /// Pin SPIFFE IDs to this trust domain.
     #[serde(default)]
     pub trust_domain: Option<String>,
@@ -159,6 +163,11 @@ pub struct MeshConfig {
     pub listen: SocketAddr,
     /// The vault's own SPIFFE ID; XFCC elements must carry it as `By=`.
     pub vault_identity: String,
+    /// A file holding a secret the sidecar adds to every request as
+    /// `x-credvault-sidecar-secret`; without it, anything that can reach
+    /// the loopback listener can forge XFCC.
+    #[serde(default)]
+    pub sidecar_secret_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -231,6 +240,20 @@ pub struct UpstreamConfig {
     pub max_response_bytes: usize,
     /// Allow plain `http` token endpoints on loopback (dev and tests).
     pub allow_http_loopback: bool,
+    /// Upstream refreshes in flight at once; beyond it a refresh is refused
+    /// with OVERLOADED (a refresh runs on after its caller hangs up).
+    pub max_refreshes_in_flight: usize,
+    /// … towards one token-endpoint host.
+    pub max_refreshes_per_host: usize,
+    /// … for one tenant's credentials.
+    pub max_refreshes_per_tenant: usize,
+    /// Transient refresh failures in a row before a credential cools down.
+    pub failure_backoff_after: u32,
+    /// The first cool-down; it doubles with each further failure.
+    #[serde(with = "humantime_serde")]
+    pub failure_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub failure_backoff_max: Duration,
     /// Allow endpoints on private, link-local or loopback addresses.
     pub allow_private_networks: bool,
     /// If non-empty, the only hosts token endpoints may use (`*.example.com`).
@@ -244,6 +267,12 @@ impl Default for UpstreamConfig {
             request_timeout: Duration::from_secs(15),
             max_response_bytes: 64 * 1024,
             allow_http_loopback: false,
+            max_refreshes_in_flight: 256,
+            max_refreshes_per_host: 64,
+            max_refreshes_per_tenant: 64,
+            failure_backoff_after: 3,
+            failure_backoff: Duration::from_secs(5),
+            failure_backoff_max: Duration::from_secs(300),
             allow_private_networks: false,
             allowed_hosts: Vec::new(),
         }
@@ -264,6 +293,15 @@ pub struct ServerConfig {
     /// Calls in flight across all connections; the excess is shed with
     /// RESOURCE_EXHAUSTED / OVERLOADED (health checks are always admitted).
     pub max_concurrent_calls: usize,
+    /// Calls one caller identity may have in flight; 0 = half of
+    /// `max_concurrent_calls`, so no identity can take every slot.
+    pub max_calls_per_identity: usize,
+    /// TLS handshakes running at once; further connections wait in the
+    /// accept backlog.
+    pub max_handshakes: usize,
+    /// Credentials one tenant may hold; 0 = no quota. A Deposit of a new
+    /// credential beyond it is refused with QUOTA_EXCEEDED.
+    pub max_records_per_tenant: u64,
     /// Calls per second one caller identity may make; 0 = unlimited.
     pub rate_limit_per_identity: u32,
     /// Burst above the per-identity rate.
@@ -280,6 +318,9 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             max_request_bytes: 256 * 1024,
             max_concurrent_calls: 1024,
+            max_calls_per_identity: 0,
+            max_handshakes: 256,
+            max_records_per_tenant: 0,
             rate_limit_per_identity: 0,
             rate_limit_burst: 0,
             max_connection_age: Duration::from_secs(30 * 60),
@@ -351,6 +392,10 @@ mod defaults {
         Duration::from_secs(30)
     }
 
+    pub fn policy_watch() -> Duration {
+        Duration::from_secs(10)
+    }
+
     pub fn keyring_watch() -> Duration {
         Duration::from_secs(10)
     }
@@ -413,6 +458,14 @@ impl Config {
         if let Some(jwt) = self.auth.jwt.as_mut() {
             fix(&mut jwt.jwks_file);
         }
+        if let Some(secret) = self
+            .auth
+            .mesh
+            .as_mut()
+            .and_then(|m| m.sidecar_secret_file.as_mut())
+        {
+            fix(secret);
+        }
         for preset in self.providers.values_mut() {
             if let Some(p) = preset.client_secret_file.as_mut() {
                 fix(p);
@@ -444,8 +497,52 @@ impl Config {
     }
 }
 
+/// Every error in `error`, on one line, naming keys but never a value: a
+/// value may be a secret (a passphrase given where a table was expected).
 fn one_line(error: &figment::Error) -> String {
-    error.to_string().replace('\n', " ")
+    use figment::error::Kind;
+    let described: Vec<String> = error
+        .clone()
+        .into_iter()
+        .map(|e| {
+            let what = match &e.kind {
+                Kind::Message(message) => scrub(message),
+                Kind::InvalidType(_, expected) => format!("invalid type: expected {expected}"),
+                Kind::InvalidValue(_, expected) => format!("invalid value: expected {expected}"),
+                Kind::InvalidLength(_, expected) => format!("invalid length: expected {expected}"),
+                Kind::UnknownVariant(_, expected) => {
+                    format!("unknown variant: expected one of {}", expected.join(", "))
+                }
+                Kind::UnknownField(field, _) => format!("unknown field `{field}`"),
+                Kind::MissingField(field) => format!("missing field `{field}`"),
+                Kind::DuplicateField(field) => format!("duplicate field `{field}`"),
+                other => scrub(&other.to_string()),
+            };
+            match e.path.is_empty() {
+                true => what,
+                false => format!("{what} for key `{}`", e.path.join(".")),
+            }
+        })
+        .collect();
+    described.join("; ")
+}
+
+/// Drops quoted parts of a message (where serde and figment put values).
+fn scrub(message: &str) -> String {
+    let mut out = String::new();
+    let mut quote = None;
+    for ch in message.replace('\n', " ").chars() {
+        match (quote, ch) {
+            (None, '"' | '`' | '\'') => {
+                quote = Some(ch);
+                out.push_str("[value]");
+            }
+            (Some(open), _) if ch == open => quote = None,
+            (Some(_), _) => {}
+            (None, _) => out.push(ch),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -524,6 +621,27 @@ mod tests {
             std::fs::write(&path, format!("{MINIMAL}\nlisten_typo = 1\n")).unwrap();
             let message = Config::load(&path).unwrap_err().to_string();
             assert!(message.contains("listen_typo"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secret_settings_take_any_scalar_and_errors_never_quote_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credvault.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        figment::Jail::expect_with(|jail| {
+            // A numeric passphrase reaches serde as a number.
+            jail.set_env("CREDVAULT_KEYRING__PASSPHRASE", "31415926535897932384");
+            let config = Config::load(&path).map_err(|e| e.to_string())?;
+            let passphrase = config.keyring.passphrase.expect("set from the environment");
+            assert_eq!(passphrase.expose(), "31415926535897932384");
+            // A value in the wrong place is named by its key, never quoted.
+            jail.set_env("CREDVAULT_TOKENS__REFRESH_SKEW", "hunter2-secret-ish");
+            let message = Config::load(&path).unwrap_err().to_string();
+            assert!(message.contains("refresh_skew"), "{message}");
+            assert!(!message.contains("hunter2"), "{message}");
+            assert!(!message.contains("31415926535897932384"), "{message}");
             Ok(())
         });
     }

@@ -59,11 +59,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     // The command line: the assembly's entry point, offline store and
-    // keyring operations, and the admin client.
+    // keyring operations (backups are the broker's format), and the admin
+    // client.
     (
         "cli",
         &[
             "api",
+            "broker",
             "config",
             "crypto",
             "dev",

@@ -47,7 +47,12 @@ async fn secrets_never_reach_logs_or_error_messages() {
 
     let provider = ProviderDouble::start().await;
     provider.register_client("app", Some(CLIENT_SECRET));
-    let dir = VaultDir::new();
+    // Every refresh below is driven by an oversized `min_valid_for`, and
+    // every fault must reach the provider: no rate limit, no cool-down.
+    let dir = VaultDir::custom(
+        "allow_http_loopback = true\nfailure_backoff_after = 1000",
+        "[tokens]\nforce_refresh_interval = \"0s\"\n",
+    );
     let vault = TestVault::start(&dir).await;
     let mut client = vault.client(&dir, "admin").await;
     let mut messages = Vec::new();

@@ -150,7 +150,12 @@ async fn overload_is_shed_with_a_typed_status_and_the_vault_stays_healthy() {
     let provider = provider().await;
     provider.set_latency(Duration::from_millis(800));
     let dir = VaultDir::new();
-    with_server_settings(&dir, "max_concurrent_calls = 3");
+    // One identity may use all three slots here: this test is about the
+    // global cap (the per-identity cap is tested in tests/overload.rs).
+    with_server_settings(
+        &dir,
+        "max_concurrent_calls = 3\nmax_calls_per_identity = 3",
+    );
     let vault = TestVault::start(&dir).await;
     let mut client = vault.client(&dir, "admin").await;
     for i in 0..12 {
@@ -289,8 +294,11 @@ async fn backups_from_a_running_and_a_stopped_vault_restore_into_a_working_vault
     // Offline: straight from the stopped vault's data dir.
     let offline = d.join("offline.cvbackup");
     let data = dir.config().data_dir;
+    let config = d.join("credvault.toml");
     let out = cli(&[
         "backup",
+        "--config",
+        config.to_str().unwrap(),
         "--data-dir",
         data.to_str().unwrap(),
         "--out",
@@ -303,10 +311,13 @@ async fn backups_from_a_running_and_a_stopped_vault_restore_into_a_working_vault
         let restored = VaultDir::new();
         std::fs::copy(dir.keyring_path(), restored.keyring_path()).unwrap();
         let target_data = restored.config().data_dir;
+        let restored_config = restored.path().join("credvault.toml");
         let out = cli(&[
             "restore",
             "--from",
             backup.to_str().unwrap(),
+            "--config",
+            restored_config.to_str().unwrap(),
             "--data-dir",
             target_data.to_str().unwrap(),
         ]);
@@ -324,10 +335,34 @@ async fn backups_from_a_running_and_a_stopped_vault_restore_into_a_working_vault
         vault.stop().await.unwrap();
         // Never over existing data.
         let refused = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
-            .args(["restore", "--from", backup.to_str().unwrap(), "--data-dir"])
+            .args(["restore", "--from", backup.to_str().unwrap(), "--config"])
+            .arg(&restored_config)
+            .args(["--data-dir"])
             .arg(&target_data)
             .output()
             .unwrap();
         assert!(!refused.status.success());
+        // A file changed by someone without the keyring is refused, and
+        // restores nothing.
+        let mut tampered = std::fs::read(backup).unwrap();
+        let at = tampered.len() / 2;
+        tampered[at] ^= 1;
+        let tampered_path = d.join("tampered.cvbackup");
+        std::fs::write(&tampered_path, &tampered).unwrap();
+        let empty = VaultDir::new();
+        std::fs::copy(dir.keyring_path(), empty.keyring_path()).unwrap();
+        let rejected = std::process::Command::new(env!("CARGO_BIN_EXE_credvault"))
+            .args([
+                "restore",
+                "--from",
+                tampered_path.to_str().unwrap(),
+                "--config",
+            ])
+            .arg(empty.path().join("credvault.toml"))
+            .output()
+            .unwrap();
+        assert!(!rejected.status.success());
+        let message = String::from_utf8_lossy(&rejected.stderr);
+        assert!(message.contains("fails authentication"), "{message}");
     }
 }

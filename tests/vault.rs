@@ -47,7 +47,7 @@ fn in_an_hour() -> SystemTime {
 #[tokio::test]
 async fn deposit_serve_refresh_rotate_and_survive_a_restart() {
     let provider = provider().await;
-    let dir = VaultDir::new();
+    let dir = VaultDir::eager_refresh();
     let vault = TestVault::start(&dir).await;
     let mut client = vault.client(&dir, "admin").await;
 
@@ -127,7 +127,7 @@ async fn deposit_serve_refresh_rotate_and_survive_a_restart() {
 async fn a_provider_without_rotation_keeps_the_old_refresh_token() {
     let provider = provider().await;
     provider.set_rotation(false);
-    let dir = VaultDir::new();
+    let dir = VaultDir::eager_refresh();
     let vault = TestVault::start(&dir).await;
     let mut client = vault.client(&dir, "admin").await;
     let rt = provider.issue_refresh_token(CLIENT_ID);

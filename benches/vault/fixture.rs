@@ -196,7 +196,10 @@ async fn start_echo(
         listener,
         tls::SharedServerConfig::new(tls_config),
         auth,
-        config.tls.handshake_timeout,
+        tls::HandshakeLimits {
+            timeout: config.tls.handshake_timeout,
+            concurrent: config.server.max_handshakes,
+        },
     );
     let (reporter, health) = tonic_health::server::health_reporter();
     let (stop, stopped) = oneshot::channel::<()>();

@@ -14,7 +14,7 @@ use super::{
     status::{ApiError, FieldViolation},
 };
 use crate::{
-    auth::{Action, Principal},
+    auth::{Action, Authenticator, Principal},
     broker::{
         inspect::{CredentialInfo, InfoStatus},
         model::CredentialId,
@@ -30,14 +30,21 @@ const MAX_PAGE: usize = 1000;
 pub struct AdminService {
     broker: Arc<Broker>,
     rotation: Arc<KeyRotation>,
+    auth: Arc<Authenticator>,
     calls: Calls,
 }
 
 impl AdminService {
-    pub fn new(broker: Arc<Broker>, rotation: Arc<KeyRotation>, calls: Calls) -> Self {
+    pub fn new(
+        broker: Arc<Broker>,
+        rotation: Arc<KeyRotation>,
+        auth: Arc<Authenticator>,
+        calls: Calls,
+    ) -> Self {
         Self {
             broker,
             rotation,
+            auth,
             calls,
         }
     }
@@ -45,9 +52,15 @@ impl AdminService {
 
 /// Admits a call that affects every tenant (key management, backups): it
 /// needs the admin action for all tenants.
-fn admit_global<R>(principal: Principal, request: R) -> Result<(AuditEntry, R), ApiError> {
+fn admit_global<R>(
+    principal: Principal,
+    request: R,
+    entry: &mut AuditEntry,
+) -> Result<R, ApiError> {
+    entry.requested_tenant("*");
     let caller = principal.authorize_global(Action::Admin)?;
-    Ok((AuditEntry::new(caller, None), request))
+    entry.authorized(&caller, None);
+    Ok(request)
 }
 
 impl From<KeyAdminError> for ApiError {
@@ -69,7 +82,9 @@ struct ListPage {
 fn admit_list(
     principal: Principal,
     request: pb::ListCredentialsRequest,
-) -> Result<(AuditEntry, ListPage), ApiError> {
+    entry: &mut AuditEntry,
+) -> Result<ListPage, ApiError> {
+    entry.requested_tenant(&request.tenant);
     let size = match request.page_size as usize {
         0 => DEFAULT_PAGE,
         n if n <= MAX_PAGE => n,
@@ -90,21 +105,21 @@ fn admit_list(
         })?),
     };
     let caller = principal.authorize(&request.tenant, Action::Admin)?;
+    entry.authorized(&caller, None);
     let tenant = caller.tenant.clone();
-    Ok((
-        AuditEntry::new(caller, None),
-        ListPage {
-            tenant,
-            after,
-            size,
-        },
-    ))
+    Ok(ListPage {
+        tenant,
+        after,
+        size,
+    })
 }
 
 fn admit_describe(
     principal: Principal,
     request: pb::DescribeCredentialRequest,
-) -> Result<(AuditEntry, CredentialId), ApiError> {
+    entry: &mut AuditEntry,
+) -> Result<CredentialId, ApiError> {
+    entry.requested(request.credential.as_ref());
     let reference = request.credential.unwrap_or_default();
     if reference.subject.is_empty() || reference.provider.is_empty() {
         return Err(ApiError::InvalidFields(vec![FieldViolation::new(
@@ -118,7 +133,8 @@ fn admit_describe(
         subject: reference.subject,
         provider: reference.provider,
     };
-    Ok((AuditEntry::new(caller, Some(&id)), id))
+    entry.authorized(&caller, Some(&id));
+    Ok(id)
 }
 
 type BackupStream = tokio_stream::wrappers::ReceiverStream<Result<pb::BackupChunk, Status>>;
@@ -211,6 +227,26 @@ impl VaultAdmin for AdminService {
             .await
     }
 
+    async fn reload_policy(
+        &self,
+        request: Request<pb::ReloadPolicyRequest>,
+    ) -> Result<Response<pb::ReloadPolicyResponse>, Status> {
+        let run = |_| async {
+            let rules = self
+                .auth
+                .reload_policy()
+                .await
+                .map_err(|e| ApiError::PolicyRejected(e.to_string()))?;
+            tracing::info!(rules, "policy reloaded");
+            Ok(pb::ReloadPolicyResponse {
+                rules: u32::try_from(rules).unwrap_or(u32::MAX),
+            })
+        };
+        self.calls
+            .handle("ReloadPolicy", request, admit_global, run)
+            .await
+    }
+
     async fn get_rewrap_status(
         &self,
         request: Request<pb::GetRewrapStatusRequest>,
@@ -299,6 +335,8 @@ fn metadata(info: CredentialInfo) -> pb::CredentialMetadata {
         token_endpoint_host: info.token_endpoint_host,
         preset: info.preset.unwrap_or_default(),
         unreadable_reason,
+        refresh_failures: info.refresh_failures,
+        refresh_backoff_until: timestamp(info.refresh_backoff_until),
     }
 }
 

@@ -6,7 +6,10 @@
 //!   that will be dropped anyway). Health checks are always admitted, so an
 //!   overloaded vault still reports SERVING and is not restarted by its probes.
 //! - [`IdentityRateLimiter`] keeps one noisy client from using the whole
-//!   capacity: a token bucket per caller identity.
+//!   capacity: a token bucket per caller identity (bounded: idle buckets
+//!   are full and are dropped first).
+//! - [`CallSlots`] caps the calls one identity has in flight, below the
+//!   global cap, so one identity holding calls open cannot starve the rest.
 
 use std::{
     collections::HashMap,
@@ -138,6 +141,61 @@ where
     }
 }
 
+/// Calls in flight per caller identity, so that one identity holding its
+/// calls open cannot take every slot of the global cap from the others.
+pub struct CallSlots {
+    max: usize,
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One call's place; given back on drop.
+pub struct CallSlot {
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+    identity: String,
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = in_flight.get_mut(&self.identity) {
+            *count -= 1;
+            if *count == 0 {
+                in_flight.remove(&self.identity);
+            }
+        }
+    }
+}
+
+impl CallSlots {
+    pub fn new(max_per_identity: usize) -> Self {
+        Self {
+            max: max_per_identity.max(1),
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// A place for one call of `identity`, or `OVERLOADED`.
+    pub fn enter(&self, identity: &Identity) -> Result<CallSlot, ApiError> {
+        let identity = identity.to_string();
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let count = in_flight.entry(identity.clone()).or_default();
+        if *count >= self.max {
+            return Err(ApiError::Overloaded(
+                "too many calls in flight for this identity",
+            ));
+        }
+        *count += 1;
+        Ok(CallSlot {
+            in_flight: Arc::clone(&self.in_flight),
+            identity,
+        })
+    }
+}
+
+/// Buckets kept before idle ones are dropped (an idle bucket is full, so
+/// dropping it changes nothing).
+const MAX_BUCKETS: usize = 10_000;
+
 /// A token bucket per caller identity.
 pub struct IdentityRateLimiter {
     /// Tokens per second; 0 turns the limiter off.
@@ -167,6 +225,10 @@ impl IdentityRateLimiter {
         }
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_BUCKETS {
+            let refill_time = self.burst / self.rate;
+            buckets.retain(|_, b| now.duration_since(b.at).as_secs_f64() < refill_time);
+        }
         let bucket = buckets.entry(identity.to_string()).or_insert(Bucket {
             tokens: self.burst,
             at: now,

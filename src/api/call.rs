@@ -7,23 +7,33 @@ use std::{future::Future, sync::Arc, time::Instant};
 
 use tonic::{Request, Response, Status};
 
-use super::{admission::IdentityRateLimiter, status::ApiError};
+use super::{
+    admission::{CallSlots, IdentityRateLimiter},
+    pb::CredentialRef,
+    status::ApiError,
+};
 use crate::{
-    auth::{self, Authenticator, Caller, Peer, Principal},
+    auth::{self, Authenticator, Caller, Forwarded, Peer, Principal, SIDECAR_SECRET_HEADER},
     broker::model::CredentialId,
     telemetry::{audit, Metrics},
 };
 
-/// What every call passes before its handler runs: authentication, then the
-/// per-identity rate limit, then the bearer token's claims.
+/// What every call passes before its handler runs: authentication, the
+/// bearer token's claims, then the per-identity rate limit and call cap.
 pub struct Gate {
     pub auth: Arc<Authenticator>,
     pub limiter: IdentityRateLimiter,
+    pub slots: CallSlots,
 }
 
 impl Gate {
-    /// The principal behind a request, from its connection's identity.
-    pub(crate) fn principal<T>(&self, request: &Request<T>) -> Result<Principal, ApiError> {
+    /// The principal behind a request, from its connection's identity. The
+    /// identity goes into the audit entry as soon as it is known.
+    pub(crate) fn principal<T>(
+        &self,
+        request: &Request<T>,
+        entry: &mut AuditEntry,
+    ) -> Result<Principal, ApiError> {
         let header = |name: &str| {
             request
                 .metadata()
@@ -32,29 +42,57 @@ impl Gate {
         };
         let identity = self.auth.request_identity(
             request.extensions().get::<Peer>(),
-            header("x-forwarded-client-cert"),
+            Forwarded {
+                xfcc: header("x-forwarded-client-cert"),
+                sidecar_secret: header(SIDECAR_SECRET_HEADER),
+            },
         )?;
-        self.limiter.check(&identity)?;
+        entry.identity = identity.to_string();
         let bearer = auth::bearer(header("authorization"))?;
-        Ok(self.auth.principal(identity, bearer)?)
+        let principal = self.auth.principal(identity, bearer)?;
+        // Buckets only for identities the policy knows: a stranger cannot
+        // grow the limiter's state.
+        if !principal.grants.actions.is_empty() {
+            self.limiter.check(&principal.identity)?;
+        }
+        Ok(principal)
     }
 }
 
-/// Who made a call and about which credential, for the audit event.
+/// Who made a call, for which tenant and about which credential, for the
+/// audit event: filled in as each is learned, so a refused call still says
+/// who was refused and what they asked for.
+#[derive(Default)]
 pub(crate) struct AuditEntry {
-    caller: Caller,
+    identity: String,
+    tenant: String,
     provider: String,
     subject_hash: String,
 }
 
 impl AuditEntry {
-    pub(crate) fn new(caller: Caller, id: Option<&CredentialId>) -> Self {
-        Self {
-            caller,
-            provider: id.map(|id| id.provider.clone()).unwrap_or_default(),
-            subject_hash: id
-                .map(|id| audit::subject_hash(&id.subject))
-                .unwrap_or_default(),
+    /// The reference a request names, before it is authorized.
+    pub(crate) fn requested(&mut self, reference: Option<&CredentialRef>) {
+        if let Some(reference) = reference {
+            self.tenant.clone_from(&reference.tenant);
+            self.provider.clone_from(&reference.provider);
+            if !reference.subject.is_empty() {
+                self.subject_hash = audit::subject_hash(&reference.subject);
+            }
+        }
+    }
+
+    /// The tenant a request names, before it is authorized.
+    pub(crate) fn requested_tenant(&mut self, tenant: &str) {
+        self.tenant = tenant.to_owned();
+    }
+
+    /// The authorized caller (its tenant resolved) and credential.
+    pub(crate) fn authorized(&mut self, caller: &Caller, id: Option<&CredentialId>) {
+        self.tenant.clone_from(&caller.tenant);
+        if let Some(id) = id {
+            self.provider.clone_from(&id.provider);
+            self.subject_hash = audit::subject_hash(&id.subject);
         }
     }
 }
@@ -72,44 +110,47 @@ impl Calls {
     }
 
     /// One RPC: `admit` validates and authorizes the request into a command
-    /// and its audit entry, `run` carries the command out.
+    /// (noting what it learns in the audit entry), `run` carries it out.
+    /// Every call gets exactly one audit event, refused ones included.
     pub(crate) async fn handle<R, C, T, Fut>(
         &self,
         method: &'static str,
         request: Request<R>,
-        admit: impl FnOnce(Principal, R) -> Result<(AuditEntry, C), ApiError>,
+        admit: impl FnOnce(Principal, R, &mut AuditEntry) -> Result<C, ApiError>,
         run: impl FnOnce(C) -> Fut,
     ) -> Result<Response<T>, Status>
     where
         Fut: Future<Output = Result<T, ApiError>>,
     {
         let started = Instant::now();
+        let mut entry = AuditEntry::default();
         let admitted = self
             .gate
-            .principal(&request)
-            .and_then(|principal| admit(principal, request.into_inner()));
-        let (entry, result) = match admitted {
-            Ok((entry, command)) => (Some(entry), run(command).await),
-            Err(error) => (None, Err(error)),
+            .principal(&request, &mut entry)
+            .and_then(|principal| {
+                let slot = self.gate.slots.enter(&principal.identity)?;
+                Ok((slot, admit(principal, request.into_inner(), &mut entry)?))
+            });
+        let result = match admitted {
+            Ok((_slot, command)) => run(command).await,
+            Err(error) => Err(error),
         };
-        self.finish(method, entry.as_ref(), started, result)
+        self.finish(method, &entry, started, result)
     }
 
     /// Records the outcome of one call: metrics, the audit event, a log line.
     fn finish<T>(
         &self,
         method: &'static str,
-        entry: Option<&AuditEntry>,
+        entry: &AuditEntry,
         started: Instant,
         result: Result<T, ApiError>,
     ) -> Result<Response<T>, Status> {
         let elapsed = started.elapsed().as_secs_f64();
-        let identity = entry
-            .map(|e| e.caller.identity.to_string())
-            .unwrap_or_default();
-        let tenant = entry.map(|e| e.caller.tenant.as_str()).unwrap_or_default();
-        let provider = entry.map(|e| e.provider.as_str()).unwrap_or_default();
-        let subject = entry.map(|e| e.subject_hash.as_str()).unwrap_or_default();
+        let identity = entry.identity.as_str();
+        let tenant = entry.tenant.as_str();
+        let provider = entry.provider.as_str();
+        let subject = entry.subject_hash.as_str();
         let wire = result.as_ref().err().map(ApiError::wire);
         let reason = wire.as_ref().map_or("OK", |w| w.reason);
         self.metrics.call(method, reason, elapsed);

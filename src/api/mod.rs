@@ -21,7 +21,7 @@ pub(crate) mod status;
 mod vault;
 
 pub use admin::AdminService;
-pub use admission::{AdmissionLayer, IdentityRateLimiter};
+pub use admission::{AdmissionLayer, CallSlots, IdentityRateLimiter};
 pub use call::{Calls, Gate};
 pub use status::ApiError;
 pub use vault::VaultService;

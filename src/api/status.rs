@@ -32,8 +32,12 @@ pub mod reason {
     pub const INTERNAL: &str = "INTERNAL";
     /// An admin reload refused a keyring (wrong passphrase, fingerprints).
     pub const KEYRING_REJECTED: &str = "KEYRING_REJECTED";
+    /// An admin reload refused a policy file (invalid); the running one stays.
+    pub const POLICY_REJECTED: &str = "POLICY_REJECTED";
     /// Concurrent writers of one credential kept winning; retry the call.
     pub const WRITE_CONTENTION: &str = "WRITE_CONTENTION";
+    /// A tenant's credential quota (`server.max_records_per_tenant`) is full.
+    pub const QUOTA_EXCEEDED: &str = "QUOTA_EXCEEDED";
 }
 
 /// One invalid request field.
@@ -61,6 +65,7 @@ pub enum ApiError {
     Broker(BrokerError),
     Overloaded(&'static str),
     KeyringRejected(String),
+    PolicyRejected(String),
 }
 
 impl From<AuthError> for ApiError {
@@ -176,6 +181,11 @@ impl ApiError {
                 KEYRING_REJECTED,
                 format!("keyring rejected: {why}"),
             ),
+            Self::PolicyRejected(why) => Wire::new(
+                Code::FailedPrecondition,
+                POLICY_REJECTED,
+                format!("policy rejected: {why}"),
+            ),
             Self::Auth(error) => auth_wire(error),
             Self::Broker(error) => broker_wire(error),
         }
@@ -243,6 +253,11 @@ fn broker_wire(error: &BrokerError) -> Wire {
             )
         }
         BrokerError::Contention => Wire::new(Code::Aborted, WRITE_CONTENTION, message),
+        BrokerError::Overloaded(_) => Wire::new(Code::ResourceExhausted, OVERLOADED, message),
+        BrokerError::QuotaExceeded { quota } => {
+            Wire::new(Code::ResourceExhausted, QUOTA_EXCEEDED, message)
+                .meta("quota", quota.to_string())
+        }
         // Internal details stay in the server log.
         BrokerError::Storage(detail) => Wire::new(
             Code::Unavailable,

@@ -40,9 +40,11 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::DepositRequest>,
     ) -> Result<Response<pb::DepositResponse>, Status> {
-        let admit = |principal, request| {
+        let admit = |principal, request: pb::DepositRequest, entry: &mut AuditEntry| {
+            entry.requested(request.credential.as_ref());
             let (caller, command) = convert::deposit(request, &principal)?;
-            Ok((AuditEntry::new(caller, Some(&command.id)), command))
+            entry.authorized(&caller, Some(&command.id));
+            Ok(command)
         };
         let run = |command| async {
             let deposited = self.broker.deposit(command).await?;
@@ -58,13 +60,12 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::GetAccessTokenRequest>,
     ) -> Result<Response<pb::GetAccessTokenResponse>, Status> {
-        let admit = |principal, request| {
+        let admit = |principal, request: pb::GetAccessTokenRequest, entry: &mut AuditEntry| {
+            entry.requested(request.credential.as_ref());
             let (caller, token_request) =
                 convert::get_access_token(request, &principal, self.max_min_valid_for)?;
-            Ok((
-                AuditEntry::new(caller, Some(&token_request.id)),
-                token_request,
-            ))
+            entry.authorized(&caller, Some(&token_request.id));
+            Ok(token_request)
         };
         let run = |token_request| async {
             let token = self.broker.get_access_token(token_request).await?;
@@ -79,9 +80,11 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::RevokeRequest>,
     ) -> Result<Response<pb::RevokeResponse>, Status> {
-        let admit = |principal, request| {
+        let admit = |principal, request: pb::RevokeRequest, entry: &mut AuditEntry| {
+            entry.requested(request.credential.as_ref());
             let (caller, id) = convert::revoke(request, &principal)?;
-            Ok((AuditEntry::new(caller, Some(&id)), id))
+            entry.authorized(&caller, Some(&id));
+            Ok(id)
         };
         let run = |id| async move {
             let revoked = self.broker.revoke(&id).await?;

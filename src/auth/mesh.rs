@@ -24,55 +24,100 @@ pub enum MeshError {
     WrongBy,
     #[error("x-forwarded-client-cert names no usable identity: {0}")]
     BadIdentity(String),
+    #[error("x-forwarded-client-cert element has more than one By or URI")]
+    Ambiguous,
+    #[error("the mesh sidecar's shared secret is missing or wrong")]
+    SidecarSecret,
 }
 
-/// Splits on `sep` outside double quotes.
-fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let (mut start, mut quoted) = (0, false);
-    for (i, c) in s.char_indices() {
-        match c {
-            '"' => quoted = !quoted,
-            c if c == sep && !quoted => {
-                parts.push(&s[start..i]);
-                start = i + c.len_utf8();
+/// Headers larger than this are refused unread.
+const MAX_HEADER: usize = 16 * 1024;
+
+/// One XFCC element: its `key=value` pairs, keys lowercased, values
+/// unquoted and unescaped.
+type Element = Vec<(String, String)>;
+
+/// Parses an XFCC header by Envoy's grammar: elements separated by `,`,
+/// pairs by `;`, each `key=value`; a value may be double-quoted, and inside
+/// quotes `\"` and `\\` are escapes and `,;=` are plain characters.
+fn parse(header: &str) -> Result<Vec<Element>, MeshError> {
+    let mut elements = Vec::new();
+    let mut element = Element::new();
+    let (mut key, mut value) = (String::new(), String::new());
+    let (mut in_value, mut quoted, mut escaped) = (false, false, false);
+    let close = |element: &mut Element, key: &mut String, value: &mut String| {
+        if key.trim().is_empty() {
+            return Err(MeshError::Malformed);
+        }
+        element.push((key.trim().to_ascii_lowercase(), std::mem::take(value)));
+        key.clear();
+        Ok(())
+    };
+    for ch in header.chars() {
+        match (in_value, quoted, escaped, ch) {
+            (true, true, true, _) => {
+                value.push(ch);
+                escaped = false;
             }
-            _ => {}
+            (true, true, false, '\\') => escaped = true,
+            (true, true, false, '"') => quoted = false,
+            (true, true, false, _) => value.push(ch),
+            (true, false, _, '"') if value.is_empty() => quoted = true,
+            (true, false, _, ';') => {
+                close(&mut element, &mut key, &mut value)?;
+                in_value = false;
+            }
+            (true, false, _, ',') => {
+                close(&mut element, &mut key, &mut value)?;
+                elements.push(std::mem::take(&mut element));
+                in_value = false;
+            }
+            (true, false, _, '"') => return Err(MeshError::Malformed),
+            (true, false, _, _) => value.push(ch),
+            (false, _, _, '=') => in_value = true,
+            (false, _, _, ';' | ',' | '"') => return Err(MeshError::Malformed),
+            (false, _, _, _) => key.push(ch),
         }
     }
-    parts.push(&s[start..]);
-    parts
+    if quoted || !in_value {
+        return Err(MeshError::Malformed);
+    }
+    close(&mut element, &mut key, &mut value)?;
+    elements.push(element);
+    Ok(elements)
 }
 
 /// The caller's identity from the XFCC header, if the element closest to
-/// the vault was added for `vault_identity`.
+/// the vault was added for `vault_identity`. An element with more than one
+/// `By` or `URI` is refused: picking one would let a certificate (or a value
+/// smuggled into another field) choose who it is.
 pub fn identity_from_xfcc(
     header: Option<&str>,
     vault_identity: &str,
     rules: &IdentityRules,
 ) -> Result<Identity, MeshError> {
     let header = header.ok_or(MeshError::Missing)?;
-    if header.len() > 16 * 1024 {
+    if header.len() > MAX_HEADER {
         return Err(MeshError::Malformed);
     }
-    let element = split_unquoted(header, ',')
-        .into_iter()
-        .next_back()
-        .ok_or(MeshError::Malformed)?;
-    let (mut by, mut uri) = (None, None);
-    for pair in split_unquoted(element, ';') {
-        let (key, value) = pair.trim().split_once('=').ok_or(MeshError::Malformed)?;
-        let value = value.trim_matches('"');
-        match key.to_ascii_lowercase().as_str() {
-            "by" => by = Some(value),
-            "uri" => uri = Some(value),
-            _ => {}
-        }
+    let element = parse(header)?.pop().ok_or(MeshError::Malformed)?;
+    let values = |name: &str| -> Vec<&str> {
+        element
+            .iter()
+            .filter(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+            .collect()
+    };
+    let (by, uri) = (values("by"), values("uri"));
+    if by.len() > 1 || uri.len() > 1 {
+        return Err(MeshError::Ambiguous);
     }
-    if by != Some(vault_identity) {
+    if by.first() != Some(&vault_identity) {
         return Err(MeshError::WrongBy);
     }
-    let uri = uri.ok_or_else(|| MeshError::BadIdentity("no URI".into()))?;
+    let uri = uri
+        .first()
+        .ok_or_else(|| MeshError::BadIdentity("no URI".into()))?;
     let spiffe = SpiffeId::parse(uri).map_err(|e| MeshError::BadIdentity(e.to_string()))?;
     if let Some(pinned) = &rules.trust_domain {
         if spiffe.trust_domain() != pinned {
@@ -124,12 +169,51 @@ mod tests {
                 MeshError::WrongBy,
             ),
             (Some("garbage".to_owned()), MeshError::Malformed),
+            // Two URIs in the element closest to the vault: refused, not
+            // "the last one wins".
+            (
+                Some(format!(
+                    "By={VAULT};URI=spiffe://td/app;URI=spiffe://td/admin"
+                )),
+                MeshError::Ambiguous,
+            ),
+            (
+                Some(format!("By={VAULT};By={VAULT};URI=spiffe://td/app")),
+                MeshError::Ambiguous,
+            ),
+            // A DNS SAN smuggling `;URI=` unquoted adds a second URI.
+            (
+                Some(format!(
+                    "By={VAULT};URI=spiffe://td/app;DNS=x;URI=spiffe://td/admin"
+                )),
+                MeshError::Ambiguous,
+            ),
+            (
+                Some(format!("By={VAULT};URI=\"unterminated")),
+                MeshError::Malformed,
+            ),
         ] {
             assert_eq!(
                 identity_from_xfcc(header.as_deref(), VAULT, &rules()).unwrap_err(),
                 expected
             );
         }
+        // Quoted per Envoy, the smuggled text is part of the DNS value.
+        let quoted = format!("By={VAULT};DNS=\"x;URI=spiffe://td/admin\";URI=spiffe://td/app");
+        assert_eq!(
+            identity_from_xfcc(Some(&quoted), VAULT, &rules())
+                .unwrap()
+                .to_string(),
+            "spiffe://td/app"
+        );
+        let escaped =
+            format!("By={VAULT};Subject=\"CN=a\\\",URI=spiffe://td/admin\";URI=spiffe://td/app");
+        assert_eq!(
+            identity_from_xfcc(Some(&escaped), VAULT, &rules())
+                .unwrap()
+                .to_string(),
+            "spiffe://td/app"
+        );
         let foreign = format!("By={VAULT};URI=spiffe://elsewhere/app");
         assert!(matches!(
             identity_from_xfcc(Some(&foreign), VAULT, &rules()),

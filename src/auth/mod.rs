@@ -17,10 +17,12 @@ pub mod mesh;
 mod peer;
 pub mod policy;
 
+use std::sync::{Arc, RwLock};
+
 pub use self::identity::{Identity, IdentityError, IdentityRules};
 pub use self::jwt::{JwtVerifier, TokenError};
-pub use self::peer::{bearer, Peer};
-pub use self::policy::{Action, Grants, Policy, Tenants};
+pub use self::peer::{bearer, Forwarded, Peer, SIDECAR_SECRET_HEADER};
+pub use self::policy::{Action, Grants, Policy, PolicyError, Tenants};
 
 /// Why a call is refused. Messages name identities and tenants (not secrets).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -119,10 +121,14 @@ impl Principal {
     }
 }
 
-/// Resolves principals from identities, the policy and bearer tokens.
+/// Resolves principals from identities, the policy and bearer tokens. The
+/// policy can be replaced while the server runs (a reload); each call reads
+/// one whole policy, old or new.
 pub struct Authenticator {
     rules: IdentityRules,
-    policy: Policy,
+    policy: RwLock<Arc<Policy>>,
+    /// Where the policy is re-read from on a reload.
+    policy_file: Option<std::path::PathBuf>,
     jwt: Option<JwtVerifier>,
 }
 
@@ -130,9 +136,16 @@ impl Authenticator {
     pub fn new(rules: IdentityRules, policy: Policy) -> Self {
         Self {
             rules,
-            policy,
+            policy: RwLock::new(Arc::new(policy)),
+            policy_file: None,
             jwt: None,
         }
+    }
+
+    /// Reload the policy from `path` (on change, SIGHUP or the admin call).
+    pub fn with_policy_file(mut self, path: std::path::PathBuf) -> Self {
+        self.policy_file = Some(path);
+        self
     }
 
     /// Also verify bearer tokens; their tenant claims narrow each call.
@@ -143,6 +156,28 @@ impl Authenticator {
 
     pub fn identity_rules(&self) -> &IdentityRules {
         &self.rules
+    }
+
+    /// Swaps in a new policy; calls already past the gate keep the old one.
+    pub fn replace_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// Reads the policy file again and swaps it in; an invalid file is
+    /// refused and the running policy stays. Returns the number of rules.
+    pub async fn reload_policy(&self) -> Result<usize, PolicyError> {
+        let Some(path) = self.policy_file.clone() else {
+            return Ok(self.policy.read().unwrap_or_else(|e| e.into_inner()).len());
+        };
+        let policy = tokio::task::spawn_blocking(move || Policy::load(&path))
+            .await
+            .map_err(|_| PolicyError::Invalid {
+                path: String::new(),
+                message: "the reload task failed".into(),
+            })??;
+        let rules = policy.len();
+        self.replace_policy(policy);
+        Ok(rules)
     }
 
     /// The identity of a connection, from its verified leaf certificate.
@@ -159,7 +194,8 @@ impl Authenticator {
         identity: Identity,
         bearer: Option<&str>,
     ) -> Result<Principal, AuthError> {
-        let mut grants = self.policy.grants_for(&identity);
+        let policy = Arc::clone(&self.policy.read().unwrap_or_else(|e| e.into_inner()));
+        let mut grants = policy.grants_for(&identity);
         match (&self.jwt, bearer) {
             (Some(verifier), Some(token)) => {
                 let claimed = verifier.verify(token)?;

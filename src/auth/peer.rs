@@ -9,7 +9,10 @@
 
 use std::sync::Arc;
 
+use subtle::ConstantTimeEq;
+
 use super::{mesh, AuthError, Authenticator, Identity, TokenError};
+use crate::secret::SecretString;
 
 /// The connection a request came in on, attached by the transport. A TLS
 /// peer whose certificate named no usable identity may connect, but every
@@ -19,30 +22,59 @@ pub enum Peer {
     /// An mTLS connection and the identity of its certificate.
     Tls(Result<Identity, AuthError>),
     /// A mesh-mode connection from the local sidecar: callers' identities come
-    /// from `x-forwarded-client-cert` elements added for `vault_identity`.
-    Mesh { vault_identity: Arc<str> },
+    /// from `x-forwarded-client-cert` elements added for `vault_identity`,
+    /// on requests that carry the sidecar's shared secret when one is set.
+    Mesh {
+        vault_identity: Arc<str>,
+        sidecar_secret: Option<Arc<SecretString>>,
+    },
+}
+
+/// The header a mesh sidecar adds to prove it is the sidecar: anything else
+/// that can reach the loopback listener (another container in the pod)
+/// could otherwise forge `x-forwarded-client-cert`.
+pub const SIDECAR_SECRET_HEADER: &str = "x-credvault-sidecar-secret";
+
+/// The forwarded-identity headers of one request: absent, or present as
+/// text (`Err` when a value is not text).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Forwarded<'a> {
+    pub xfcc: Option<Result<&'a str, ()>>,
+    pub sidecar_secret: Option<Result<&'a str, ()>>,
 }
 
 impl Authenticator {
     /// The identity behind one request: its connection's, or on a mesh
-    /// connection the one the sidecar forwarded. `forwarded` is the
-    /// request's `x-forwarded-client-cert` header: absent, or present as
-    /// text (`Err` when it is not).
+    /// connection the one the sidecar forwarded.
     pub fn request_identity(
         &self,
         peer: Option<&Peer>,
-        forwarded: Option<Result<&str, ()>>,
+        forwarded: Forwarded<'_>,
     ) -> Result<Identity, AuthError> {
         match peer {
             // Only a sidecar in mesh mode may speak for a client; on the mTLS
             // port the header is an impersonation attempt.
-            Some(Peer::Tls(_)) if forwarded.is_some() => Err(AuthError::ForwardedIdentityRefused),
+            Some(Peer::Tls(_)) if forwarded.xfcc.is_some() => {
+                Err(AuthError::ForwardedIdentityRefused)
+            }
             Some(Peer::Tls(identity)) => identity.clone(),
-            Some(Peer::Mesh { vault_identity }) => Ok(mesh::identity_from_xfcc(
-                forwarded.and_then(Result::ok),
+            Some(Peer::Mesh {
                 vault_identity,
-                self.identity_rules(),
-            )?),
+                sidecar_secret,
+            }) => {
+                if let Some(expected) = sidecar_secret {
+                    let given = forwarded.sidecar_secret.and_then(Result::ok).unwrap_or("");
+                    let matches: bool = given.as_bytes().ct_eq(expected.expose().as_bytes()).into();
+                    if !matches {
+                        return Err(mesh::MeshError::SidecarSecret.into());
+                    }
+                }
+                Ok(mesh::identity_from_xfcc(
+                    forwarded.xfcc.and_then(Result::ok),
+                    vault_identity,
+                    self.identity_rules(),
+                )?)
+            }
             None => Err(AuthError::NoCertificate),
         }
     }

@@ -220,6 +220,15 @@ impl Policy {
         Ok(Self { rules })
     }
 
+    /// How many rules the policy has.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
     /// The union of all grants whose pattern matches `identity`.
     pub fn grants_for(&self, identity: &Identity) -> Grants {
         let name = identity.to_string();
@@ -227,7 +236,7 @@ impl Policy {
         for rule in &self.rules {
             let matches = match &rule.pattern {
                 Pattern::Exact(exact) => *exact == name,
-                Pattern::Prefix(prefix) => name.starts_with(prefix.as_str()),
+                Pattern::Prefix(prefix) => prefix_matches(prefix, &name),
             };
             if matches {
                 grants.tenants.union(&rule.grants.tenants);
@@ -237,6 +246,15 @@ impl Policy {
         }
         grants
     }
+}
+
+/// A prefix matches at a path-segment boundary only: `spiffe://td/ns/*`
+/// matches `spiffe://td/ns/a`, and `spiffe://td*` matches `spiffe://td` and
+/// `spiffe://td/…` but never `spiffe://td-evil/…`.
+fn prefix_matches(prefix: &str, name: &str) -> bool {
+    name.strip_prefix(prefix).is_some_and(|rest| {
+        prefix.ends_with(['/', ':']) || rest.is_empty() || rest.starts_with('/')
+    })
 }
 
 #[cfg(test)]
@@ -291,6 +309,26 @@ mod tests {
         // "acme/*" must not match "acmecorp/…".
         let grants = policy.grants_for(&spiffe("spiffe://credvault.dev/acmecorp/x"));
         assert_eq!(grants, Grants::default());
+    }
+
+    #[test]
+    fn prefixes_match_at_segment_boundaries_only() {
+        let policy = Policy::parse(
+            r#"[[rule]]
+               identity = "spiffe://td*"
+               tenants = ["t"]
+               actions = ["get"]"#,
+        )
+        .unwrap();
+        for (name, granted) in [
+            ("spiffe://td/app", true),
+            ("spiffe://td/ns/a/b", true),
+            ("spiffe://td-evil/app", false),
+            ("spiffe://tdx/app", false),
+        ] {
+            let grants = policy.grants_for(&spiffe(name));
+            assert_eq!(grants.tenants.contains("t"), granted, "{name}");
+        }
     }
 
     #[test]

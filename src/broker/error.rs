@@ -35,6 +35,12 @@ pub enum BrokerError {
     ClientRequired { provider: String },
     #[error("storage is unavailable: {0}")]
     Storage(String),
+    /// This process is at one of its bounds (refreshes in flight).
+    #[error("overloaded: {0}")]
+    Overloaded(&'static str),
+    /// The tenant holds as many credentials as its quota allows.
+    #[error("the tenant's credential quota ({quota}) is reached")]
+    QuotaExceeded { quota: u64 },
     /// Concurrent writers kept winning the compare-and-swap; retrying later
     /// will do. Not a storage fault.
     #[error("the credential is being changed concurrently")]

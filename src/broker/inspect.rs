@@ -27,6 +27,10 @@ pub struct CredentialInfo {
     pub has_refresh_token: bool,
     pub token_endpoint_host: String,
     pub preset: Option<String>,
+    /// Transient refresh failures in a row (this replica's count).
+    pub refresh_failures: u32,
+    /// Refreshes are paused until then.
+    pub refresh_backoff_until: Option<SystemTime>,
 }
 
 /// Whether a credential can be used.
@@ -75,6 +79,14 @@ impl Broker {
     }
 
     fn info(&self, id: CredentialId, versioned: &Versioned) -> CredentialInfo {
+        let streak = self.limits.streak(&id);
+        let mut info = self.record_info(id, versioned);
+        info.refresh_failures = streak.map_or(0, |s| s.failures);
+        info.refresh_backoff_until = streak.and_then(|s| s.cooling_until);
+        info
+    }
+
+    fn record_info(&self, id: CredentialId, versioned: &Versioned) -> CredentialInfo {
         let framed = record::unframe(&versioned.value);
         let generation = framed.map_or(0, |(generation, _)| generation);
         let key_version = framed
@@ -102,6 +114,8 @@ impl Broker {
                 preset: record.preset.clone(),
                 labels: record.labels,
                 id,
+                refresh_failures: 0,
+                refresh_backoff_until: None,
             },
             Err(error) => CredentialInfo {
                 id,
@@ -119,6 +133,8 @@ impl Broker {
                 has_refresh_token: false,
                 token_endpoint_host: String::new(),
                 preset: None,
+                refresh_failures: 0,
+                refresh_backoff_until: None,
             },
         }
     }

@@ -22,6 +22,7 @@ pub mod error;
 pub mod fingerprints;
 mod flight;
 pub mod inspect;
+pub mod limits;
 pub mod model;
 pub mod record;
 mod refresh;
@@ -41,6 +42,7 @@ pub use self::error::BrokerError;
 use self::{
     cache::TokenCache,
     flight::SingleFlight,
+    limits::{LimitSettings, Limits},
     model::{
         AccessToken, ClientConfig, CredentialId, CredentialRecord, CredentialState, DepositCommand,
         Deposited, Grant, ReauthCause, Revoked, UpstreamRevocation,
@@ -67,6 +69,8 @@ pub struct BrokerSettings {
     /// with that refresh's token: a client looping on 401 cannot hammer the
     /// provider.
     pub force_refresh_interval: Duration,
+    /// Bounds on refreshes in flight, failure cool-downs, record quotas.
+    pub limits: LimitSettings,
 }
 
 impl Default for BrokerSettings {
@@ -75,6 +79,7 @@ impl Default for BrokerSettings {
             refresh_skew: Duration::from_secs(60),
             force_refresh_interval: Duration::from_secs(15),
             presets: HashMap::new(),
+            limits: LimitSettings::default(),
         }
     }
 }
@@ -96,6 +101,7 @@ pub struct Broker {
     flights: SingleFlight<CredentialId, FlightResult>,
     write_locks: Vec<Mutex<()>>,
     lock_hasher: RandomState,
+    limits: Limits,
     metrics: Arc<Metrics>,
 }
 
@@ -109,6 +115,7 @@ impl Broker {
     ) -> Arc<Self> {
         Arc::new(Self {
             metrics,
+            limits: Limits::new(settings.limits.clone()),
             store,
             keys,
             upstream,
@@ -141,9 +148,15 @@ impl Broker {
         // The exchange happens before the write lock: a slow provider must not
         // hold up other writers of this credential.
         let obtained = self.obtain(&client, grant, &id).await?;
+        let tenant_full = self.tenant_full(&id.tenant).await?;
         let now = SystemTime::now();
         let wrote = self
             .write(&id, How::DURABLE, |current| {
+                if current.is_none() {
+                    if let Some(quota) = tenant_full {
+                        return Err(BrokerError::QuotaExceeded { quota });
+                    }
+                }
                 // The clear generation is readable even when the record is
                 // not, so a Deposit can always replace a broken or dead grant.
                 let previous = current
@@ -162,19 +175,28 @@ impl Broker {
                     updated_at: now,
                     last_refresh_at: None,
                 };
-                Ok(Step::Put(Box::new(record), previous + 1))
+                Ok(Step::Put(
+                    Box::new(record),
+                    (previous + 1, current.is_none()),
+                ))
             })
             .await?;
         let key_version = wrote.key_version.unwrap_or_default();
+        let (generation, created) = wrote.answer;
+        if created {
+            self.limits.count_records(&id.tenant, None, 1);
+        }
+        // A new grant starts with a clean record of failures.
+        self.limits.recovered(&id);
         tracing::info!(
             tenant = %id.tenant,
             provider = %id.provider,
-            generation = wrote.answer,
+            generation,
             key_version,
             "credential deposited"
         );
         Ok(Deposited {
-            generation: wrote.answer,
+            generation,
             key_version,
         })
     }
@@ -254,6 +276,8 @@ impl Broker {
                 upstream: UpstreamRevocation::NotConfigured,
             });
         };
+        self.limits.count_records(&id.tenant, None, -1);
+        self.limits.recovered(id);
         tracing::info!(tenant = %id.tenant, provider = %id.provider, "credential revoked");
         let upstream = self.revoke_upstream(id, &removed).await;
         Ok(Revoked {
@@ -282,14 +306,37 @@ impl Broker {
         }
     }
 
+    /// `Some(quota)` when the tenant's record quota is reached (a Deposit of
+    /// a new credential is then refused; replacing one is not). The count is
+    /// read from the store once per tenant, then kept by the writes here.
+    async fn tenant_full(&self, tenant: &str) -> Result<Option<u64>, BrokerError> {
+        let Some(quota) = self.limits.record_quota() else {
+            return Ok(None);
+        };
+        let count = match self.limits.tenant_records(tenant) {
+            Some(count) => count,
+            None => {
+                let prefix = crate::store::StoreKey::tenant_prefix(tenant);
+                let limit = usize::try_from(quota)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(1);
+                let count = self.store.scan(&prefix, None, limit).await?.len() as u64;
+                self.limits.count_records(tenant, Some(count), 0);
+                count
+            }
+        };
+        Ok((count >= quota).then_some(quota))
+    }
+
     /// Streams a backup of every record, still sealed, into `chunks`;
     /// returns the record count.
     pub async fn backup(
         &self,
         chunks: tokio::sync::mpsc::Sender<Vec<u8>>,
     ) -> Result<u64, BrokerError> {
+        let key = backup_key(&self.keys.current(), None)?;
         let mut sink = chunks;
-        backup::export(self.store.as_ref(), &mut sink)
+        backup::export(self.store.as_ref(), &key, &mut sink)
             .await
             .map_err(|e| BrokerError::Storage(e.to_string()))
     }
@@ -391,6 +438,26 @@ impl Broker {
             }),
         }
     }
+}
+
+/// The key that authenticates a backup: derived from key `version` (default:
+/// the primary) for that purpose alone.
+pub fn backup_key(
+    keyring: &crypto::Keyring,
+    version: Option<u32>,
+) -> Result<backup::BackupKey, BrokerError> {
+    let version = match version {
+        None => keyring.primary(),
+        Some(v) => KeyVersion::new(v).ok_or(BrokerError::KeyVersionUnavailable { version: v })?,
+    };
+    let mac_key = crypto::derive_key(keyring, version, crypto::Purpose::BackupAuthentication)
+        .map_err(|_| BrokerError::KeyVersionUnavailable {
+            version: version.get(),
+        })?;
+    Ok(backup::BackupKey {
+        key_version: version.get(),
+        mac_key,
+    })
 }
 
 fn identity(id: &CredentialId) -> RecordIdentity<'_> {

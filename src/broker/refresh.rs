@@ -141,7 +141,10 @@ impl Broker {
         }
         match self.call_provider(id, &record).await? {
             Ok(tokens) => Ok(
-                match self.write_back(id, &versioned, &record, tokens).await? {
+                match self
+                    .write_back_or_revoke(id, &versioned, &record, tokens)
+                    .await?
+                {
                     WriteBack::Stored(token) => Round::Served(FlightOutcome {
                         token,
                         fresh: true,
@@ -176,10 +179,24 @@ impl Broker {
         if force && !recent {
             return None;
         }
-        let token = record
-            .access_token
-            .as_ref()
-            .filter(|t| t.valid_for(margin, now))?;
+        let token = record.access_token.as_ref()?;
+        if !token.valid_for(margin, now) {
+            // A token the provider issued within the forced-refresh interval
+            // that still cannot cover `min_valid_for` means the provider's
+            // lifetime is shorter than asked: another refresh would return
+            // the same, and one per call would burn the provider's quota.
+            // The freshest token there is answers instead.
+            let freshest = !force && recent && token.valid_for(self.settings.refresh_skew, now);
+            if !freshest {
+                return None;
+            }
+            self.metrics.lifetime_shortfalls.inc();
+            return Some(FlightOutcome {
+                token: token.clone(),
+                fresh: true,
+                recent,
+            });
+        }
         if force {
             self.metrics.forced_refreshes_rate_limited.inc();
             tracing::debug!(provider = %id.provider, "forced refresh answered with a recent one");
@@ -207,11 +224,21 @@ impl Broker {
             ));
         }
         let client = self.client_for(record)?;
-        let issued = match (&record.refresh_token, record.client_credentials) {
-            (Some(refresh_token), _) => self.upstream.refresh(&client, refresh_token).await,
-            (None, true) => self.upstream.client_credentials(&client).await,
-            (None, false) => return Err(reauth(ReauthCause::NoRefreshToken, id)),
+        if record.refresh_token.is_none() && !record.client_credentials {
+            return Err(reauth(ReauthCause::NoRefreshToken, id));
+        }
+        // Detached flights outlive their callers: bound them here, where
+        // the upstream work happens.
+        let host = client.token_endpoint.host_str().unwrap_or_default();
+        let _permit = self
+            .limits
+            .refresh_permit(&id.tenant, host)
+            .ok_or(BrokerError::Overloaded("too many refreshes in flight"))?;
+        let issued = match &record.refresh_token {
+            Some(refresh_token) => self.upstream.refresh(&client, refresh_token).await,
+            None => self.upstream.client_credentials(&client).await,
         };
+        self.note_outcome(id, &issued);
         self.metrics.refresh(
             &id.provider,
             match &issued {
@@ -223,6 +250,29 @@ impl Broker {
             },
         );
         Ok(issued)
+    }
+
+    /// Keeps the credential's failure streak: transient failures extend it
+    /// (and start a cool-down at the threshold), anything else ends it.
+    fn note_outcome(&self, id: &CredentialId, issued: &Result<IssuedTokens, UpstreamError>) {
+        let now = SystemTime::now();
+        match issued {
+            Err(UpstreamError::Unavailable { .. }) => {
+                let streak = self.limits.failed(id, now);
+                if streak.cooling_until.is_some() {
+                    tracing::warn!(
+                        provider = %id.provider,
+                        failures = streak.failures,
+                        "refreshes failing; cooling down"
+                    );
+                }
+            }
+            _ if self.limits.streak(id).is_some() => self.limits.recovered(id),
+            _ => return,
+        }
+        self.metrics
+            .credentials_cooling_down
+            .set(i64::try_from(self.limits.cooling_count(now)).unwrap_or(i64::MAX));
     }
 
     /// A benign race looks exactly like a dead grant: someone rotated the
@@ -245,6 +295,35 @@ impl Broker {
         self.mark_reauth(id, &latest_versioned, latest, cause)
             .await?;
         Err(reauth(cause, id))
+    }
+
+    /// [`Broker::write_back`]; if the credential was revoked while the
+    /// provider answered, the Revoke revoked the refresh token it found, which
+    /// the provider has just replaced: revoke the one it issued now.
+    async fn write_back_or_revoke(
+        &self,
+        id: &CredentialId,
+        read: &Versioned,
+        used: &CredentialRecord,
+        tokens: IssuedTokens,
+    ) -> Result<WriteBack, BrokerError> {
+        let rotated = tokens.refresh_token.clone();
+        let result = self.write_back(id, read, used, tokens).await;
+        if let (Err(BrokerError::NotFound), Some(rotated)) = (&result, rotated) {
+            if let Ok(client) = self.client_for(used) {
+                if client.revocation_endpoint.is_some() {
+                    match self.upstream.revoke(&client, &rotated).await {
+                        Ok(()) => {
+                            tracing::info!(provider = %id.provider, "revoked the refresh token issued during a Revoke")
+                        }
+                        Err(error) => {
+                            tracing::warn!(provider = %id.provider, %error, "could not revoke the refresh token issued during a Revoke")
+                        }
+                    }
+                }
+            }
+        }
+        result
     }
 
     /// Persists freshly issued tokens, but only onto the grant they came

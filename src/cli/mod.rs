@@ -21,8 +21,9 @@ use self::{
     keyring::KeyringCommand,
 };
 use crate::{
+    broker,
     config::Config,
-    dev, files,
+    crypto, dev, files,
     server::{self, tls, Listeners},
     store::{self, backup, StoreSettings},
     telemetry,
@@ -62,21 +63,30 @@ enum Command {
     /// Manage the sealed keyring file (offline; a running vault picks up changes).
     #[command(subcommand)]
     Keyring(KeyringCommand),
-    /// Back up a stopped vault's store (still encrypted; safe to copy).
-    /// For a running vault use `credvault admin backup`.
+    /// Back up a stopped vault's store (still encrypted; safe to copy),
+    /// authenticated under its keyring. For a running vault use
+    /// `credvault admin backup`.
     Backup {
-        /// The data dir of a stopped vault.
+        /// The vault's configuration (for its keyring and data dir).
+        #[arg(long, env = "CREDVAULT_CONFIG")]
+        config: PathBuf,
+        /// The data dir of the stopped vault (default: the config's).
         #[arg(long)]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
     },
-    /// Restore a backup into an empty data dir.
+    /// Restore a backup into an empty data dir, after checking it is
+    /// authentic under the keyring.
     Restore {
         #[arg(long)]
         from: PathBuf,
+        /// The vault's configuration (for its keyring and data dir).
+        #[arg(long, env = "CREDVAULT_CONFIG")]
+        config: PathBuf,
+        /// The empty data dir to restore into (default: the config's).
         #[arg(long)]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
     },
     /// Operate a running vault through its VaultAdmin service.
     Admin {
@@ -107,8 +117,16 @@ pub fn main() -> ExitCode {
             Command::Keyring(command) => tokio::task::spawn_blocking(move || keyring::run(command))
                 .await
                 .unwrap_or_else(|_| Err("the keyring task failed".into())),
-            Command::Backup { data_dir, out } => backup_offline(&data_dir, &out).await,
-            Command::Restore { from, data_dir } => restore(&from, &data_dir).await,
+            Command::Backup {
+                config,
+                data_dir,
+                out,
+            } => backup_offline(&config, data_dir, &out).await,
+            Command::Restore {
+                from,
+                config,
+                data_dir,
+            } => restore(&from, &config, data_dir).await,
             Command::Admin { target, command } => admin::run(target, command).await,
         }
     });
@@ -163,15 +181,42 @@ async fn open_store(data_dir: &Path) -> Result<std::sync::Arc<dyn store::Credent
     .map_err(|e| format!("{}: {e}", data_dir.display()))
 }
 
-async fn backup_offline(data_dir: &Path, out: &Path) -> Result<(), String> {
+/// The keyring and data dir an offline backup or restore works on.
+async fn offline_target(
+    config: &Path,
+    data_dir: Option<PathBuf>,
+) -> Result<(crypto::Keyring, PathBuf), String> {
+    let owned = config.to_owned();
+    let config = tokio::task::spawn_blocking(move || Config::load(&owned))
+        .await
+        .map_err(|_| "the config task failed".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let keyring = crypto::KeyringSource {
+        path: config.keyring.path.clone(),
+        passphrase: config.keyring.passphrase.clone(),
+        passphrase_file: config.keyring.passphrase_file.clone(),
+    }
+    .load()
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok((keyring, data_dir.unwrap_or(config.data_dir)))
+}
+
+async fn backup_offline(
+    config: &Path,
+    data_dir: Option<PathBuf>,
+    out: &Path,
+) -> Result<(), String> {
+    let (keyring, data_dir) = offline_target(config, data_dir).await?;
     if !data_dir.is_dir() {
         return Err(format!("{}: no such data dir", data_dir.display()));
     }
-    let store = open_store(data_dir)
+    let store = open_store(&data_dir)
         .await
         .map_err(|e| format!("{e} (is the vault running? use `credvault admin backup`)"))?;
+    let key = broker::backup_key(&keyring, None).map_err(|e| e.to_string())?;
     let mut bytes = Vec::new();
-    let records = backup::export(store.as_ref(), &mut bytes)
+    let records = backup::export(store.as_ref(), &key, &mut bytes)
         .await
         .map_err(|e| e.to_string())?;
     let out_owned = out.to_owned();
@@ -185,14 +230,18 @@ async fn backup_offline(data_dir: &Path, out: &Path) -> Result<(), String> {
     Ok(())
 }
 
-async fn restore(from: &Path, data_dir: &Path) -> Result<(), String> {
+async fn restore(from: &Path, config: &Path, data_dir: Option<PathBuf>) -> Result<(), String> {
+    let (keyring, data_dir) = offline_target(config, data_dir).await?;
     let bytes = tokio::fs::read(from)
         .await
         .map_err(|e| format!("{}: {e}", from.display()))?;
-    let store = open_store(data_dir).await?;
-    let records = backup::import(store.as_ref(), &bytes)
+    let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", from.display());
+    let version = backup::key_version_of(&bytes).map_err(|e| fail(&e))?;
+    let key = broker::backup_key(&keyring, Some(version)).map_err(|e| fail(&e))?;
+    let store = open_store(&data_dir).await?;
+    let records = backup::import(store.as_ref(), &key, &bytes)
         .await
-        .map_err(|e| format!("{}: {e}", from.display()))?;
+        .map_err(|e| fail(&e))?;
     println!("restored {records} records into {}", data_dir.display());
     Ok(())
 }

@@ -54,9 +54,14 @@ const HEADER_LEN: usize = NONCE_AT + NONCE_LEN;
 
 /// Upper bounds on KDF parameters, so a hostile file cannot make us allocate
 /// or spin without limit before the passphrase is even checked.
-const MAX_M_COST_KIB: u32 = 4 * 1024 * 1024;
-const MAX_T_COST: u32 = 100;
-const MAX_P_COST: u32 = 16;
+// Ceilings on the header's Argon2 parameters. The header is readable (and,
+// by anyone who can write the keyring Secret, writable) without the
+// passphrase, and a running vault derives on every automatic reload: these
+// bound what such a write can cost to well under a second of one core and
+// 256 MiB, about 13 times OWASP's recommendation.
+const MAX_M_COST_KIB: u32 = 256 * 1024;
+const MAX_T_COST: u32 = 10;
+const MAX_P_COST: u32 = 8;
 
 /// Argon2id cost parameters, stored in the file header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -574,7 +579,9 @@ mod tests {
         for (at, value) in [
             (PARAMS_AT, u32::MAX), // 4 TiB of memory
             (PARAMS_AT, MAX_M_COST_KIB + 1),
-            (PARAMS_AT + 4, 1_000_000), // iterations
+            (PARAMS_AT, 4 * 1024 * 1024), // the review's 4 GiB
+            (PARAMS_AT + 4, 100),         // and its 100 passes
+            (PARAMS_AT + 4, 1_000_000),   // iterations
             (PARAMS_AT + 4, 0),
             (PARAMS_AT + 8, 255), // lanes
             (PARAMS_AT + 8, 0),

@@ -8,6 +8,8 @@
 //!   failures into corrupt / unsupported / key unavailable / undecryptable.
 //! - [`keyring_file`]: the keyring sealed at rest under an Argon2id-derived
 //!   key, written atomically.
+//! - [`derived`]: keys derived from a keyring key for other purposes
+//!   (backup authentication), one label each.
 //! - [`shared`]: the running server's keyring, swapped atomically on reload.
 //! - [`source`]: where that keyring is read from, again on every reload.
 //!
@@ -15,12 +17,14 @@
 //! bytes or plaintext. Randomness comes from the OS RNG; if the OS cannot
 //! provide it, `rand` panics, since there is no safe way to continue.
 
+pub mod derived;
 pub mod envelope;
 pub mod keyring;
 pub mod keyring_file;
 pub mod shared;
 pub mod source;
 
+pub use derived::{derive_key, Purpose};
 pub use envelope::{key_version_of, open, seal, seal_with, OpenError, RecordIdentity, SealError};
 pub use keyring::{
     Fingerprint, KeyInfo, KeyMaterial, KeyState, KeyUnavailable, KeyVersion, Keyring, KeyringError,

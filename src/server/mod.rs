@@ -163,7 +163,10 @@ async fn incoming(
         grpc,
         vault.tls.clone(),
         Arc::clone(&vault.auth),
-        config.tls.handshake_timeout,
+        tls::HandshakeLimits {
+            timeout: config.tls.handshake_timeout,
+            concurrent: config.server.max_handshakes,
+        },
     );
     let Some(mesh_config) = config.auth.mesh.as_ref().filter(|m| m.enabled) else {
         return Ok(Box::pin(tls));
@@ -175,7 +178,11 @@ async fn incoming(
         })?,
     };
     tracing::warn!(listen = %mesh_config.listen, "mesh mode: trusting x-forwarded-client-cert from the local sidecar");
-    let mesh = tls::mesh_incoming(listener, mesh_config.vault_identity.as_str().into());
+    let mesh = tls::mesh_incoming(
+        listener,
+        mesh_config.vault_identity.as_str().into(),
+        vault.sidecar_secret.clone(),
+    );
     Ok(Box::pin(tokio_stream::StreamExt::merge(tls, mesh)))
 }
 
@@ -211,6 +218,7 @@ fn services(
     let admin = VaultAdminServer::new(AdminService::new(
         Arc::clone(&vault.broker),
         Arc::clone(&vault.rotation),
+        Arc::clone(&vault.auth),
         vault.calls.clone(),
     ))
     .max_decoding_message_size(server.max_request_bytes);

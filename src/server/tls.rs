@@ -32,10 +32,7 @@ use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::{
-    auth::{Authenticator, Peer},
-    files::ChangeWatch,
-};
+use crate::auth::{Authenticator, Peer};
 
 /// Why TLS material could not be loaded. Names the file, never key bytes.
 #[derive(Debug, thiserror::Error)]
@@ -130,35 +127,6 @@ impl SharedServerConfig {
     }
 }
 
-/// Reloads certificate, key and client CA bundle when their files change.
-/// A half-written or mismatched set is refused (logged) and the running
-/// configuration stays.
-pub async fn reload_on_change(
-    shared: SharedServerConfig,
-    cert: std::path::PathBuf,
-    key: std::path::PathBuf,
-    client_ca: std::path::PathBuf,
-    interval: Duration,
-) {
-    let mut watch = ChangeWatch::new(vec![cert.clone(), key.clone(), client_ca.clone()]);
-    loop {
-        watch.next_change(interval).await;
-        let (cert, key, client_ca) = (cert.clone(), key.clone(), client_ca.clone());
-        let loaded =
-            tokio::task::spawn_blocking(move || server_config(&cert, &key, &client_ca)).await;
-        match loaded {
-            Ok(Ok(config)) => {
-                shared.replace(config);
-                tracing::info!("tls certificate and client CA reloaded");
-            }
-            Ok(Err(error)) => {
-                tracing::error!(%error, "tls reload refused; keeping the running certificates")
-            }
-            Err(_) => tracing::error!("tls reload task failed; keeping the running certificates"),
-        }
-    }
-}
-
 /// An accepted connection: mTLS with the identity of its certificate, or a
 /// plaintext mesh-mode connection from the local sidecar.
 pub enum Connection {
@@ -187,6 +155,7 @@ impl Connected for Connection {
 pub fn mesh_incoming(
     listener: TcpListener,
     vault_identity: Arc<str>,
+    sidecar_secret: Option<Arc<crate::secret::SecretString>>,
 ) -> impl tokio_stream::Stream<Item = Result<Connection, io::Error>> {
     tokio_stream::StreamExt::map(
         tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -197,6 +166,7 @@ pub fn mesh_incoming(
                     stream,
                     peer: Peer::Mesh {
                         vault_identity: Arc::clone(&vault_identity),
+                        sidecar_secret: sidecar_secret.clone(),
                     },
                 }
             })
@@ -262,17 +232,39 @@ impl AsyncWrite for Connection {
     }
 }
 
-/// Accepts TCP connections, runs their handshakes concurrently, and yields
-/// the ones that complete. The loop ends when the returned stream is dropped.
+/// How the accept loop bounds handshakes.
+#[derive(Clone, Copy, Debug)]
+pub struct HandshakeLimits {
+    /// A client that has not finished its handshake by then is dropped.
+    pub timeout: Duration,
+    /// Handshakes running at once; further connections wait in the
+    /// listener's backlog until one finishes.
+    pub concurrent: usize,
+}
+
+/// Accepts TCP connections, runs their handshakes concurrently (at most
+/// `limits.concurrent` at once), and yields the ones that complete. The loop
+/// ends when the returned stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     config: SharedServerConfig,
     auth: Arc<Authenticator>,
-    handshake_timeout: Duration,
+    limits: HandshakeLimits,
 ) -> ReceiverStream<Result<Connection, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.concurrent.max(1)));
+    let handshake_timeout = limits.timeout;
     tokio::spawn(async move {
         loop {
+            // Wait for a handshake slot before accepting: a flood of stalled
+            // clients then queues in the kernel, not in spawned tasks.
+            let permit = tokio::select! {
+                permit = Arc::clone(&handshakes).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                () = tx.closed() => break,
+            };
             let (tcp, remote) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(pair) => pair,
@@ -289,6 +281,7 @@ pub fn incoming(
             let acceptor = TlsAcceptor::from(config.current());
             let (auth, tx) = (Arc::clone(&auth), tx.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let peer = identify(&stream, &auth, remote);

@@ -12,13 +12,15 @@ use tokio::task::JoinSet;
 
 use super::{tls, ServerError};
 use crate::{
-    api::{Calls, Gate, IdentityRateLimiter},
+    api::{CallSlots, Calls, Gate, IdentityRateLimiter},
     auth::{
         identity::{validate_trust_domain, SpiffeId},
         jwt::{JwtSettings, JwtVerifier},
         Authenticator, IdentityRules, Policy,
     },
-    broker::{ahead, fingerprints, rotation::KeyRotation, Broker, BrokerSettings},
+    broker::{
+        ahead, fingerprints, limits::LimitSettings, rotation::KeyRotation, Broker, BrokerSettings,
+    },
     config::{Config, ConfigError, PresetAuthMethod, ProviderPreset},
     crypto::{KeyringSource, SharedKeyring},
     files,
@@ -41,6 +43,8 @@ pub struct Vault {
     pub(super) calls: Calls,
     pub(super) tls: tls::SharedServerConfig,
     pub(super) metrics: Arc<Metrics>,
+    /// What a mesh sidecar must present, when configured.
+    pub(super) sidecar_secret: Option<Arc<SecretString>>,
     /// Every background task; stopped together at shutdown.
     pub(super) tasks: JoinSet<()>,
 }
@@ -48,6 +52,7 @@ pub struct Vault {
 /// What the file phase of a start reads.
 struct Loaded {
     tls: Arc<rustls::ServerConfig>,
+    sidecar_secret: Option<Arc<SecretString>>,
     policy: Policy,
     jwt: Option<JwtVerifier>,
     presets: HashMap<String, ClientConfig>,
@@ -78,7 +83,8 @@ impl Vault {
             message: e.to_string(),
         })?;
         fingerprints::check_and_remember(store.as_ref(), &keyring).await?;
-        let mut authenticator = Authenticator::new(identity_rules, loaded.policy);
+        let mut authenticator = Authenticator::new(identity_rules, loaded.policy)
+            .with_policy_file(config.auth.policy.clone());
         if let Some(verifier) = loaded.jwt {
             authenticator = authenticator.with_jwt(verifier);
         }
@@ -98,6 +104,7 @@ impl Vault {
                 refresh_skew: config.tokens.refresh_skew,
                 force_refresh_interval: config.tokens.force_refresh_interval,
                 presets: loaded.presets,
+                limits: limit_settings(config),
             },
             Arc::clone(&metrics),
         );
@@ -112,11 +119,16 @@ impl Vault {
                 config.server.rate_limit_per_identity,
                 config.server.rate_limit_burst,
             ),
+            slots: CallSlots::new(match config.server.max_calls_per_identity {
+                0 => config.server.max_concurrent_calls / 2,
+                n => n,
+            }),
         });
         let mut vault = Self {
             config: config.clone(),
             calls: Calls::new(gate, Arc::clone(&metrics)),
             tls: tls::SharedServerConfig::new(loaded.tls),
+            sidecar_secret: loaded.sidecar_secret,
             store,
             broker,
             rotation,
@@ -142,18 +154,56 @@ impl Vault {
                 },
             ));
         }
-        self.tasks.spawn(reload_keyring_on_change(
-            Arc::clone(&self.rotation),
-            self.config.keyring.path.clone(),
+        let rotation = Arc::clone(&self.rotation);
+        self.tasks.spawn(reload_on_change(
+            "keyring",
+            vec![self.config.keyring.path.clone()],
             self.config.keyring.watch_interval,
+            move || {
+                let rotation = Arc::clone(&rotation);
+                async move {
+                    rotation
+                        .reload()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+            },
         ));
-        let tls = &self.config.tls;
-        self.tasks.spawn(tls::reload_on_change(
-            self.tls.clone(),
-            tls.cert.clone(),
-            tls.key.clone(),
-            tls.client_ca.clone(),
+        let auth = Arc::clone(&self.auth);
+        self.tasks.spawn(reload_on_change(
+            "policy",
+            vec![self.config.auth.policy.clone()],
+            self.config.auth.policy_watch_interval,
+            move || {
+                let auth = Arc::clone(&auth);
+                async move {
+                    auth.reload_policy()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+            },
+        ));
+        let tls = self.config.tls.clone();
+        let shared = self.tls.clone();
+        self.tasks.spawn(reload_on_change(
+            "tls certificate and client CA",
+            vec![tls.cert.clone(), tls.key.clone(), tls.client_ca.clone()],
             tls.reload_interval,
+            move || {
+                let (tls, shared) = (tls.clone(), shared.clone());
+                async move {
+                    let config = tokio::task::spawn_blocking(move || {
+                        tls::server_config(&tls.cert, &tls.key, &tls.client_ca)
+                    })
+                    .await
+                    .map_err(|_| "the reload task failed".to_owned())?
+                    .map_err(|e| e.to_string())?;
+                    shared.replace(config);
+                    Ok(())
+                }
+            },
         ));
         self.tasks.spawn(refresh_gauges(
             Arc::clone(&self.rotation),
@@ -182,6 +232,19 @@ fn identity_rules(config: &Config) -> Result<IdentityRules, ServerError> {
         trust_domain: config.auth.trust_domain.clone(),
         allow_common_name: config.auth.allow_common_name,
     })
+}
+
+fn limit_settings(config: &Config) -> LimitSettings {
+    let upstream = &config.upstream;
+    LimitSettings {
+        refreshes_in_flight: upstream.max_refreshes_in_flight.max(1),
+        refreshes_per_host: upstream.max_refreshes_per_host.max(1),
+        refreshes_per_tenant: upstream.max_refreshes_per_tenant.max(1),
+        backoff_after: upstream.failure_backoff_after.max(1),
+        backoff_base: upstream.failure_backoff,
+        backoff_max: upstream.failure_backoff_max,
+        records_per_tenant: config.server.max_records_per_tenant,
+    }
 }
 
 fn keyring_source(config: &Config) -> KeyringSource {
@@ -216,8 +279,23 @@ fn load_files(config: &Config) -> Result<Loaded, ServerError> {
     for (name, preset) in &config.providers {
         presets.insert(name.clone(), preset_client(name, preset)?);
     }
+    let sidecar_secret = match config.auth.mesh.as_ref().filter(|m| m.enabled) {
+        Some(mesh) => match &mesh.sidecar_secret_file {
+            Some(path) => {
+                Some(Arc::new(files::read_secret(path).map_err(|e| {
+                    invalid("auth.mesh.sidecar_secret_file", e.to_string())
+                })?))
+            }
+            None => {
+                tracing::warn!("mesh mode without auth.mesh.sidecar_secret_file: anything that can reach the mesh listener can forge a caller's identity");
+                None
+            }
+        },
+        None => None,
+    };
     Ok(Loaded {
         tls,
+        sidecar_secret,
         policy,
         jwt,
         presets,
@@ -276,12 +354,21 @@ fn upstream(config: &Config) -> Result<Upstream, ServerError> {
     .map_err(|e| ServerError::Upstream(e.to_string()))
 }
 
-/// Reloads the keyring on SIGHUP and when its file changes. A rejected
-/// keyring is logged and the running one stays.
-async fn reload_keyring_on_change(rotation: Arc<KeyRotation>, path: PathBuf, interval: Duration) {
+/// Runs `reload` on SIGHUP and whenever one of `paths` changes (checked
+/// every `interval`; `0s` watches only for SIGHUP). The one poller behind the
+/// keyring, policy and TLS reloads; a refused reload keeps what runs.
+async fn reload_on_change<F, Fut>(
+    what: &'static str,
+    paths: Vec<PathBuf>,
+    interval: Duration,
+    reload: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut watch = files::ChangeWatch::new(vec![path]);
+    let mut watch = files::ChangeWatch::new(paths);
     loop {
         let hup = async {
             #[cfg(unix)]
@@ -295,8 +382,9 @@ async fn reload_keyring_on_change(rotation: Arc<KeyRotation>, path: PathBuf, int
             () = hup => {}
             () = watch.next_change(interval) => {}
         }
-        if let Err(error) = rotation.reload().await {
-            tracing::error!(%error, "keyring reload refused; keeping the running keyring");
+        match reload().await {
+            Ok(()) => tracing::info!(what, "reloaded"),
+            Err(error) => tracing::error!(what, %error, "reload refused; keeping the running one"),
         }
     }
 }

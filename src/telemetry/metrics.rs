@@ -67,6 +67,11 @@ pub struct Metrics {
     pub coalesced_waiters: Counter,
     pub reauth_transitions: Family<CauseLabels, Counter>,
     pub forced_refreshes_rate_limited: Counter,
+    /// Calls answered from a credential's cool-down, without the provider.
+    pub refresh_cooldowns: Counter,
+    pub credentials_cooling_down: Gauge,
+    /// Calls whose `min_valid_for` exceeds what the provider issues.
+    pub lifetime_shortfalls: Counter,
     pub records: Family<KeyVersionLabels, Gauge>,
     pub store_bytes: Gauge<u64, AtomicU64>,
     pub overloaded: Counter,
@@ -120,6 +125,21 @@ impl Default for Metrics {
                 r,
                 "forced_refreshes_rate_limited",
                 "force_refresh calls answered with a recent refresh",
+            ),
+            refresh_cooldowns: register(
+                r,
+                "refresh_cooldowns",
+                "token requests answered from a failing credential's cool-down",
+            ),
+            credentials_cooling_down: register(
+                r,
+                "credentials_cooling_down",
+                "credentials whose refreshes are paused after transient failures",
+            ),
+            lifetime_shortfalls: register(
+                r,
+                "token_lifetime_shortfalls",
+                "calls asking a longer min_valid_for than the provider's token lifetime",
             ),
             records: register(r, "records", "stored records by key version"),
             store_bytes: register(r, "store_size_bytes", "size of the store on disk"),

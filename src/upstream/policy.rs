@@ -31,8 +31,10 @@ pub enum EndpointRejected {
     NoHost,
     #[error("host `{0}` is not in the endpoint allowlist")]
     HostNotAllowed(String),
-    #[error("address `{0}` is private, link-local or loopback")]
-    PrivateAddress(IpAddr),
+    /// The address is deliberately not named: the message would otherwise
+    /// tell a caller what an internal name resolves to.
+    #[error("the endpoint's address is not allowed (private, loopback or special-purpose)")]
+    PrivateAddress,
 }
 
 impl EndpointPolicy {
@@ -65,7 +67,7 @@ impl EndpointPolicy {
         if let Some(ip) = ip {
             let loopback_allowed = self.allow_http_loopback && ip.is_loopback();
             if is_internal(ip) && !self.allow_private_networks && !loopback_allowed {
-                return Err(EndpointRejected::PrivateAddress(ip));
+                return Err(EndpointRejected::PrivateAddress);
             }
         }
         Ok(())
@@ -98,7 +100,11 @@ impl EndpointPolicy {
         };
         for addr in addrs {
             if !self.address_allowed(addr.ip()) {
-                return Err(EndpointRejected::PrivateAddress(addr.ip()));
+                tracing::info!(
+                    host = name,
+                    "endpoint refused: it resolves to a special-purpose address"
+                );
+                return Err(EndpointRejected::PrivateAddress);
             }
         }
         Ok(())
@@ -153,27 +159,77 @@ fn is_loopback(host: &Host<&str>) -> bool {
     }
 }
 
-/// Addresses that reach inside the cluster or the host rather than a provider.
+/// Addresses that are not a provider on the public internet: every range
+/// of the IANA IPv4 and IPv6 special-purpose registries (private, loopback,
+/// link-local, this-network, shared/CGN, documentation, benchmarking,
+/// reserved, multicast, site-local, …), and IPv6 forms that embed an IPv4
+/// address (mapped, compatible, NAT64, 6to4, Teredo).
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => {
-            v4.is_private()
-                || v4.is_loopback()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                // 100.64.0.0/10, carrier-grade NAT, common for pod networks.
-                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
-        }
-        IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (first & 0xfe00) == 0xfc00 // unique local
-                || (first & 0xffc0) == 0xfe80 // link local
-                || v6.to_ipv4_mapped().is_some_and(|v4| is_internal(IpAddr::V4(v4)))
-        }
+        IpAddr::V4(v4) => is_special_v4(v4),
+        IpAddr::V6(v6) => is_special_v6(v6),
     }
+}
+
+/// IPv4 special-purpose ranges as (network, prefix length).
+const SPECIAL_V4: &[([u8; 4], u8)] = &[
+    ([0, 0, 0, 0], 8),       // this network
+    ([10, 0, 0, 0], 8),      // private
+    ([100, 64, 0, 0], 10),   // shared address space (CGN, pod networks)
+    ([127, 0, 0, 0], 8),     // loopback
+    ([169, 254, 0, 0], 16),  // link local (cloud metadata)
+    ([172, 16, 0, 0], 12),   // private
+    ([192, 0, 0, 0], 24),    // IETF protocol assignments
+    ([192, 0, 2, 0], 24),    // documentation (TEST-NET-1)
+    ([192, 31, 196, 0], 24), // AS112
+    ([192, 52, 193, 0], 24), // AMT
+    ([192, 88, 99, 0], 24),  // 6to4 relay anycast
+    ([192, 168, 0, 0], 16),  // private
+    ([192, 175, 48, 0], 24), // AS112 direct delegation
+    ([198, 18, 0, 0], 15),   // benchmarking
+    ([198, 51, 100, 0], 24), // documentation (TEST-NET-2)
+    ([203, 0, 113, 0], 24),  // documentation (TEST-NET-3)
+    ([224, 0, 0, 0], 4),     // multicast
+    ([240, 0, 0, 0], 4),     // reserved, and the limited broadcast
+];
+
+fn is_special_v4(ip: std::net::Ipv4Addr) -> bool {
+    let bits = u32::from(ip);
+    SPECIAL_V4.iter().any(|(net, len)| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+        bits & mask == u32::from_be_bytes(*net) & mask
+    })
+}
+
+/// IPv6 special-purpose ranges refused outright, as (network, prefix length).
+const SPECIAL_V6: &[(u128, u8)] = &[
+    (0, 96),                      // unspecified, loopback, IPv4-compatible
+    (0x0064_ff9b_0001 << 80, 48), // NAT64 local use
+    (0x0100 << 112, 64),          // discard only
+    (0x2001 << 112, 23),          // IETF assignments, Teredo, benchmarking, ORCHID
+    (0x2001_0db8 << 96, 32),      // documentation
+    (0x2002 << 112, 16),          // 6to4
+    (0x3fff << 112, 20),          // documentation
+    (0x5f00 << 112, 16),          // SRv6 SIDs
+    (0xfc00 << 112, 7),           // unique local
+    (0xfe80 << 112, 10),          // link local
+    (0xfec0 << 112, 10),          // site local (deprecated)
+    (0xff00 << 112, 8),           // multicast
+];
+
+fn is_special_v6(ip: std::net::Ipv6Addr) -> bool {
+    let bits = u128::from(ip);
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return is_special_v4(v4);
+    }
+    // NAT64 well-known prefix 64:ff9b::/96 reaches the IPv4 address it embeds.
+    if bits >> 32 == 0x0064_ff9b_0000_0000_0000_0000 {
+        return is_special_v4(std::net::Ipv4Addr::from(bits as u32));
+    }
+    SPECIAL_V6.iter().any(|(net, len)| {
+        let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+        bits & mask == net & mask
+    })
 }
 
 #[cfg(test)]
@@ -213,13 +269,58 @@ mod tests {
             "https://100.64.1.1/token",
         ] {
             assert!(
-                matches!(
-                    check(&policy, url),
-                    Err(EndpointRejected::PrivateAddress(_))
-                ),
+                matches!(check(&policy, url), Err(EndpointRejected::PrivateAddress)),
                 "{url}"
             );
         }
+    }
+
+    #[test]
+    fn every_special_purpose_range_and_embedded_ipv4_is_refused() {
+        let refused = [
+            "0.1.2.3",                              // this network
+            "192.0.0.8",                            // IETF protocol assignments
+            "192.0.2.1",                            // documentation
+            "198.18.0.1",                           // benchmarking
+            "198.19.255.255",                       // benchmarking, end of the /15
+            "203.0.113.9",                          // documentation
+            "224.0.0.1",                            // multicast
+            "240.0.0.1",                            // reserved
+            "255.255.255.255",                      // broadcast
+            "::a00:1",                              // IPv4-compatible 10.0.0.1
+            "::7f00:1",                             // IPv4-compatible 127.0.0.1
+            "64:ff9b::a9fe:a9fe",                   // NAT64 of 169.254.169.254
+            "64:ff9b:1::1",                         // NAT64 local use
+            "2002:a00:1::1",                        // 6to4 of 10.0.0.1
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2", // Teredo
+            "2001:db8::1",                          // documentation
+            "fec0::1",                              // site local
+            "ff02::1",                              // multicast
+            "100::1",                               // discard only
+        ];
+        for ip in refused {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(is_internal(ip), "{ip} must be refused");
+        }
+        for ip in [
+            "8.8.8.8",
+            "142.250.74.110",
+            "2607:f8b0:4004:c1b::5f",
+            "64:ff9b::808:808",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(!is_internal(ip), "{ip} is a public address");
+        }
+    }
+
+    #[test]
+    fn a_refusal_does_not_name_the_address() {
+        let message = EndpointRejected::PrivateAddress.to_string();
+        assert!(!message.contains("169.254"), "{message}");
+        assert_eq!(
+            check(&EndpointPolicy::default(), "https://169.254.169.254/x"),
+            Err(EndpointRejected::PrivateAddress)
+        );
     }
 
     #[test]
@@ -240,10 +341,10 @@ mod tests {
     async fn names_resolving_to_internal_addresses_are_refused() {
         let strict = EndpointPolicy::default();
         let url = Url::parse("https://localhost:8443/token").unwrap();
-        assert!(matches!(
+        assert_eq!(
             strict.check_resolved(&url).await,
-            Err(EndpointRejected::PrivateAddress(ip)) if ip.is_loopback()
-        ));
+            Err(EndpointRejected::PrivateAddress)
+        );
         let dev = EndpointPolicy {
             allow_http_loopback: true,
             ..Default::default()

@@ -60,6 +60,11 @@ impl DevProcess {
         Self::spawn(dir, false, &[])
     }
 
+    /// Like [`DevProcess::start`], with extra environment variables.
+    pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::spawn(dir, false, env)
+    }
+
     /// Like [`DevProcess::start`], keeping its output for
     /// [`DevProcess::terminate`], with extra environment variables.
     pub fn start_capturing(dir: &Path, env: &[(&str, &str)]) -> Self {

@@ -78,6 +78,17 @@ impl VaultDir {
         Self::custom("allow_http_loopback = true", "")
     }
 
+    /// A vault that refreshes whenever a call asks for more validity than the
+    /// cached token has, even right after a refresh: for tests that drive
+    /// rotations with an oversized `min_valid_for`. (By default a refresh
+    /// within `tokens.force_refresh_interval` answers such calls instead.)
+    pub fn eager_refresh() -> Self {
+        Self::custom(
+            "allow_http_loopback = true",
+            "[tokens]\nforce_refresh_interval = \"0s\"\n",
+        )
+    }
+
     /// A vault whose `[upstream]` section is `upstream` and whose config ends
     /// with `extra` (more sections, e.g. `[tokens]` or `[providers.x]`).
     pub fn custom(upstream: &str, extra: &str) -> Self {

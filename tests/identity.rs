@@ -91,7 +91,9 @@ fn jwt_vault_dir(signer: &Signer) -> VaultDir {
     let mut policy = std::fs::read_to_string(dir.path().join("policy.toml")).unwrap();
     policy.push_str(&format!(
         "\n[[rule]]\nidentity = \"spiffe://{TRUST_DOMAIN}/jwt-app\"\ntenants = [\"acme\", \"globex\"]\n\
-         actions = [\"deposit\", \"get\", \"revoke\"]\nrequire_jwt = true\n"
+         actions = [\"deposit\", \"get\", \"revoke\"]\nrequire_jwt = true\n\
+         \n[[rule]]\nidentity = \"spiffe://{TRUST_DOMAIN}/acme-admin\"\ntenants = [\"acme\"]\n\
+         actions = [\"admin\"]\n"
     ));
     std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
     dir
@@ -142,6 +144,109 @@ async fn attempt(
     }
 }
 
+/// The VaultAdmin RPCs, attempted the same way.
+const ADMIN_RPCS: &[&str] = &[
+    "ListCredentials",
+    "DescribeCredential",
+    "GetKeyStatus",
+    "ReloadKeyring",
+    "StartRewrap",
+    "GetRewrapStatus",
+    "Backup",
+    "ReloadPolicy",
+];
+
+async fn attempt_admin(
+    channel: Channel,
+    rpc: &str,
+    tenant: &str,
+    metadata: &[(&'static str, String)],
+) -> Result<(), tonic::Status> {
+    let mut client = VaultAdminClient::new(channel);
+    macro_rules! call {
+        ($method:ident, $message:expr) => {{
+            let mut request = Request::new($message);
+            for (k, v) in metadata {
+                request.metadata_mut().insert(*k, v.parse().unwrap());
+            }
+            client.$method(request).await.map(|_| ())
+        }};
+    }
+    match rpc {
+        "ListCredentials" => call!(
+            list_credentials,
+            pb::ListCredentialsRequest {
+                tenant: tenant.into(),
+                page_size: 10,
+                page_token: String::new(),
+            }
+        ),
+        "DescribeCredential" => call!(
+            describe_credential,
+            pb::DescribeCredentialRequest {
+                credential: reference(tenant, "victim", "idp"),
+            }
+        ),
+        "GetKeyStatus" => call!(get_key_status, pb::GetKeyStatusRequest {}),
+        "ReloadKeyring" => call!(reload_keyring, pb::ReloadKeyringRequest {}),
+        "StartRewrap" => call!(
+            start_rewrap,
+            pb::StartRewrapRequest {
+                records_per_second: 0
+            }
+        ),
+        "GetRewrapStatus" => call!(get_rewrap_status, pb::GetRewrapStatusRequest {}),
+        "ReloadPolicy" => call!(reload_policy, pb::ReloadPolicyRequest {}),
+        _ => {
+            let mut request = Request::new(pb::BackupRequest {});
+            for (k, v) in metadata {
+                request.metadata_mut().insert(*k, v.parse().unwrap());
+            }
+            // A refused stream fails at the call or at its first message.
+            let mut stream = client.backup(request).await?.into_inner();
+            stream.message().await.map(|_| ())
+        }
+    }
+}
+
+/// A token with its header and claims adjusted by the caller.
+fn forged_token(
+    signer: &Signer,
+    header: impl FnOnce(&mut jsonwebtoken::Header),
+    claims: impl FnOnce(&mut serde_json::Value),
+) -> String {
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some("k1".to_owned());
+    header(&mut h);
+    let mut c = serde_json::json!({
+        "iss": ISSUER, "aud": AUDIENCE, "sub": "end-user", "tenant": "acme",
+        "iat": now(), "exp": now() + 600,
+    });
+    claims(&mut c);
+    jsonwebtoken::encode(
+        &h,
+        &c,
+        &jsonwebtoken::EncodingKey::from_ec_pem(signer.pem.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+/// An HS256 token keyed with the verifier's public key: the classic
+/// algorithm-confusion attack.
+fn hmac_confused_token(public_jwk: &serde_json::Value) -> String {
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    h.kid = Some("k1".to_owned());
+    let claims = serde_json::json!({
+        "iss": ISSUER, "aud": AUDIENCE, "tenant": "acme", "exp": now() + 600,
+    });
+    jsonwebtoken::encode(
+        &h,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(public_jwk.to_string().as_bytes()),
+    )
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
     let provider = ProviderDouble::start().await;
@@ -190,7 +295,11 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
         metadata: Vec<(&'static str, String)>,
         /// `None`: refused before gRPC (the TLS handshake fails).
         expect: Option<(Code, &'static str)>,
+        /// The same for the VaultAdmin RPCs (which need `admin`).
+        admin: Option<(Code, &'static str)>,
     }
+    let unauthenticated = Some((Code::Unauthenticated, "UNAUTHENTICATED"));
+    let no_action = Some((Code::PermissionDenied, "ACTION_NOT_PERMITTED"));
     let bearer = |t: String| vec![("authorization", format!("Bearer {t}"))];
     let cases = vec![
         Case {
@@ -199,6 +308,7 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
             tenant: "acme",
             metadata: vec![],
             expect: None,
+            admin: None,
         },
         Case {
             name: "certificate from another CA",
@@ -206,6 +316,7 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
             tenant: "acme",
             metadata: vec![],
             expect: None,
+            admin: None,
         },
         Case {
             name: "expired certificate",
@@ -213,6 +324,7 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
             tenant: "acme",
             metadata: vec![],
             expect: None,
+            admin: None,
         },
         Case {
             name: "identity not in policy",
@@ -220,6 +332,7 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
             tenant: "acme",
             metadata: vec![],
             expect: Some((Code::PermissionDenied, "ACTION_NOT_PERMITTED")),
+            admin: no_action,
         },
         Case {
             name: "tenant outside the policy",
@@ -227,6 +340,7 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
             tenant: "globex",
             metadata: vec![],
             expect: Some((Code::PermissionDenied, "TENANT_NOT_PERMITTED")),
+            admin: no_action,
         },
         Case {
             name: "JWT for another tenant",
@@ -234,6 +348,7 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
             tenant: "acme",
             metadata: bearer(token(&good, "k1", "globex", now() + 600)),
             expect: Some((Code::PermissionDenied, "TENANT_NOT_PERMITTED")),
+            admin: no_action,
         },
         Case {
             name: "expired JWT",
@@ -241,6 +356,7 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
             tenant: "acme",
             metadata: bearer(token(&good, "k1", "acme", now() - 3600)),
             expect: Some((Code::Unauthenticated, "UNAUTHENTICATED")),
+            admin: unauthenticated,
         },
         Case {
             name: "JWT with a bad signature",
@@ -248,6 +364,7 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
             tenant: "acme",
             metadata: bearer(token(&imposter, "k1", "acme", now() + 600)),
             expect: Some((Code::Unauthenticated, "UNAUTHENTICATED")),
+            admin: unauthenticated,
         },
         Case {
             name: "alg none JWT",
@@ -255,6 +372,7 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
             tenant: "acme",
             metadata: bearer(unsigned_token("acme")),
             expect: Some((Code::Unauthenticated, "UNAUTHENTICATED")),
+            admin: unauthenticated,
         },
         Case {
             name: "JWT whose key is not in the JWKS",
@@ -262,6 +380,7 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
             tenant: "acme",
             metadata: bearer(token(&imposter, "k2", "acme", now() + 600)),
             expect: Some((Code::Unauthenticated, "UNAUTHENTICATED")),
+            admin: unauthenticated,
         },
         Case {
             name: "JWT required but absent",
@@ -269,6 +388,7 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
             tenant: "acme",
             metadata: vec![],
             expect: Some((Code::Unauthenticated, "UNAUTHENTICATED")),
+            admin: unauthenticated,
         },
         Case {
             name: "forged XFCC, mesh mode off",
@@ -279,6 +399,7 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
                 format!("By=spiffe://{TRUST_DOMAIN}/vault;URI=spiffe://{TRUST_DOMAIN}/admin"),
             )],
             expect: Some((Code::Unauthenticated, "UNAUTHENTICATED")),
+            admin: unauthenticated,
         },
         Case {
             name: "XFCC with a wrong By=",
@@ -289,11 +410,103 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
                 format!("By=spiffe://elsewhere/proxy;URI=spiffe://{TRUST_DOMAIN}/admin"),
             )],
             expect: Some((Code::Unauthenticated, "UNAUTHENTICATED")),
+            admin: unauthenticated,
+        },
+        Case {
+            name: "JWT from another issuer",
+            cert: Some(jwt_app.clone()),
+            tenant: "acme",
+            metadata: bearer(forged_token(&good, |_| {}, |c| c["iss"] = "https://evil.test".into())),
+            expect: unauthenticated,
+            admin: unauthenticated,
+        },
+        Case {
+            name: "JWT for another audience",
+            cert: Some(jwt_app.clone()),
+            tenant: "acme",
+            metadata: bearer(forged_token(&good, |_| {}, |c| c["aud"] = "someone-else".into())),
+            expect: unauthenticated,
+            admin: unauthenticated,
+        },
+        Case {
+            name: "JWT not valid yet (nbf)",
+            cert: Some(jwt_app.clone()),
+            tenant: "acme",
+            metadata: bearer(forged_token(&good, |_| {}, |c| c["nbf"] = (now() + 3600).into())),
+            expect: unauthenticated,
+            admin: unauthenticated,
+        },
+        Case {
+            name: "JWT whose kid names no key",
+            cert: Some(jwt_app.clone()),
+            tenant: "acme",
+            metadata: bearer(forged_token(&good, |h| h.kid = Some("nope".into()), |_| {})),
+            expect: unauthenticated,
+            admin: unauthenticated,
+        },
+        Case {
+            name: "JWT keyed with the public key (HS256 confusion)",
+            cert: Some(jwt_app.clone()),
+            tenant: "acme",
+            metadata: bearer(hmac_confused_token(&good.jwk)),
+            expect: unauthenticated,
+            admin: unauthenticated,
+        },
+        Case {
+            name: "JWT carrying its own key (jwk header)",
+            cert: Some(jwt_app.clone()),
+            tenant: "acme",
+            metadata: bearer(forged_token(
+                &imposter,
+                |h| h.jwk = Some(serde_json::from_value(imposter.jwk.clone()).unwrap()),
+                |_| {},
+            )),
+            expect: unauthenticated,
+            admin: unauthenticated,
+        },
+        Case {
+            name: "JWT pointing at its own key set (jku header)",
+            cert: Some(jwt_app.clone()),
+            tenant: "acme",
+            metadata: bearer(forged_token(
+                &imposter,
+                |h| h.jku = Some("https://evil.test/jwks.json".into()),
+                |_| {},
+            )),
+            expect: unauthenticated,
+            admin: unauthenticated,
+        },
+        Case {
+            name: "JWT with a certificate chain header (x5c)",
+            cert: Some(jwt_app.clone()),
+            tenant: "acme",
+            metadata: bearer(forged_token(
+                &imposter,
+                |h| h.x5c = Some(vec!["MIIBattacker".into()]),
+                |_| {},
+            )),
+            expect: unauthenticated,
+            admin: unauthenticated,
         },
     ];
 
     for case in &cases {
         let channel = vault.channel(case.cert.as_ref(), &ca_pem).await;
+        for rpc in ADMIN_RPCS {
+            let outcome = attempt_admin(channel.clone(), rpc, case.tenant, &case.metadata).await;
+            let status = outcome.expect_err(&format!("{} / {rpc} must be refused", case.name));
+            match case.admin {
+                None => assert!(
+                    status.get_error_details_or_none().is_none(),
+                    "{} / {rpc}: expected a transport failure, got {status:?}",
+                    case.name
+                ),
+                Some((code, reason)) => {
+                    assert_eq!(status.code(), code, "{} / {rpc}: {status:?}", case.name);
+                    assert_eq!(error_info(&status).0, reason, "{} / {rpc}", case.name);
+                }
+            }
+        }
         let mut client = CredentialVaultClient::new(channel);
         for rpc in ["Deposit", "GetAccessToken", "Revoke"] {
             let outcome = attempt(&mut client, rpc, case.tenant, &provider, &case.metadata).await;
@@ -315,6 +528,22 @@ async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
                     .message()
                     .contains(value.trim_start_matches("Bearer ")));
             }
+        }
+    }
+
+    // An admin of one tenant may list it, and nothing global or foreign.
+    let acme_admin = vault
+        .channel(Some(&client_cert(&dir.pki.ca, "acme-admin")), &ca_pem)
+        .await;
+    attempt_admin(acme_admin.clone(), "ListCredentials", "acme", &[])
+        .await
+        .unwrap();
+    for rpc in ADMIN_RPCS {
+        let tenant = "globex";
+        if let Err(status) = attempt_admin(acme_admin.clone(), rpc, tenant, &[]).await {
+            assert_eq!(error_info(&status).0, "TENANT_NOT_PERMITTED", "{rpc}");
+        } else {
+            panic!("acme-admin / {rpc} for {tenant} must be refused");
         }
     }
 

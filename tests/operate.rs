@@ -152,10 +152,7 @@ async fn overload_is_shed_with_a_typed_status_and_the_vault_stays_healthy() {
     let dir = VaultDir::new();
     // One identity may use all three slots here: this test is about the
     // global cap (the per-identity cap is tested in tests/overload.rs).
-    with_server_settings(
-        &dir,
-        "max_concurrent_calls = 3\nmax_calls_per_identity = 3",
-    );
+    with_server_settings(&dir, "max_concurrent_calls = 3\nmax_calls_per_identity = 3");
     let vault = TestVault::start(&dir).await;
     let mut client = vault.client(&dir, "admin").await;
     for i in 0..12 {

@@ -139,6 +139,16 @@ impl Broker {
         {
             return Ok(Round::Served(outcome));
         }
+        if let Some((streak, left)) = self.limits.cooling_down(id, SystemTime::now()) {
+            self.metrics.refresh_cooldowns.inc();
+            return Err(BrokerError::UpstreamUnavailable {
+                reason: format!(
+                    "refresh cooling down after {} transient failures in a row",
+                    streak.failures
+                ),
+                retry_after: Some(left.max(Duration::from_secs(1))),
+            });
+        }
         match self.call_provider(id, &record).await? {
             Ok(tokens) => Ok(
                 match self

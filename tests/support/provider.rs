@@ -103,6 +103,8 @@ struct Family {
 struct RefreshRecord {
     family: u64,
     rotated: bool,
+    /// Revoked alone (RFC 7009 without family revocation).
+    revoked: bool,
 }
 
 struct CodeRecord {
@@ -131,6 +133,9 @@ struct State {
     reuse_detection: bool,
     expires_in: Option<u64>,
     latency: Duration,
+    response_delay: Duration,
+    /// RFC 7009 lets a provider revoke the whole grant or just the token.
+    family_revocation: bool,
     token_faults: VecDeque<Fault>,
     revocation_faults: VecDeque<Fault>,
     token_calls: usize,
@@ -162,6 +167,7 @@ impl State {
             RefreshRecord {
                 family: id,
                 rotated: false,
+                revoked: false,
             },
         );
         (id, rt)
@@ -186,9 +192,9 @@ impl State {
     }
 
     fn rt_live(&self, rt: &str) -> bool {
-        self.refresh_tokens
-            .get(rt)
-            .is_some_and(|r| !r.rotated && self.families.get(&r.family).is_some_and(|f| !f.revoked))
+        self.refresh_tokens.get(rt).is_some_and(|r| {
+            !r.rotated && !r.revoked && self.families.get(&r.family).is_some_and(|f| !f.revoked)
+        })
     }
 }
 
@@ -233,6 +239,8 @@ impl ProviderDouble {
             reuse_detection: true,
             expires_in: Some(3600),
             latency: Duration::ZERO,
+            response_delay: Duration::ZERO,
+            family_revocation: true,
             token_faults: VecDeque::new(),
             revocation_faults: VecDeque::new(),
             token_calls: 0,
@@ -369,6 +377,18 @@ impl ProviderDouble {
     /// Delay applied to every token call (after the hold gate, before faults/processing).
     pub fn set_latency(&self, latency: Duration) {
         self.shared.lock().latency = latency;
+    }
+
+    /// Default true: revoking a refresh token revokes its whole family. When
+    /// off, only the presented token dies (a rotated successor lives on).
+    pub fn set_family_revocation(&self, on: bool) {
+        self.shared.lock().family_revocation = on;
+    }
+
+    /// Delay applied after a token call is processed, before its answer is
+    /// sent: the grant has rotated at the provider, the vault does not know yet.
+    pub fn set_response_delay(&self, delay: Duration) {
+        self.shared.lock().response_delay = delay;
     }
 
     /// The next `n` token calls (in arrival order) get `fault` instead of being processed.
@@ -720,8 +740,14 @@ async fn token_endpoint(
         Ok(p) => p,
         Err(e) => return bad_request("invalid_request", &e),
     };
-    let mut st = shared.lock();
-    handle_token(&mut st, &headers, &params)
+    let (response, delay) = {
+        let mut st = shared.lock();
+        (handle_token(&mut st, &headers, &params), st.response_delay)
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    response
 }
 
 fn handle_token(st: &mut State, headers: &HeaderMap, params: &Params) -> Response {
@@ -789,6 +815,9 @@ fn refresh_grant(
     let Some(rec) = st.refresh_tokens.get(rt) else {
         return Err(invalid_grant("unknown refresh token"));
     };
+    if rec.revoked {
+        return Err(invalid_grant("refresh token revoked"));
+    }
     let (family_id, rotated) = (rec.family, rec.rotated);
     let Some(family) = st.families.get(&family_id) else {
         return Err(invalid_grant("unknown refresh token"));
@@ -832,6 +861,7 @@ fn refresh_grant(
             RefreshRecord {
                 family: family_id,
                 rotated: false,
+                revoked: false,
             },
         );
         if let Some(old) = st.refresh_tokens.get_mut(rt) {
@@ -941,7 +971,11 @@ async fn revoke_endpoint(
         {
             return not_yours();
         }
-        st.revoke_family(family);
+        if st.family_revocation {
+            st.revoke_family(family);
+        } else if let Some(record) = st.refresh_tokens.get_mut(token) {
+            record.revoked = true;
+        }
     } else if let Some(at) = st.access_tokens.get_mut(token) {
         if at.client_id != client_id {
             return not_yours();

@@ -146,6 +146,11 @@ pub struct AuthConfig {
     /// Accept a certificate's subject CN when it has no URI SAN.
     #[serde(default)]
     pub allow_common_name: bool,
+    /// Per-trust-domain CA bundles (`"td" = "td-ca.pem"`): a SPIFFE
+    /// identity must chain to its own domain's bundle, not just to any CA in
+    /// `tls.client_ca`. Empty: any CA there may vouch for any domain.
+    #[serde(default)]
+    pub trust_bundles: BTreeMap<String, PathBuf>,
     /// Tenant claims from a signed JWT (`authorization: Bearer …`).
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
@@ -455,6 +460,9 @@ impl Config {
             fix(p);
         }
         fix(&mut self.auth.policy);
+        for bundle in self.auth.trust_bundles.values_mut() {
+            fix(bundle);
+        }
         if let Some(jwt) = self.auth.jwt.as_mut() {
             fix(&mut jwt.jwks_file);
         }

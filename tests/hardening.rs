@@ -651,3 +651,44 @@ async fn a_revoke_during_a_rotation_revokes_the_token_the_provider_issued() {
     }
     assert!(!provider.is_refresh_token_live(&original));
 }
+
+#[tokio::test]
+async fn a_federated_ca_cannot_mint_another_domains_identity() {
+    use credvault::dev::pki::{ClientCertSpec, DevCa};
+    let provider = provider().await;
+    // The client CA bundle trusts a second, federated CA (for another
+    // domain); the bundle model pins our domain to our CA.
+    let dir = VaultDir::custom(
+        "allow_http_loopback = true",
+        &format!("[auth.trust_bundles]\n\"{TRUST_DOMAIN}\" = \"own-ca.pem\"\n"),
+    );
+    let federated = DevCa::generate("partner CA").unwrap();
+    std::fs::write(dir.path().join("own-ca.pem"), dir.pki.ca.ca_cert_pem()).unwrap();
+    let bundle = format!("{}{}", dir.pki.ca.ca_cert_pem(), federated.ca_cert_pem());
+    std::fs::write(dir.path().join("ca.pem"), bundle).unwrap();
+    let vault = TestVault::start(&dir).await;
+    let mut admin = vault.client(&dir, "admin").await;
+    admin
+        .deposit(deposit(
+            &provider,
+            "acme",
+            "alice",
+            Some(SystemTime::now() + Duration::from_secs(3600)),
+        ))
+        .await
+        .expect("our own CA's admin works");
+    let minted = federated
+        .issue_client(&ClientCertSpec {
+            uri_sans: vec![format!("spiffe://{TRUST_DOMAIN}/admin")],
+            ..Default::default()
+        })
+        .unwrap();
+    let channel = vault.channel(Some(&minted), dir.pki.ca.ca_cert_pem()).await;
+    let mut forged = pb::credential_vault_client::CredentialVaultClient::new(channel);
+    let status = forged
+        .get_access_token(get_request("acme", "alice", "idp"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(reason(&status), "UNAUTHENTICATED");
+}

@@ -209,7 +209,12 @@ async fn invalid_grant_is_persisted_as_reauth_and_fails_fast() {
 #[tokio::test]
 async fn upstream_outages_are_unavailable_with_retry_info_and_change_nothing() {
     let provider = provider().await;
-    let dir = VaultDir::new();
+    // Every fault below must reach the provider: no cool-down in between
+    // (the cool-down has its own test in tests/hardening.rs).
+    let dir = VaultDir::custom(
+        "allow_http_loopback = true\nfailure_backoff_after = 100",
+        "",
+    );
     let vault = TestVault::start(&dir).await;
     let mut client = vault.client(&dir, "admin").await;
     let rt = provider.issue_refresh_token(CLIENT_ID);

@@ -196,6 +196,7 @@ async fn start_echo(
         listener,
         tls::SharedServerConfig::new(tls_config),
         auth,
+        tls::TrustBundles::default(),
         tls::HandshakeLimits {
             timeout: config.tls.handshake_timeout,
             concurrent: config.server.max_handshakes,

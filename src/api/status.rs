@@ -201,6 +201,7 @@ fn auth_wire(error: &AuthError) -> Wire {
         | AuthError::Token(_)
         | AuthError::TokenRequired { .. }
         | AuthError::ForwardedIdentityRefused
+        | AuthError::UntrustedDomain { .. }
         | AuthError::Mesh(_) => Wire::new(Code::Unauthenticated, UNAUTHENTICATED, message),
         AuthError::TenantNotPermitted { tenant, .. } => {
             Wire::new(Code::PermissionDenied, TENANT_NOT_PERMITTED, message)

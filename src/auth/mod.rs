@@ -43,6 +43,8 @@ pub enum AuthError {
     TokenRequired { identity: String },
     #[error("x-forwarded-client-cert is only trusted in mesh mode")]
     ForwardedIdentityRefused,
+    #[error("`{identity}` is not vouched for by its trust domain's CA bundle")]
+    UntrustedDomain { identity: String },
     #[error("{0}")]
     Mesh(#[from] mesh::MeshError),
 }

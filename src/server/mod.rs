@@ -163,6 +163,7 @@ async fn incoming(
         grpc,
         vault.tls.clone(),
         Arc::clone(&vault.auth),
+        vault.trust.clone(),
         tls::HandshakeLimits {
             timeout: config.tls.handshake_timeout,
             concurrent: config.server.max_handshakes,

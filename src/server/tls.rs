@@ -18,9 +18,12 @@ use std::{
     time::Duration,
 };
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
 use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer},
-    server::WebPkiClientVerifier,
+    pki_types::{CertificateDer, PrivateKeyDer, UnixTime},
+    server::{danger::ClientCertVerifier, WebPkiClientVerifier},
     RootCertStore, ServerConfig,
 };
 use tokio::{
@@ -32,7 +35,7 @@ use tokio_rustls::{server::TlsStream, TlsAcceptor};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::auth::{Authenticator, Peer};
+use crate::auth::{AuthError, Authenticator, Identity, Peer};
 
 /// Why TLS material could not be loaded. Names the file, never key bytes.
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +235,58 @@ impl AsyncWrite for Connection {
     }
 }
 
+/// Per-trust-domain CA bundles (the SPIFFE bundle model). The handshake
+/// verifies a client against the union of every CA (`tls.client_ca`); with
+/// bundles configured, a SPIFFE identity is accepted only if its chain also
+/// verifies against its own trust domain's bundle, so in a federated bundle
+/// no CA can mint another domain's identities.
+#[derive(Clone, Default)]
+pub struct TrustBundles(Arc<HashMap<String, Arc<dyn ClientCertVerifier>>>);
+
+impl TrustBundles {
+    /// Loads `trust domain -> CA bundle file` (blocking: file reads).
+    pub fn load(bundles: &BTreeMap<String, PathBuf>) -> Result<Self, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut verifiers = HashMap::new();
+        for (domain, path) in bundles {
+            let mut roots = RootCertStore::empty();
+            for ca in load_certs(path)? {
+                roots
+                    .add(ca)
+                    .map_err(|e| file_error(path, format!("unusable CA certificate: {e}")))?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                    .build()
+                    .map_err(|e| TlsError::Config(format!("trust bundle {domain}: {e}")))?;
+            verifiers.insert(domain.clone(), verifier);
+        }
+        Ok(Self(Arc::new(verifiers)))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `identity`, presented with `chain`, is vouched for by its own
+    /// trust domain's bundle (always, when no bundles are configured).
+    fn admits(&self, identity: &Identity, chain: &[CertificateDer<'_>]) -> bool {
+        if self.0.is_empty() {
+            return true;
+        }
+        let (Identity::Spiffe(id), Some((leaf, intermediates))) = (identity, chain.split_first())
+        else {
+            // A common-name identity belongs to no trust domain.
+            return false;
+        };
+        self.0.get(id.trust_domain()).is_some_and(|verifier| {
+            verifier
+                .verify_client_cert(leaf, intermediates, UnixTime::now())
+                .is_ok()
+        })
+    }
+}
+
 /// How the accept loop bounds handshakes.
 #[derive(Clone, Copy, Debug)]
 pub struct HandshakeLimits {
@@ -249,6 +304,7 @@ pub fn incoming(
     listener: TcpListener,
     config: SharedServerConfig,
     auth: Arc<Authenticator>,
+    trust: TrustBundles,
     limits: HandshakeLimits,
 ) -> ReceiverStream<Result<Connection, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
@@ -279,12 +335,12 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(config.current());
-            let (auth, tx) = (Arc::clone(&auth), tx.clone());
+            let (auth, tx, trust) = (Arc::clone(&auth), tx.clone(), trust.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let peer = identify(&stream, &auth, remote);
+                        let peer = identify(&stream, &auth, &trust, remote);
                         let _ = tx
                             .send(Ok(Connection::Tls {
                                 stream: Box::new(stream),
@@ -303,13 +359,24 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-fn identify(stream: &TlsStream<TcpStream>, auth: &Authenticator, remote: SocketAddr) -> Peer {
+fn identify(
+    stream: &TlsStream<TcpStream>,
+    auth: &Authenticator,
+    trust: &TrustBundles,
+    remote: SocketAddr,
+) -> Peer {
     let (_, session) = stream.get_ref();
-    let leaf = session
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .map(|cert| cert.as_ref());
-    let identity = auth.identify(leaf);
+    let chain = session.peer_certificates().unwrap_or_default();
+    let leaf = chain.first().map(|cert| cert.as_ref());
+    let identity = auth.identify(leaf).and_then(|identity| {
+        if trust.admits(&identity, chain) {
+            Ok(identity)
+        } else {
+            Err(AuthError::UntrustedDomain {
+                identity: identity.to_string(),
+            })
+        }
+    });
     if let Err(error) = &identity {
         tracing::info!(%remote, %error, "peer certificate names no usable identity");
     }

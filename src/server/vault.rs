@@ -42,6 +42,7 @@ pub struct Vault {
     pub(super) auth: Arc<Authenticator>,
     pub(super) calls: Calls,
     pub(super) tls: tls::SharedServerConfig,
+    pub(super) trust: tls::TrustBundles,
     pub(super) metrics: Arc<Metrics>,
     /// What a mesh sidecar must present, when configured.
     pub(super) sidecar_secret: Option<Arc<SecretString>>,
@@ -52,6 +53,7 @@ pub struct Vault {
 /// What the file phase of a start reads.
 struct Loaded {
     tls: Arc<rustls::ServerConfig>,
+    trust: tls::TrustBundles,
     sidecar_secret: Option<Arc<SecretString>>,
     policy: Policy,
     jwt: Option<JwtVerifier>,
@@ -128,6 +130,7 @@ impl Vault {
             config: config.clone(),
             calls: Calls::new(gate, Arc::clone(&metrics)),
             tls: tls::SharedServerConfig::new(loaded.tls),
+            trust: loaded.trust,
             sidecar_secret: loaded.sidecar_secret,
             store,
             broker,
@@ -258,6 +261,13 @@ fn keyring_source(config: &Config) -> KeyringSource {
 /// The file phase of a start (blocking: runs on the blocking pool).
 fn load_files(config: &Config) -> Result<Loaded, ServerError> {
     let tls = tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca)?;
+    let trust = tls::TrustBundles::load(&config.auth.trust_bundles)?;
+    if trust.is_empty() && config.auth.trust_domain.is_none() {
+        tracing::warn!(
+            "no auth.trust_domain pin and no auth.trust_bundles: any CA in tls.client_ca \
+             can vouch for any SPIFFE trust domain; pin one, or give each domain its bundle"
+        );
+    }
     let policy = Policy::load(&config.auth.policy)?;
     let jwt = match &config.auth.jwt {
         None => None,
@@ -295,6 +305,7 @@ fn load_files(config: &Config) -> Result<Loaded, ServerError> {
     };
     Ok(Loaded {
         tls,
+        trust,
         sidecar_secret,
         policy,
         jwt,

@@ -7,6 +7,8 @@ use prost::Message;
 
 const PROTOS: &[&str] = &["credvault/v1/vault.proto", "credvault/v1/admin.proto"];
 
+const ETCD_PROTOS: &[&str] = &["etcd/kv.proto", "etcd/rpc.proto"];
+
 /// Messages that carry a secret: their derived `Debug` would print it, so it
 /// is not generated; `src/api/pb.rs` writes a redacting one by hand.
 const SECRET_BEARING: &[&str] = &[
@@ -34,5 +36,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;
+
+    // The etcd v3 API subset the replicated store speaks: a client only,
+    // never served and never in the reflection set.
+    let etcd = protox::compile(ETCD_PROTOS, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .compile_fds(etcd)?;
     Ok(())
 }

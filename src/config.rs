@@ -45,6 +45,9 @@ pub struct Config {
     pub ops_listen: SocketAddr,
     /// Where the embedded store keeps its files.
     pub data_dir: PathBuf,
+    /// Which store holds the records: the embedded one, or etcd.
+    #[serde(default)]
+    pub storage: StorageConfig,
     pub tls: TlsConfig,
     pub keyring: KeyringConfig,
     pub auth: AuthConfig,
@@ -91,6 +94,55 @@ pub enum PresetAuthMethod {
     ClientSecretBasic,
     ClientSecretPost,
     None,
+}
+
+/// `[storage]`: the embedded store (default) or etcd for N replicas.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default)]
+    pub backend: StorageBackend,
+    #[serde(default)]
+    pub etcd: Option<EtcdConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    #[default]
+    Sled,
+    Etcd,
+}
+
+/// `[storage.etcd]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// One URL per member, `http://` or `https://`.
+    pub endpoints: Vec<String>,
+    #[serde(default = "defaults::etcd_prefix")]
+    pub prefix: String,
+    #[serde(default = "defaults::etcd_dial_timeout", with = "humantime_serde")]
+    pub dial_timeout: Duration,
+    #[serde(default = "defaults::etcd_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// A replica never serves a token of a grant revoked or replaced more
+    /// than this long ago; past it without confirming its view, it reads
+    /// through and is not ready.
+    #[serde(default = "defaults::etcd_max_staleness", with = "humantime_serde")]
+    pub max_staleness: Duration,
+    /// How long another replica's refresh claim stands before a waiter
+    /// takes it over, on the waiter's own clock; default: the upstream
+    /// request timeout plus 10 s. Must exceed the upstream request timeout.
+    #[serde(default, with = "humantime_serde")]
+    pub claim_takeover: Option<Duration>,
+    /// PEM files for mTLS to etcd (all optional).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -356,6 +408,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
     "ops_listen",
     "data_dir",
+    "storage",
     "tls",
     "keyring",
     "auth",
@@ -395,6 +448,22 @@ mod defaults {
 
     pub fn jwt_leeway() -> Duration {
         Duration::from_secs(30)
+    }
+
+    pub fn etcd_prefix() -> String {
+        "/credvault/".to_owned()
+    }
+
+    pub fn etcd_dial_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+
+    pub fn etcd_request_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+
+    pub fn etcd_max_staleness() -> Duration {
+        Duration::from_secs(2)
     }
 
     pub fn policy_watch() -> Duration {
@@ -460,6 +529,14 @@ impl Config {
             fix(p);
         }
         fix(&mut self.auth.policy);
+        if let Some(etcd) = self.storage.etcd.as_mut() {
+            for path in [&mut etcd.ca, &mut etcd.cert, &mut etcd.key]
+                .into_iter()
+                .flatten()
+            {
+                fix(path);
+            }
+        }
         for bundle in self.auth.trust_bundles.values_mut() {
             fix(bundle);
         }
@@ -497,6 +574,26 @@ impl Config {
             if !mesh.listen.ip().is_loopback() {
                 return Err("auth.mesh.listen must be a loopback address: only the local sidecar may reach it".to_owned());
             }
+        }
+        match (&self.storage.backend, &self.storage.etcd) {
+            (StorageBackend::Etcd, None) => {
+                return Err("storage.backend = \"etcd\" needs a [storage.etcd] section".to_owned())
+            }
+            (StorageBackend::Etcd, Some(etcd)) => {
+                if etcd.endpoints.is_empty() {
+                    return Err("storage.etcd.endpoints is empty".to_owned());
+                }
+                if etcd
+                    .claim_takeover
+                    .is_some_and(|bound| bound <= self.upstream.request_timeout)
+                {
+                    return Err(
+                        "storage.etcd.claim_takeover must exceed upstream.request_timeout"
+                            .to_owned(),
+                    );
+                }
+            }
+            (StorageBackend::Sled, _) => {}
         }
         if self.upstream.max_response_bytes < 1024 {
             return Err("upstream.max_response_bytes must be at least 1024".to_owned());

@@ -42,6 +42,17 @@ impl Bench {
     pub async fn start() -> Self {
         tls::install_crypto_provider();
         let dir = VaultDir::new();
+        // Every bench client is one identity (admin); the per-identity
+        // in-flight cap (half the global one by default) would shed the
+        // 1000-caller burst, which measures single-flight, not fairness.
+        let path = dir.path().join("credvault.toml");
+        let config = std::fs::read_to_string(&path)
+            .expect("bench config")
+            .replace(
+                "shutdown_grace = \"5s\"",
+                "shutdown_grace = \"5s\"\nmax_calls_per_identity = 1024",
+            );
+        std::fs::write(&path, config).expect("bench config");
         let vault = TestVault::start(&dir).await;
         let (echo_addr, reporter, stop) = start_echo(&dir).await;
         let provider = ProviderDouble::start().await;

@@ -41,16 +41,19 @@ pub async fn check_and_remember(
             continue;
         };
         let name = format!("{PREFIX}{}", info.version.get());
-        match store.get_meta(&name).await? {
-            Some(expected) if expected != found.as_bytes() => {
+        // Put-if-absent: of two replicas starting with different key
+        // material, the second sees the first's fingerprint and refuses.
+        if let Some(expected) = store
+            .put_meta_if_absent(&name, found.as_bytes().to_vec())
+            .await?
+        {
+            if expected != found.as_bytes() {
                 return Err(KeyGuardError::FingerprintMismatch {
                     version: info.version.get(),
                     expected: hex::encode(expected),
                     found,
                 });
             }
-            Some(_) => {}
-            None => store.put_meta(&name, found.as_bytes().to_vec()).await?,
         }
     }
     Ok(())

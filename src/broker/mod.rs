@@ -113,7 +113,8 @@ impl Broker {
         settings: BrokerSettings,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        let changes = store.changes();
+        let broker = Arc::new(Self {
             metrics,
             limits: Limits::new(settings.limits.clone()),
             store,
@@ -124,7 +125,12 @@ impl Broker {
             flights: SingleFlight::default(),
             write_locks: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             lock_hasher: RandomState::new(),
-        })
+        });
+        // Other replicas write too: their changes drop stale cache entries.
+        if let Some(changes) = changes {
+            tokio::spawn(follow_changes(Arc::downgrade(&broker), changes));
+        }
+        broker
     }
 
     /// Stores a new grant for `cmd.id`, replacing any previous one (and any
@@ -436,6 +442,36 @@ impl Broker {
                     oauth_error: "preset_not_configured".to_owned(),
                 }
             }),
+        }
+    }
+}
+
+/// Keeps the cache coherent with writes made by other replicas.
+async fn follow_changes(
+    broker: std::sync::Weak<Broker>,
+    mut changes: tokio::sync::broadcast::Receiver<crate::store::Change>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let change = changes.recv().await;
+        let Some(broker) = broker.upgrade() else {
+            return;
+        };
+        match change {
+            Ok(crate::store::Change::Record { key, revision }) => {
+                if let Some((tenant, subject, provider)) = key.parts() {
+                    let id = CredentialId {
+                        tenant,
+                        subject,
+                        provider,
+                    };
+                    broker.cache.changed(&id, revision);
+                }
+            }
+            Ok(crate::store::Change::ClaimReleased { .. }) => {}
+            // Missed changes: nothing cached can be trusted.
+            Ok(crate::store::Change::Reset) | Err(RecvError::Lagged(_)) => broker.cache.clear(),
+            Err(RecvError::Closed) => return,
         }
     }
 }

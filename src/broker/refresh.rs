@@ -8,8 +8,10 @@
 
 use std::{
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
+
+use tokio::sync::broadcast::error::RecvError;
 
 use super::{
     model::{
@@ -20,7 +22,7 @@ use super::{
     Broker, BrokerError,
 };
 use crate::{
-    store::Versioned,
+    store::{Change, ClaimOutcome, ClaimToken, Versioned},
     upstream::{IssuedTokens, UpstreamError},
 };
 
@@ -50,6 +52,14 @@ enum Round {
     Again,
 }
 
+/// What asking for the refresh claim came to.
+enum Claimed {
+    /// This process may call the provider (fenced by the claim, if any).
+    Mine(Option<ClaimToken>),
+    /// The record changed meanwhile; read it again.
+    Moved,
+}
+
 /// Where a write-back landed.
 enum WriteBack {
     Stored(AccessToken),
@@ -67,7 +77,8 @@ impl Broker {
             .min_valid_for
             .unwrap_or(self.settings.refresh_skew)
             .max(self.settings.refresh_skew);
-        if !request.force_refresh {
+        // A replica that cannot confirm its view is fresh reads through.
+        if !request.force_refresh && self.store.fresh() {
             let cached = self.cache.get(&request.id, margin, SystemTime::now());
             self.metrics.cache(cached.is_some());
             if let Some(token) = cached {
@@ -149,10 +160,34 @@ impl Broker {
                 retry_after: Some(left.max(Duration::from_secs(1))),
             });
         }
-        match self.call_provider(id, &record).await? {
+        let fence = match self.claim_refresh(id, &versioned).await? {
+            Claimed::Mine(fence) => fence,
+            // Another replica refreshed (or the record moved): read again.
+            Claimed::Moved => return Ok(Round::Again),
+        };
+        let round = self
+            .refresh_claimed(id, &versioned, &record, fence.as_ref(), rotation_retry_used)
+            .await;
+        if let Some(fence) = &fence {
+            // A no-op after a fenced write-back, which released it already.
+            let _ = self.store.release(&id.store_key(), fence).await;
+        }
+        round
+    }
+
+    /// The provider call and write-back of one round, under its claim.
+    async fn refresh_claimed(
+        &self,
+        id: &CredentialId,
+        versioned: &Versioned,
+        record: &CredentialRecord,
+        fence: Option<&ClaimToken>,
+        rotation_retry_used: &mut bool,
+    ) -> Result<Round, BrokerError> {
+        match self.call_provider(id, record).await? {
             Ok(tokens) => Ok(
                 match self
-                    .write_back_or_revoke(id, &versioned, &record, tokens)
+                    .write_back_or_revoke(id, versioned, record, tokens, fence)
                     .await?
                 {
                     WriteBack::Stored(token) => Round::Served(FlightOutcome {
@@ -165,11 +200,83 @@ impl Broker {
             ),
             Err(UpstreamError::GrantRejected { oauth_error }) => {
                 let cause = ReauthCause::of_rejected_grant(&oauth_error);
-                self.on_rejected_grant(id, &record, cause, rotation_retry_used)
+                self.on_rejected_grant(id, record, cause, rotation_retry_used)
                     .await
             }
             Err(error) => Err(upstream_error(error, id)),
         }
+    }
+
+    /// The right to call the provider for this credential, across replicas.
+    /// Waits while another replica holds the claim; gives up waiting when
+    /// the record or the claim changes; takes the claim over once it has
+    /// stood for the store's bound on this process's own clock.
+    async fn claim_refresh(
+        &self,
+        id: &CredentialId,
+        read: &Versioned,
+    ) -> Result<Claimed, BrokerError> {
+        let key = id.store_key();
+        // Subscribe before asking, so no release can slip in between.
+        let Some(mut changes) = self.store.changes() else {
+            return Ok(Claimed::Mine(None));
+        };
+        let mut outcome = self.store.claim(&key).await?;
+        loop {
+            let held = match outcome {
+                ClaimOutcome::Won(None) => return Ok(Claimed::Mine(None)),
+                ClaimOutcome::Won(Some(fence)) => {
+                    return self.confirm_claim(&key, read, fence).await
+                }
+                ClaimOutcome::Held { revision } if revision.0 == 0 => {
+                    outcome = self.store.claim(&key).await?;
+                    continue;
+                }
+                ClaimOutcome::Held { revision } => revision,
+            };
+            let seen = Instant::now();
+            outcome = loop {
+                let left = self.store.claim_takeover().saturating_sub(seen.elapsed());
+                if left.is_zero() {
+                    let taken = self.store.take_over(&key, held).await?;
+                    if matches!(taken, ClaimOutcome::Won(_)) {
+                        self.metrics.claim_takeovers.inc();
+                        tracing::warn!(provider = %id.provider, "took over a refresh claim that outlived its bound");
+                    }
+                    break taken;
+                }
+                match tokio::time::timeout(left, changes.recv()).await {
+                    Err(_elapsed) => continue,
+                    Ok(Ok(Change::Record { key: changed, .. })) if changed == key => {
+                        return Ok(Claimed::Moved)
+                    }
+                    Ok(Ok(Change::ClaimReleased { key: released })) if released == key => {
+                        break self.store.claim(&key).await?;
+                    }
+                    Ok(Ok(Change::Reset) | Err(RecvError::Lagged(_))) => return Ok(Claimed::Moved),
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(RecvError::Closed)) => {
+                        return Err(BrokerError::Storage("the store's watch ended".into()))
+                    }
+                }
+            };
+        }
+    }
+
+    /// A claim won on a record that moved since this flight read it is
+    /// given back: the refresh would use a stale refresh token.
+    async fn confirm_claim(
+        &self,
+        key: &crate::store::StoreKey,
+        read: &Versioned,
+        fence: ClaimToken,
+    ) -> Result<Claimed, BrokerError> {
+        let now = self.store.get(key).await?;
+        if now.as_ref().map(|v| v.revision) == Some(read.revision) {
+            return Ok(Claimed::Mine(Some(fence)));
+        }
+        let _ = self.store.release(key, &fence).await;
+        Ok(Claimed::Moved)
     }
 
     /// The stored token, when it answers this flight without the provider.
@@ -316,9 +423,10 @@ impl Broker {
         read: &Versioned,
         used: &CredentialRecord,
         tokens: IssuedTokens,
+        fence: Option<&ClaimToken>,
     ) -> Result<WriteBack, BrokerError> {
         let rotated = tokens.refresh_token.clone();
-        let result = self.write_back(id, read, used, tokens).await;
+        let result = self.write_back(id, read, used, tokens, fence).await;
         if let (Err(BrokerError::NotFound), Some(rotated)) = (&result, rotated) {
             if let Ok(client) = self.client_for(used) {
                 if client.revocation_endpoint.is_some() {
@@ -344,9 +452,14 @@ impl Broker {
         read: &Versioned,
         used: &CredentialRecord,
         tokens: IssuedTokens,
+        fence: Option<&ClaimToken>,
     ) -> Result<WriteBack, BrokerError> {
+        let how = How {
+            fence,
+            ..How::DURABLE
+        };
         let wrote = self
-            .write(id, How::DURABLE, |current| {
+            .write(id, how, |current| {
                 // Revoked while we were upstream: the new tokens die with it.
                 let current = current.ok_or(BrokerError::NotFound)?;
                 let mut base = if current.revision == read.revision {

@@ -390,6 +390,7 @@ async fn rewrap_one(
     let how = How {
         durable: false,
         key: Some(target),
+        fence: None,
     };
     let wrote = broker
         .write(id, how, |current| {

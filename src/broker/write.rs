@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     crypto::KeyVersion,
-    store::{CasOutcome, Versioned},
+    store::{CasOutcome, ClaimToken, Revision, Versioned},
 };
 
 /// How many times a write re-reads after losing a compare-and-swap before
@@ -43,18 +43,21 @@ pub(crate) enum Step<T> {
 
 /// How a write is made.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct How {
+pub(crate) struct How<'a> {
     /// Durable before `write` returns; otherwise at the next store flush
     /// (bulk work whose loss is harmless, such as a rewrap).
     pub durable: bool,
     /// Seal under this key version instead of the primary.
     pub key: Option<KeyVersion>,
+    /// A refresh's write-back: only while this claim stands, releasing it.
+    pub fence: Option<&'a ClaimToken>,
 }
 
-impl How {
-    pub const DURABLE: How = How {
+impl How<'_> {
+    pub const DURABLE: How<'static> = How {
         durable: true,
         key: None,
+        fence: None,
     };
 }
 
@@ -69,7 +72,7 @@ impl Broker {
     pub(crate) async fn write<T>(
         &self,
         id: &CredentialId,
-        how: How,
+        how: How<'_>,
         mut decide: impl FnMut(Option<&Versioned>) -> Result<Step<T>, BrokerError>,
     ) -> Result<Wrote<T>, BrokerError> {
         let key = id.store_key();
@@ -90,7 +93,11 @@ impl Broker {
                 }
             };
             let expected = current.as_ref().map(|v| v.revision);
-            let outcome = if how.durable {
+            let outcome = if how.fence.is_some() {
+                self.store
+                    .compare_and_swap_fenced(&key, expected, value, how.fence)
+                    .await?
+            } else if how.durable {
                 self.store.compare_and_swap(&key, expected, value).await?
             } else {
                 self.store
@@ -98,8 +105,9 @@ impl Broker {
                     .await?
             };
             match outcome {
-                CasOutcome::Written(_) => {
-                    self.cache_after_write(id, written.as_ref().map(|(record, _)| record));
+                CasOutcome::Written(revision) => {
+                    let record = written.as_ref().map(|(record, _)| record);
+                    self.cache_after_write(id, record, revision);
                     return Ok(Wrote {
                         answer,
                         key_version: written.map(|(_, version)| version),
@@ -113,13 +121,21 @@ impl Broker {
 
     /// The cache follows the store: the written record's token while it is
     /// active, nothing after a delete or for a dead grant.
-    fn cache_after_write(&self, id: &CredentialId, written: Option<&CredentialRecord>) {
-        match written {
-            Some(CredentialRecord {
-                state: CredentialState::Active,
-                access_token: Some(token),
-                ..
-            }) => self.cache.put(id, token.clone()),
+    fn cache_after_write(
+        &self,
+        id: &CredentialId,
+        written: Option<&CredentialRecord>,
+        revision: Option<Revision>,
+    ) {
+        match (written, revision) {
+            (
+                Some(CredentialRecord {
+                    state: CredentialState::Active,
+                    access_token: Some(token),
+                    ..
+                }),
+                Some(revision),
+            ) => self.cache.put(id, token.clone(), revision),
             _ => self.cache.remove(id),
         }
     }
@@ -135,7 +151,7 @@ impl Broker {
         let _write = self.write_lock(id).await;
         if let Ok(Some(now_stored)) = self.store.get(&id.store_key()).await {
             if now_stored.revision == read.revision {
-                self.cache.put(id, token.clone());
+                self.cache.put(id, token.clone(), read.revision);
             }
         }
     }

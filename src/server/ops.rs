@@ -38,7 +38,7 @@ impl Readiness {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && self.store_healthy()
+        self.ready.load(Ordering::SeqCst) && self.store.get().is_none_or(|s| s.ready())
     }
 }
 

@@ -21,11 +21,11 @@ use crate::{
     broker::{
         ahead, fingerprints, limits::LimitSettings, rotation::KeyRotation, Broker, BrokerSettings,
     },
-    config::{Config, ConfigError, PresetAuthMethod, ProviderPreset},
+    config::{Config, ConfigError, PresetAuthMethod, ProviderPreset, StorageBackend},
     crypto::{KeyringSource, SharedKeyring},
     files,
     secret::SecretString,
-    store::{self, CredentialStore, StoreSettings},
+    store::{self, CredentialStore, EtcdSettings, StoreSettings},
     telemetry::Metrics,
     upstream::{
         ClientAuth, ClientConfig, ClientSpec, EndpointPolicy, HttpSettings, Upstream,
@@ -76,14 +76,15 @@ impl Vault {
             .load()
             .await
             .map_err(|e| ServerError::Keyring(e.to_string()))?;
-        let store = store::open(&StoreSettings::Embedded {
-            data_dir: config.data_dir.clone(),
-        })
-        .await
-        .map_err(|e| ServerError::Store {
-            path: config.data_dir.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let store = store::open(&store_settings(config))
+            .await
+            .map_err(|e| ServerError::Store {
+                path: match config.storage.backend {
+                    StorageBackend::Sled => config.data_dir.display().to_string(),
+                    StorageBackend::Etcd => "etcd".to_owned(),
+                },
+                message: e.to_string(),
+            })?;
         fingerprints::check_and_remember(store.as_ref(), &keyring).await?;
         let mut authenticator = Authenticator::new(identity_rules, loaded.policy)
             .with_policy_file(config.auth.policy.clone());
@@ -235,6 +236,28 @@ fn identity_rules(config: &Config) -> Result<IdentityRules, ServerError> {
         trust_domain: config.auth.trust_domain.clone(),
         allow_common_name: config.auth.allow_common_name,
     })
+}
+
+/// The configured store, in the store's own terms.
+pub fn store_settings(config: &Config) -> StoreSettings {
+    match (&config.storage.backend, &config.storage.etcd) {
+        (StorageBackend::Etcd, Some(etcd)) => StoreSettings::Replicated(EtcdSettings {
+            endpoints: etcd.endpoints.clone(),
+            prefix: etcd.prefix.as_bytes().to_vec(),
+            dial_timeout: etcd.dial_timeout,
+            request_timeout: etcd.request_timeout,
+            max_staleness: etcd.max_staleness,
+            claim_takeover: etcd
+                .claim_takeover
+                .unwrap_or(config.upstream.request_timeout + Duration::from_secs(10)),
+            ca: etcd.ca.clone(),
+            cert: etcd.cert.clone(),
+            key: etcd.key.clone(),
+        }),
+        _ => StoreSettings::Embedded {
+            data_dir: config.data_dir.clone(),
+        },
+    }
 }
 
 fn limit_settings(config: &Config) -> LimitSettings {

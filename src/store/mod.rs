@@ -14,9 +14,10 @@
 //! A write that returns `Ok` is durable.
 
 pub mod backup;
+mod etcd;
 mod sled_store;
 
-use std::{fmt, path::PathBuf, sync::Arc};
+use std::{fmt, path::PathBuf, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use futures::{stream, Stream, TryStreamExt};
@@ -24,11 +25,15 @@ use futures::{stream, Stream, TryStreamExt};
 /// Records fetched per round trip by [`records`](CredentialStore::records).
 const SCAN_PAGE: usize = 512;
 
+pub use etcd::EtcdSettings;
+
 /// Which engine holds the records, and its settings.
 #[derive(Clone, Debug)]
 pub enum StoreSettings {
     /// The embedded single-process store in a data directory.
     Embedded { data_dir: PathBuf },
+    /// A replicated store on an etcd v3 cluster, shared by N replicas.
+    Replicated(EtcdSettings),
 }
 
 /// Opens the configured store: the only place that names a backend.
@@ -37,7 +42,40 @@ pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn CredentialStore>, 
         StoreSettings::Embedded { data_dir } => {
             Ok(Arc::new(sled_store::SledStore::open(data_dir).await?))
         }
+        StoreSettings::Replicated(etcd) => Ok(Arc::new(etcd::EtcdStore::open(etcd).await?)),
     }
+}
+
+/// A change to the store made by anyone (this process included), as a
+/// replicated store's watch sees it: what caches and waiters follow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A record was written (`Some`: at this revision) or deleted (`None`).
+    Record {
+        key: StoreKey,
+        revision: Option<Revision>,
+    },
+    /// A refresh claim on this record's key ended.
+    ClaimReleased { key: StoreKey },
+    /// History was lost (the watch fell behind a compaction): forget every
+    /// cached entry.
+    Reset,
+}
+
+/// Proof that this process holds the refresh claim of a credential; its
+/// write-back is fenced on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimToken {
+    pub revision: Revision,
+}
+
+/// What asking for a refresh claim came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// This process may refresh (`None`: the store needs no claims).
+    Won(Option<ClaimToken>),
+    /// Another process holds the claim, last written at `revision`.
+    Held { revision: Revision },
 }
 
 /// Identifies one record: (tenant, subject, provider), length-prefixed so that
@@ -127,6 +165,9 @@ pub enum StoreError {
     Io(String),
     #[error("stored entry is malformed: {0}")]
     Malformed(&'static str),
+    /// A fenced write found its refresh claim taken over by another replica.
+    #[error("the refresh claim was taken over by another replica")]
+    ClaimLost,
 }
 
 /// The storage seam. Implementations must make `Ok` writes durable.
@@ -165,9 +206,37 @@ pub trait CredentialStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(StoreKey, Versioned)>, StoreError>;
 
+    /// Like [`CredentialStore::compare_and_swap`], also requiring that
+    /// `fence` (this process's refresh claim) still stands, and releasing it
+    /// in the same write. Stores without claims ignore the fence.
+    async fn compare_and_swap_fenced(
+        &self,
+        key: &StoreKey,
+        expected: Option<Revision>,
+        value: Option<Vec<u8>>,
+        fence: Option<&ClaimToken>,
+    ) -> Result<CasOutcome, StoreError> {
+        let _ = fence;
+        self.compare_and_swap(key, expected, value).await
+    }
+
     /// Small non-secret bookkeeping values (e.g. key fingerprints).
     async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
     async fn put_meta(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError>;
+
+    /// Writes `value` under `name` unless something is there; returns what
+    /// was there (`None`: written). Atomic on a replicated store, so of two
+    /// replicas racing, one sees the other's value.
+    async fn put_meta_if_absent(
+        &self,
+        name: &str,
+        value: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.get_meta(name).await? {
+            Some(existing) => Ok(Some(existing)),
+            None => self.put_meta(name, value).await.map(|()| None),
+        }
+    }
     /// Every bookkeeping value, for backups.
     async fn all_meta(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 
@@ -175,6 +244,49 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// from without a restart; probes and the broker consult it.
     fn healthy(&self) -> bool {
         true
+    }
+
+    /// Whether this process should receive traffic (`/readyz`): healthy, and
+    /// for a replicated store, its view confirmed fresh.
+    fn ready(&self) -> bool {
+        self.healthy()
+    }
+
+    /// Whether caches fed by [`CredentialStore::changes`] are known to be
+    /// current; when not, readers must read through.
+    fn fresh(&self) -> bool {
+        true
+    }
+
+    /// Every change made to the store, by any process; `None` for a store
+    /// only this process writes (its own writes keep its cache current).
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        None
+    }
+
+    /// Asks for the refresh claim of `key`; stores that only one process
+    /// uses need none and always grant it.
+    async fn claim(&self, key: &StoreKey) -> Result<ClaimOutcome, StoreError> {
+        let _ = key;
+        Ok(ClaimOutcome::Won(None))
+    }
+
+    /// Takes over a claim last written at `held`, if it still is.
+    async fn take_over(&self, key: &StoreKey, held: Revision) -> Result<ClaimOutcome, StoreError> {
+        let _ = (key, held);
+        Ok(ClaimOutcome::Won(None))
+    }
+
+    /// Gives a claim back without a write-back (the refresh failed).
+    async fn release(&self, key: &StoreKey, claim: &ClaimToken) -> Result<(), StoreError> {
+        let _ = (key, claim);
+        Ok(())
+    }
+
+    /// How long a waiter lets another process's claim stand, on its own
+    /// clock, before taking it over.
+    fn claim_takeover(&self) -> Duration {
+        Duration::ZERO
     }
 
     /// Bytes the store occupies on disk, where the engine knows it.

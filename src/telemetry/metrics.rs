@@ -72,6 +72,8 @@ pub struct Metrics {
     pub credentials_cooling_down: Gauge,
     /// Calls whose `min_valid_for` exceeds what the provider issues.
     pub lifetime_shortfalls: Counter,
+    /// Refresh claims of another replica taken over after their bound.
+    pub claim_takeovers: Counter,
     pub records: Family<KeyVersionLabels, Gauge>,
     pub store_bytes: Gauge<u64, AtomicU64>,
     pub overloaded: Counter,
@@ -140,6 +142,11 @@ impl Default for Metrics {
                 r,
                 "token_lifetime_shortfalls",
                 "calls asking a longer min_valid_for than the provider's token lifetime",
+            ),
+            claim_takeovers: register(
+                r,
+                "refresh_claim_takeovers",
+                "refresh claims of another replica taken over after their bound",
             ),
             records: register(r, "records", "stored records by key version"),
             store_bytes: register(r, "store_size_bytes", "size of the store on disk"),

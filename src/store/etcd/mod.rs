@@ -1,0 +1,529 @@
+//! The replicated [`CredentialStore`]: etcd v3, for N vault replicas.
+//!
+//! # Design (DESIGN §5d)
+//!
+//! **Layout.** Under the configured prefix `P`: records at `P r <key>`,
+//! bookkeeping at `P m <name>`, refresh claims at `P c <key>`, replica
+//! heartbeats at `P h <replica>`. A record's [`Revision`] is its etcd
+//! `mod_revision`: cluster-wide, strictly increasing, never reused.
+//!
+//! **Writes.** A compare-and-swap is one transaction comparing the key's
+//! `mod_revision` (or `version == 0` for "absent"); its else-branch reads
+//! the key, so a conflict returns what is stored now. etcd acknowledges only
+//! after a majority fsynced the write. A lost reply (timeout, connection
+//! reset: the outcome is unknown) is resolved by reading the key back:
+//! sealed values carry a random nonce, so finding our exact bytes proves our
+//! write landed. Endpoints are balanced and failed over by the channel.
+//!
+//! **Exactly one refresh across replicas.** Inside its in-process flight, a
+//! replica creates the claim key with put-if-absent before calling the
+//! provider; only the claim's creator calls. Its write-back and the claim's
+//! release are one transaction that also compares the claim's revision (the
+//! fence): a claimant that lost its claim cannot write. Waiters on other
+//! replicas watch the record and the claim and re-read when either changes.
+//! A claim is taken over only after `claim_takeover` has passed *on the
+//! waiter's own clock* since it first saw that claim revision (the client-go
+//! leader-election rule), never by a lease TTL that could expire under a slow
+//! provider; the bound covers the upstream timeout, so a live claimant has
+//! finished (or given up) by then. Takeovers are counted.
+//!
+//! **Coherent caches.** One watch of the prefix, opened from the last seen
+//! revision + 1 after any break, feeds [`Change`]s to the broker's cache; a
+//! compaction that outran the watch clears the caches (re-list). A cache hit
+//! stays a memory read. Each replica writes a heartbeat every
+//! `max_staleness / 4` and notes when it sees it come back through the
+//! watch: events arrive in revision order, so every change committed before
+//! that heartbeat has been applied. Past `max_staleness` without such a
+//! round trip the replica is not fresh: it reads through to etcd (and
+//! answers `STORAGE_UNAVAILABLE` if etcd cannot be reached) and `/readyz`
+//! fails, until a heartbeat comes back.
+//!
+//! **Failures.** etcd unreachable or without quorum: calls fail fast with
+//! `STORAGE_UNAVAILABLE`; the process stays up (`/livez` passes) and
+//! recovers when etcd does. A replica killed mid-refresh leaves its claim;
+//! another takes it over after the bound. An etcd member killed: the client
+//! fails over; acknowledged writes are on a majority.
+
+mod rpc;
+mod watch;
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use tonic::{transport::Channel, Code};
+
+use self::{
+    rpc::{
+        compare::{CompareResult, CompareTarget, TargetUnion},
+        kv_client::KvClient,
+        request_op::Request as Op,
+        response_op::Response as OpResponse,
+        Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse,
+    },
+    watch::Watcher,
+};
+use super::{
+    CasOutcome, Change, ClaimOutcome, ClaimToken, CredentialStore, Revision, StoreError, StoreKey,
+    Versioned,
+};
+
+/// How to reach the cluster and how fresh a replica must stay.
+#[derive(Clone, Debug)]
+pub struct EtcdSettings {
+    /// `http://host:port` or `https://host:port`, one per member.
+    pub endpoints: Vec<String>,
+    /// Every key of this vault lives under it.
+    pub prefix: Vec<u8>,
+    pub dial_timeout: Duration,
+    pub request_timeout: Duration,
+    /// A replica that has not confirmed its view this recently reads
+    /// through and is not ready.
+    pub max_staleness: Duration,
+    /// How long a waiter lets another replica's refresh claim stand.
+    pub claim_takeover: Duration,
+    /// PEM files for TLS to etcd; all optional.
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+const RECORDS: u8 = b'r';
+const META: u8 = b'm';
+const CLAIMS: u8 = b'c';
+const HEARTBEATS: u8 = b'h';
+
+/// The etcd-backed store.
+pub struct EtcdStore {
+    kv: KvClient<Channel>,
+    prefix: Vec<u8>,
+    replica: String,
+    watcher: Arc<Watcher>,
+    claim_takeover: Duration,
+}
+
+impl EtcdStore {
+    /// Connects (lazily: a cluster that is down now is retried per call)
+    /// and starts the watch and the heartbeat.
+    pub async fn open(settings: &EtcdSettings) -> Result<Self, StoreError> {
+        let channel = rpc::channel(settings)?;
+        let replica = rpc::replica_id();
+        let kv = KvClient::new(channel.clone());
+        let watcher = Watcher::start(
+            channel,
+            kv.clone(),
+            settings.prefix.clone(),
+            replica.clone(),
+            settings.max_staleness,
+        );
+        Ok(Self {
+            kv,
+            prefix: settings.prefix.clone(),
+            replica,
+            watcher,
+            claim_takeover: settings.claim_takeover,
+        })
+    }
+
+    fn key(&self, space: u8, name: &[u8]) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.prefix.len() + 1 + name.len());
+        key.extend_from_slice(&self.prefix);
+        key.push(space);
+        key.extend_from_slice(name);
+        key
+    }
+
+    async fn range_one(&self, key: Vec<u8>) -> Result<Option<Versioned>, StoreError> {
+        let response = self
+            .kv
+            .clone()
+            .range(RangeRequest {
+                key,
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc::status_error)?
+            .into_inner();
+        Ok(response.kvs.into_iter().next().map(|kv| Versioned {
+            revision: Revision(u64::try_from(kv.mod_revision).unwrap_or(0)),
+            value: kv.value,
+        }))
+    }
+
+    async fn txn(&self, request: TxnRequest) -> Result<TxnResponse, tonic::Status> {
+        Ok(self.kv.clone().txn(request).await?.into_inner())
+    }
+
+    /// The compare-and-swap, with `fence` as an extra condition (the claim
+    /// that entitles a refresh's write-back) released in the same write.
+    async fn swap(
+        &self,
+        key: &StoreKey,
+        expected: Option<Revision>,
+        value: Option<Vec<u8>>,
+        fence: Option<&ClaimToken>,
+    ) -> Result<CasOutcome, StoreError> {
+        let record = self.key(RECORDS, key.as_bytes());
+        let mut compare = vec![revision_is(&record, expected)];
+        let mut success = vec![match &value {
+            Some(value) => put(record.clone(), value.clone()),
+            None => delete(record.clone()),
+        }];
+        if let Some(fence) = fence {
+            let claim = self.key(CLAIMS, key.as_bytes());
+            compare.push(revision_is(&claim, Some(fence.revision)));
+            success.push(delete(claim));
+        }
+        let request = TxnRequest {
+            compare,
+            success,
+            failure: vec![range(record.clone())],
+        };
+        match self.txn(request).await {
+            Ok(response) if response.succeeded => {
+                Ok(CasOutcome::Written(value.map(|_| revision_of(&response))))
+            }
+            Ok(response) => {
+                let current = first_kv(response);
+                // Our record is as expected, so the fence failed.
+                if fence.is_some() && current.as_ref().map(|v| v.revision) == expected {
+                    return Err(StoreError::ClaimLost);
+                }
+                Ok(CasOutcome::Conflict(current))
+            }
+            Err(status) if outcome_unknown(&status) => self.resolve_lost_reply(record, value).await,
+            Err(status) => Err(rpc::status_error(status)),
+        }
+    }
+
+    /// The reply to a write was lost: read the key back. Our exact bytes
+    /// there (sealed values are unique: random nonce) prove the write
+    /// landed; a delete landed if the key is gone.
+    async fn resolve_lost_reply(
+        &self,
+        record: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> Result<CasOutcome, StoreError> {
+        let current = self.range_one(record).await?;
+        Ok(match (&value, current) {
+            (Some(ours), Some(stored)) if stored.value == *ours => {
+                CasOutcome::Written(Some(stored.revision))
+            }
+            (None, None) => CasOutcome::Written(None),
+            (_, current) => CasOutcome::Conflict(current),
+        })
+    }
+
+    async fn claim_with(
+        &self,
+        key: &StoreKey,
+        held: Option<Revision>,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let claim = self.key(CLAIMS, key.as_bytes());
+        let request = TxnRequest {
+            compare: vec![revision_is(&claim, held)],
+            success: vec![put(claim.clone(), self.replica.as_bytes().to_vec())],
+            failure: vec![range(claim)],
+        };
+        let response = self.txn(request).await.map_err(rpc::status_error)?;
+        if response.succeeded {
+            return Ok(ClaimOutcome::Won(Some(ClaimToken {
+                revision: Revision(revision_of(&response).0),
+            })));
+        }
+        match first_kv(response) {
+            Some(current) => Ok(ClaimOutcome::Held {
+                revision: current.revision,
+            }),
+            // Released between our compare and our read: try again.
+            None => Ok(ClaimOutcome::Held {
+                revision: Revision(0),
+            }),
+        }
+    }
+}
+
+fn revision_is(key: &[u8], expected: Option<Revision>) -> Compare {
+    match expected {
+        None => Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Version as i32,
+            key: key.to_vec(),
+            target_union: Some(TargetUnion::Version(0)),
+            range_end: Vec::new(),
+        },
+        Some(revision) => Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Mod as i32,
+            key: key.to_vec(),
+            target_union: Some(TargetUnion::ModRevision(
+                i64::try_from(revision.0).unwrap_or(i64::MAX),
+            )),
+            range_end: Vec::new(),
+        },
+    }
+}
+
+fn put(key: Vec<u8>, value: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(Op::RequestPut(PutRequest {
+            key,
+            value,
+            ..Default::default()
+        })),
+    }
+}
+
+fn delete(key: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
+            key,
+            ..Default::default()
+        })),
+    }
+}
+
+fn range(key: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(Op::RequestRange(RangeRequest {
+            key,
+            ..Default::default()
+        })),
+    }
+}
+
+/// The revision a transaction committed at (its writes' `mod_revision`).
+fn revision_of(response: &TxnResponse) -> Revision {
+    Revision(
+        response
+            .header
+            .as_ref()
+            .map_or(0, |h| u64::try_from(h.revision).unwrap_or(0)),
+    )
+}
+
+fn first_kv(response: TxnResponse) -> Option<Versioned> {
+    response
+        .responses
+        .into_iter()
+        .find_map(|op| match op.response {
+            Some(OpResponse::ResponseRange(range)) => range.kvs.into_iter().next(),
+            _ => None,
+        })
+        .map(|kv| Versioned {
+            revision: Revision(u64::try_from(kv.mod_revision).unwrap_or(0)),
+            value: kv.value,
+        })
+}
+
+/// Whether a failed call may have been applied anyway.
+fn outcome_unknown(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
+}
+
+/// `key` with its last byte incremented: the end of the range of keys that
+/// start with `key` (etcd's prefix convention).
+fn prefix_end(key: &[u8]) -> Vec<u8> {
+    let mut end = key.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: to the end of the keyspace.
+    vec![0]
+}
+
+#[async_trait]
+impl CredentialStore for EtcdStore {
+    async fn get(&self, key: &StoreKey) -> Result<Option<Versioned>, StoreError> {
+        self.range_one(self.key(RECORDS, key.as_bytes())).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &StoreKey,
+        expected: Option<Revision>,
+        value: Option<Vec<u8>>,
+    ) -> Result<CasOutcome, StoreError> {
+        self.swap(key, expected, value, None).await
+    }
+
+    async fn compare_and_swap_fenced(
+        &self,
+        key: &StoreKey,
+        expected: Option<Revision>,
+        value: Option<Vec<u8>>,
+        fence: Option<&ClaimToken>,
+    ) -> Result<CasOutcome, StoreError> {
+        self.swap(key, expected, value, fence).await
+    }
+
+    async fn scan(
+        &self,
+        prefix: &StoreKey,
+        after: Option<&StoreKey>,
+        limit: usize,
+    ) -> Result<Vec<(StoreKey, Versioned)>, StoreError> {
+        let base = self.key(RECORDS, prefix.as_bytes());
+        let start = match after {
+            Some(after) if after.as_bytes() >= prefix.as_bytes() => {
+                // Strictly after: the smallest key greater than `after`.
+                let mut start = self.key(RECORDS, after.as_bytes());
+                start.push(0);
+                start
+            }
+            _ => base.clone(),
+        };
+        let response = self
+            .kv
+            .clone()
+            .range(RangeRequest {
+                key: start,
+                range_end: prefix_end(&base),
+                limit: i64::try_from(limit).unwrap_or(i64::MAX),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc::status_error)?
+            .into_inner();
+        let strip = self.prefix.len() + 1;
+        Ok(response
+            .kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let key = StoreKey::from_bytes(kv.key.get(strip..)?.to_vec());
+                let revision = Revision(u64::try_from(kv.mod_revision).unwrap_or(0));
+                Some((
+                    key,
+                    Versioned {
+                        revision,
+                        value: kv.value,
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .range_one(self.key(META, name.as_bytes()))
+            .await?
+            .map(|v| v.value))
+    }
+
+    async fn put_meta(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.kv
+            .clone()
+            .put(PutRequest {
+                key: self.key(META, name.as_bytes()),
+                value,
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc::status_error)?;
+        Ok(())
+    }
+
+    async fn put_meta_if_absent(
+        &self,
+        name: &str,
+        value: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.key(META, name.as_bytes());
+        let response = self
+            .txn(TxnRequest {
+                compare: vec![revision_is(&key, None)],
+                success: vec![put(key.clone(), value)],
+                failure: vec![range(key)],
+            })
+            .await
+            .map_err(rpc::status_error)?;
+        Ok(if response.succeeded {
+            None
+        } else {
+            first_kv(response).map(|v| v.value)
+        })
+    }
+
+    async fn all_meta(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let base = self.key(META, b"");
+        let response = self
+            .kv
+            .clone()
+            .range(RangeRequest {
+                key: base.clone(),
+                range_end: prefix_end(&base),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc::status_error)?
+            .into_inner();
+        response
+            .kvs
+            .into_iter()
+            .map(|kv| {
+                let name = kv.key.get(base.len()..).unwrap_or_default().to_vec();
+                let name = String::from_utf8(name)
+                    .map_err(|_| StoreError::Malformed("meta name is not utf-8"))?;
+                Ok((name, kv.value))
+            })
+            .collect()
+    }
+
+    fn ready(&self) -> bool {
+        self.watcher.fresh()
+    }
+
+    fn fresh(&self) -> bool {
+        self.watcher.fresh()
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<Change>> {
+        Some(self.watcher.subscribe())
+    }
+
+    async fn claim(&self, key: &StoreKey) -> Result<ClaimOutcome, StoreError> {
+        self.claim_with(key, None).await
+    }
+
+    async fn take_over(&self, key: &StoreKey, held: Revision) -> Result<ClaimOutcome, StoreError> {
+        self.claim_with(key, Some(held)).await
+    }
+
+    async fn release(&self, key: &StoreKey, claim: &ClaimToken) -> Result<(), StoreError> {
+        let claim_key = self.key(CLAIMS, key.as_bytes());
+        self.txn(TxnRequest {
+            compare: vec![revision_is(&claim_key, Some(claim.revision))],
+            success: vec![delete(claim_key)],
+            failure: Vec::new(),
+        })
+        .await
+        .map_err(rpc::status_error)?;
+        Ok(())
+    }
+
+    fn claim_takeover(&self) -> Duration {
+        self.claim_takeover
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        // Every acknowledged write is on a majority's disk already.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_ends_follow_etcd() {
+        assert_eq!(prefix_end(b"/a"), b"/b");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+}

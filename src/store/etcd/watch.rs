@@ -1,0 +1,269 @@
+//! One watch of the vault's prefix, kept open for the life of the process:
+//! it turns etcd events into [`Change`]s for the caches and waiters, and
+//! measures freshness with a heartbeat seen back through it.
+//!
+//! The watch is re-opened from the last seen revision + 1 after any break,
+//! so no event is missed; if etcd compacted past that revision, every cache
+//! is cleared ([`Change::Reset`]) and the watch starts from now.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicI64, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use super::{
+    prefix_end,
+    rpc::{
+        kv_client::KvClient, mvccpb::event::EventType, watch_client::WatchClient,
+        watch_request::RequestUnion, PutRequest, RangeRequest, WatchCreateRequest, WatchRequest,
+        WatchResponse,
+    },
+    CLAIMS, HEARTBEATS, RECORDS,
+};
+use crate::store::{Change, Revision, StoreKey};
+
+/// Changes queued per subscriber before a slow one starts missing them (it
+/// then sees `Lagged` and treats it as a reset).
+const CHANGES_BUFFER: usize = 4096;
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+/// The watch's shared state.
+pub struct Watcher {
+    changes: broadcast::Sender<Change>,
+    /// When the last heartbeat seen back through the watch was written.
+    confirmed: Mutex<Option<Instant>>,
+    /// Heartbeats written and not yet seen, by sequence number.
+    pending: Mutex<HashMap<u64, Instant>>,
+    sequence: AtomicU64,
+    last_revision: AtomicI64,
+    max_staleness: Duration,
+}
+
+impl Watcher {
+    /// Starts the watch and the heartbeat; both run until the process ends.
+    pub fn start(
+        channel: Channel,
+        kv: KvClient<Channel>,
+        prefix: Vec<u8>,
+        replica: String,
+        max_staleness: Duration,
+    ) -> Arc<Self> {
+        let (changes, _) = broadcast::channel(CHANGES_BUFFER);
+        let watcher = Arc::new(Self {
+            changes,
+            confirmed: Mutex::new(None),
+            pending: Mutex::new(HashMap::new()),
+            sequence: AtomicU64::new(0),
+            last_revision: AtomicI64::new(0),
+            max_staleness,
+        });
+        let mut heartbeat_key = prefix.clone();
+        heartbeat_key.push(HEARTBEATS);
+        heartbeat_key.extend_from_slice(replica.as_bytes());
+        tokio::spawn(watch_loop(
+            Arc::downgrade(&watcher),
+            channel,
+            kv.clone(),
+            prefix,
+            heartbeat_key.clone(),
+        ));
+        tokio::spawn(heartbeat_loop(Arc::downgrade(&watcher), kv, heartbeat_key));
+        watcher
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Whether every change committed more than `max_staleness` ago has
+    /// been seen.
+    pub fn fresh(&self) -> bool {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < self.max_staleness)
+    }
+
+    fn heartbeat_seen(&self, value: &[u8]) {
+        let Ok(bytes) = <[u8; 8]>::try_from(value) else {
+            return;
+        };
+        let sequence = u64::from_be_bytes(bytes);
+        let sent = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let sent = pending.remove(&sequence);
+            // Older heartbeats that never came back are superseded.
+            pending.retain(|s, _| *s > sequence);
+            sent
+        };
+        if let Some(sent) = sent {
+            let mut confirmed = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
+            if confirmed.is_none_or(|at| at < sent) {
+                *confirmed = Some(sent);
+            }
+        }
+    }
+
+    fn apply(&self, response: WatchResponse, prefix: &[u8], heartbeat_key: &[u8]) {
+        for event in response.events {
+            let Some(kv) = event.kv else { continue };
+            self.last_revision
+                .fetch_max(kv.mod_revision, Ordering::SeqCst);
+            if kv.key == heartbeat_key {
+                self.heartbeat_seen(&kv.value);
+                continue;
+            }
+            let Some((&space, name)) = kv.key.get(prefix.len()..).and_then(|k| k.split_first())
+            else {
+                continue;
+            };
+            let key = StoreKey::from_bytes(name.to_vec());
+            let change = match (space, EventType::try_from(event.r#type)) {
+                (RECORDS, Ok(EventType::Put)) => Change::Record {
+                    key,
+                    revision: Some(Revision(u64::try_from(kv.mod_revision).unwrap_or(0))),
+                },
+                (RECORDS, _) => Change::Record {
+                    key,
+                    revision: None,
+                },
+                (CLAIMS, Ok(EventType::Delete)) => Change::ClaimReleased { key },
+                _ => continue,
+            };
+            let _ = self.changes.send(change);
+        }
+        if let Some(header) = response.header {
+            self.last_revision
+                .fetch_max(header.revision, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn watch_loop(
+    watcher: std::sync::Weak<Watcher>,
+    channel: Channel,
+    mut kv: KvClient<Channel>,
+    prefix: Vec<u8>,
+    heartbeat_key: Vec<u8>,
+) {
+    let mut client = WatchClient::new(channel);
+    loop {
+        let Some(state) = watcher.upgrade() else {
+            return;
+        };
+        let mut start = state.last_revision.load(Ordering::SeqCst) + 1;
+        if start == 1 {
+            // First open: from now (the caches start empty).
+            match kv
+                .range(RangeRequest {
+                    key: prefix.clone(),
+                    limit: 1,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(response) => {
+                    let now = response.into_inner().header.map_or(0, |h| h.revision);
+                    state.last_revision.fetch_max(now, Ordering::SeqCst);
+                    start = now + 1;
+                }
+                Err(_) => {
+                    drop(state);
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                    continue;
+                }
+            }
+        }
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx
+            .send(WatchRequest {
+                request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                    key: prefix.clone(),
+                    range_end: prefix_end(&prefix),
+                    start_revision: start,
+                    progress_notify: true,
+                    ..Default::default()
+                })),
+            })
+            .await;
+        drop(state);
+        let stream = match client.watch(ReceiverStream::new(rx)).await {
+            Ok(stream) => stream.into_inner(),
+            Err(_) => {
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+                continue;
+            }
+        };
+        follow(&watcher, stream, &prefix, &heartbeat_key).await;
+        // Keep the request side open until the stream ends; then reopen.
+        drop(tx);
+        tokio::time::sleep(RECONNECT_PAUSE).await;
+    }
+}
+
+/// Applies one watch stream's responses until it breaks.
+async fn follow(
+    watcher: &std::sync::Weak<Watcher>,
+    mut stream: tonic::Streaming<WatchResponse>,
+    prefix: &[u8],
+    heartbeat_key: &[u8],
+) {
+    while let Ok(Some(response)) = stream.message().await {
+        let Some(state) = watcher.upgrade() else {
+            return;
+        };
+        if response.compact_revision > 0 || response.canceled {
+            // History we needed is gone: forget every cached entry and
+            // follow from the compaction point on.
+            tracing::warn!(
+                compact_revision = response.compact_revision,
+                "store watch fell behind a compaction; caches cleared"
+            );
+            state
+                .last_revision
+                .fetch_max(response.compact_revision, Ordering::SeqCst);
+            let _ = state.changes.send(Change::Reset);
+            return;
+        }
+        state.apply(response, prefix, heartbeat_key);
+    }
+}
+
+async fn heartbeat_loop(
+    watcher: std::sync::Weak<Watcher>,
+    mut kv: KvClient<Channel>,
+    key: Vec<u8>,
+) {
+    loop {
+        let Some(state) = watcher.upgrade() else {
+            return;
+        };
+        let every = (state.max_staleness / 4).max(Duration::from_millis(20));
+        let sequence = state.sequence.fetch_add(1, Ordering::SeqCst) + 1;
+        {
+            let mut pending = state.pending.lock().unwrap_or_else(|e| e.into_inner());
+            // While the watch is broken nothing comes back: keep the newest.
+            if pending.len() > 64 {
+                pending.retain(|s, _| *s + 32 > sequence);
+            }
+            pending.insert(sequence, Instant::now());
+        }
+        drop(state);
+        let _ = kv
+            .put(PutRequest {
+                key: key.clone(),
+                value: sequence.to_be_bytes().to_vec(),
+                ..Default::default()
+            })
+            .await;
+        tokio::time::sleep(every).await;
+    }
+}

@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod dev;
+pub mod etcd;
 pub mod provider;
 pub mod vault;

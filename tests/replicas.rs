@@ -1,0 +1,518 @@
+//! More than one node: the vault on a real 3-member etcd cluster on
+//! 127.0.0.1, with several real vault replicas (real mTLS, real gRPC
+//! clients spread across them) and the HTTP provider double.
+//!
+//! Each test prints its figure.
+
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant, SystemTime},
+};
+
+use credvault::{
+    api::pb::{self, credential_vault_client::CredentialVaultClient},
+    store::{self, CasOutcome, EtcdSettings, Revision, StoreKey, StoreSettings},
+};
+use support::{etcd::EtcdCluster, provider::ProviderDouble, vault::*};
+use tonic::{transport::Channel, Code};
+
+const CLIENT_ID: &str = "vault-client";
+const CLIENT_SECRET: &str = "client-secret-replicas";
+
+fn settings(cluster: &EtcdCluster, prefix: &str) -> EtcdSettings {
+    EtcdSettings {
+        endpoints: cluster.endpoints(),
+        prefix: prefix.as_bytes().to_vec(),
+        dial_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(3),
+        max_staleness: Duration::from_secs(1),
+        claim_takeover: Duration::from_secs(5),
+        ca: None,
+        cert: None,
+        key: None,
+    }
+}
+
+#[tokio::test]
+async fn the_etcd_store_keeps_the_store_contract() {
+    let cluster = EtcdCluster::start(3);
+    let store = store::open(&StoreSettings::Replicated(settings(&cluster, "/contract/")))
+        .await
+        .unwrap();
+    let key = StoreKey::new("acme", "alice", "google");
+
+    let CasOutcome::Written(Some(r1)) = store
+        .compare_and_swap(&key, None, Some(b"one".to_vec()))
+        .await
+        .unwrap()
+    else {
+        panic!("create must succeed");
+    };
+    // Creating again conflicts and shows what is stored.
+    let again = store
+        .compare_and_swap(&key, None, Some(b"dup".to_vec()))
+        .await
+        .unwrap();
+    assert!(matches!(again, CasOutcome::Conflict(Some(ref v)) if v.value == b"one"));
+    let CasOutcome::Written(Some(r2)) = store
+        .compare_and_swap(&key, Some(r1), Some(b"two".to_vec()))
+        .await
+        .unwrap()
+    else {
+        panic!("update at the read revision must succeed");
+    };
+    assert!(r2 > r1);
+    let stale = store
+        .compare_and_swap(&key, Some(r1), Some(b"stale".to_vec()))
+        .await
+        .unwrap();
+    assert!(matches!(stale, CasOutcome::Conflict(Some(ref v)) if v.revision == r2));
+    assert_eq!(store.get(&key).await.unwrap().unwrap().value, b"two");
+
+    // Scans are scoped to a tenant, in key order, and page.
+    for (tenant, subject) in [("acme", "b"), ("acme", "c"), ("acmex", "a")] {
+        store
+            .compare_and_swap(&StoreKey::new(tenant, subject, "p"), None, Some(vec![1]))
+            .await
+            .unwrap();
+    }
+    let prefix = StoreKey::tenant_prefix("acme");
+    let page1 = store.scan(&prefix, None, 2).await.unwrap();
+    assert_eq!(page1.len(), 2);
+    let page2 = store.scan(&prefix, Some(&page1[1].0), 10).await.unwrap();
+    assert_eq!(page2.len(), 1, "acmex must not leak into acme");
+    assert_eq!(store.count_after(None).await.unwrap(), 4);
+
+    // Deletes, bookkeeping, put-if-absent.
+    assert_eq!(
+        store.compare_and_swap(&key, Some(r2), None).await.unwrap(),
+        CasOutcome::Written(None)
+    );
+    assert_eq!(store.get(&key).await.unwrap(), None);
+    store.put_meta("rewrap/cursor", vec![9]).await.unwrap();
+    assert_eq!(
+        store.get_meta("rewrap/cursor").await.unwrap(),
+        Some(vec![9])
+    );
+    assert_eq!(
+        store.put_meta_if_absent("fp/1", vec![1]).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.put_meta_if_absent("fp/1", vec![2]).await.unwrap(),
+        Some(vec![1])
+    );
+    let meta = store.all_meta().await.unwrap();
+    assert_eq!(meta.len(), 2, "{meta:?}");
+    // Revisions are cluster-wide and never reused.
+    assert!(Revision(0) < r1);
+}
+
+/// `n` replicas of one vault (same keyring, certificates, policy) on the
+/// cluster.
+async fn replicas(dir: &VaultDir, n: usize) -> Vec<TestVault> {
+    let mut vaults = Vec::new();
+    for _ in 0..n {
+        vaults.push(TestVault::start(dir).await);
+    }
+    vaults
+}
+
+fn vault_dir(cluster: &EtcdCluster, prefix: &str, extra: &str) -> VaultDir {
+    VaultDir::custom(
+        "allow_http_loopback = true",
+        &format!(
+            "{extra}\n{}",
+            cluster.storage_config(prefix, "max_staleness = \"1s\"")
+        ),
+    )
+}
+
+async fn clients(dir: &VaultDir, vaults: &[TestVault]) -> Vec<CredentialVaultClient<Channel>> {
+    let mut out = Vec::new();
+    for vault in vaults {
+        out.push(vault.client(dir, "admin").await);
+    }
+    out
+}
+
+fn deposit(
+    provider: &ProviderDouble,
+    subject: &str,
+    access: Option<SystemTime>,
+) -> pb::DepositRequest {
+    pb::DepositRequest {
+        credential: reference("acme", subject, "idp"),
+        client: oauth_client(&provider.token_url(), CLIENT_ID, CLIENT_SECRET),
+        grant: refresh_grant(
+            &provider.issue_refresh_token(CLIENT_ID),
+            access.map(|at| ("at-deposited", at)),
+        ),
+        labels: Default::default(),
+    }
+}
+
+/// 1000 concurrent calls spread over the replicas; the distinct tokens.
+async fn burst(
+    clients: &[CredentialVaultClient<Channel>],
+    subject: &str,
+    force: bool,
+) -> BTreeSet<String> {
+    let mut calls = Vec::new();
+    for i in 0..1000 {
+        let mut client = clients[i % clients.len()].clone();
+        let subject = subject.to_owned();
+        calls.push(tokio::spawn(async move {
+            let mut request = get_request("acme", &subject, "idp");
+            request.force_refresh = force;
+            client.get_access_token(request).await
+        }));
+    }
+    let mut tokens = BTreeSet::new();
+    for call in calls {
+        let token = call.await.unwrap().unwrap_or_else(|s| panic!("{s:?}"));
+        tokens.insert(token.into_inner().access_token);
+    }
+    tokens
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refresh_across_three_replicas() {
+    let cluster = EtcdCluster::start(3);
+    let provider = ProviderDouble::start().await;
+    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    provider.set_latency(Duration::from_millis(300));
+    let dir = vault_dir(&cluster, "/burst/", "");
+    let vaults = replicas(&dir, 3).await;
+    let clients = clients(&dir, &vaults).await;
+
+    // An expired credential: every replica wants to refresh it.
+    let expired = SystemTime::now() - Duration::from_secs(60);
+    clients[0]
+        .clone()
+        .deposit(deposit(&provider, "expired", Some(expired)))
+        .await
+        .unwrap();
+    let tokens = burst(&clients, "expired", false).await;
+    let refreshes = provider.refresh_calls();
+    println!("1000 calls on one expired credential over 3 replicas: {refreshes} upstream refresh, {} distinct token", tokens.len());
+    assert_eq!(refreshes, 1);
+    assert_eq!(tokens.len(), 1);
+
+    // Again with force_refresh, on a credential never refreshed.
+    let valid = SystemTime::now() + Duration::from_secs(3600);
+    clients[1]
+        .clone()
+        .deposit(deposit(&provider, "forced", Some(valid)))
+        .await
+        .unwrap();
+    let tokens = burst(&clients, "forced", true).await;
+    let forced = provider.refresh_calls() - refreshes;
+    println!(
+        "1000 force_refresh calls over 3 replicas: {forced} upstream refresh, {} distinct token",
+        tokens.len()
+    );
+    assert_eq!(forced, 1);
+    assert_eq!(tokens.len(), 1);
+    assert!(!tokens.contains("at-deposited"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_or_redeposit_on_one_replica_reaches_the_others_within_max_staleness() {
+    let cluster = EtcdCluster::start(3);
+    let provider = ProviderDouble::start().await;
+    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let dir = vault_dir(&cluster, "/coherence/", "");
+    let vaults = replicas(&dir, 2).await;
+    let clients = clients(&dir, &vaults).await;
+    let (mut a, mut b) = (clients[0].clone(), clients[1].clone());
+    let valid = SystemTime::now() + Duration::from_secs(3600);
+    a.deposit(deposit(&provider, "alice", Some(valid)))
+        .await
+        .unwrap();
+    // B holds it warm in its cache.
+    for _ in 0..3 {
+        b.get_access_token(get_request("acme", "alice", "idp"))
+            .await
+            .unwrap();
+    }
+    a.revoke(pb::RevokeRequest {
+        credential: reference("acme", "alice", "idp"),
+    })
+    .await
+    .unwrap();
+    let revoked = Instant::now();
+    loop {
+        match b
+            .get_access_token(get_request("acme", "alice", "idp"))
+            .await
+        {
+            Err(status) if status.code() == Code::NotFound => break,
+            Ok(_) => {}
+            Err(status) => panic!("{status:?}"),
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(1),
+            "B served a revoked grant past max_staleness"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "revoke on A seen by B after {:?} (max_staleness 1 s)",
+        revoked.elapsed()
+    );
+
+    // A redeposit: B serves the new generation.
+    a.deposit(deposit(&provider, "alice", Some(valid)))
+        .await
+        .unwrap();
+    b.get_access_token(get_request("acme", "alice", "idp"))
+        .await
+        .unwrap();
+    let mut redeposit = deposit(&provider, "alice", Some(valid));
+    if let Some(pb::deposit_request::Grant::RefreshToken(grant)) = redeposit.grant.as_mut() {
+        grant.access_token = "at-generation-3".into();
+    }
+    a.deposit(redeposit).await.unwrap();
+    let replaced = Instant::now();
+    loop {
+        let token = b
+            .get_access_token(get_request("acme", "alice", "idp"))
+            .await
+            .unwrap()
+            .into_inner();
+        if token.access_token == "at-generation-3" {
+            break;
+        }
+        assert!(
+            replaced.elapsed() < Duration::from_secs(1),
+            "B served a replaced grant past max_staleness"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!("redeposit on A served by B after {:?}", replaced.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_a_replica_answers_storage_unavailable_and_recovers() {
+    let mut cluster = EtcdCluster::start(3);
+    let provider = ProviderDouble::start().await;
+    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let dir = vault_dir(&cluster, "/outage/", "");
+    let vault = TestVault::start(&dir).await;
+    let mut client = vault.client(&dir, "admin").await;
+    let valid = SystemTime::now() + Duration::from_secs(3600);
+    client
+        .deposit(deposit(&provider, "alice", Some(valid)))
+        .await
+        .unwrap();
+    assert_eq!(readyz(vault.ops_addr).await, Some(200));
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    // Past max_staleness the cache is not trusted: reads go through, and
+    // fail typed, fast.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    let status = client
+        .get_access_token(get_request("acme", "alice", "idp"))
+        .await
+        .unwrap_err();
+    println!(
+        "etcd down: {:?} after {:?}",
+        status.code(),
+        started.elapsed()
+    );
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(error_info(&status).0, "STORAGE_UNAVAILABLE");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert_eq!(readyz(vault.ops_addr).await, Some(503));
+    // The process stays up and recovers on its own.
+    for i in 0..3 {
+        cluster.restart(i);
+    }
+    cluster.wait_healthy(Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while readyz(vault.ops_addr).await != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not become ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = client
+        .get_access_token(get_request("acme", "alice", "idp"))
+        .await
+        .expect("serves again once etcd is back")
+        .into_inner();
+    assert_eq!(token.access_token, "at-deposited");
+}
+
+/// A `credvault serve` process on `dir`'s config: a replica that can die.
+struct ServeProcess {
+    child: std::process::Child,
+    port: u16,
+    ops: u16,
+}
+
+impl ServeProcess {
+    fn start(dir: &VaultDir) -> Self {
+        use support::dev::{free_port, ops_ready, without_proxy};
+        let (port, ops) = (free_port(), free_port());
+        let child = without_proxy(&mut std::process::Command::new(env!(
+            "CARGO_BIN_EXE_credvault"
+        )))
+        .args(["serve", "--config"])
+        .arg(dir.path().join("credvault.toml"))
+        .env("CREDVAULT_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CREDVAULT_OPS_LISTEN", format!("127.0.0.1:{ops}"))
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ops_ready(ops) {
+            assert!(Instant::now() < deadline, "replica did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port, ops }
+    }
+
+    async fn client(&self, dir: &VaultDir) -> CredentialVaultClient<Channel> {
+        let cert = &dir.pki.clients["admin"];
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                dir.pki.ca.ca_cert_pem(),
+            ))
+            .identity(tonic::transport::Identity::from_pem(
+                &cert.cert_pem,
+                &cert.key_pem,
+            ))
+            .domain_name("localhost");
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect_lazy();
+        CredentialVaultClient::new(channel)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn metric(ops: u16, name: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", ops))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_claimant_is_taken_over_after_the_bound_and_never_overlapped() {
+    const BOUND: Duration = Duration::from_secs(4);
+    let cluster = EtcdCluster::start(3);
+    let provider = ProviderDouble::start().await;
+    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    // The provider takes 2 s per token request (within the 3 s upstream
+    // timeout) and does not rotate, so the grant outlives the dead replica.
+    provider.set_latency(Duration::from_secs(2));
+    provider.set_rotation(false);
+    let dir = VaultDir::custom(
+        "allow_http_loopback = true",
+        &cluster.storage_config(
+            "/takeover/",
+            &format!(
+                "max_staleness = \"1s\"\nclaim_takeover = \"{}s\"",
+                BOUND.as_secs()
+            ),
+        ),
+    );
+    let mut a = ServeProcess::start(&dir);
+    let b = ServeProcess::start(&dir);
+    let (mut a_client, mut b_client) = (a.client(&dir).await, b.client(&dir).await);
+    let expired = SystemTime::now() - Duration::from_secs(60);
+    b_client
+        .deposit(deposit(&provider, "alice", Some(expired)))
+        .await
+        .unwrap();
+
+    // A claims the refresh and is at the provider...
+    let first = Instant::now();
+    tokio::spawn(async move {
+        let _ = a_client
+            .get_access_token(get_request("acme", "alice", "idp"))
+            .await;
+    });
+    while provider.token_calls() == 0 {
+        assert!(
+            first.elapsed() < Duration::from_secs(5),
+            "A never reached the provider"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The double answers A's request 2 s after it arrived (to a dead socket).
+    let a_done = Instant::now() + Duration::from_secs(2);
+    // ... when it dies.
+    a.kill();
+    let killed = Instant::now();
+    let waiter = tokio::spawn(async move {
+        b_client
+            .get_access_token(get_request("acme", "alice", "idp"))
+            .await
+    });
+    // The second refresh starts only after the bound.
+    while provider.token_calls() < 2 {
+        assert!(killed.elapsed() < BOUND * 3, "B never took over");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let b_started = Instant::now();
+    let second = b_started - killed;
+    let token = waiter
+        .await
+        .unwrap()
+        .expect("B refreshes after the takeover");
+    println!(
+        "claimant SIGKILLed at its provider call; B's refresh reached the provider {second:?} later \
+         (bound {BOUND:?}), {:?} after A's had ended",
+        b_started - a_done
+    );
+    assert!(
+        second >= BOUND - Duration::from_millis(300),
+        "took over after {second:?}"
+    );
+    // The two refreshes never overlapped at the provider.
+    assert!(
+        b_started > a_done,
+        "B's refresh began while A's was still running"
+    );
+    assert_ne!(token.into_inner().access_token, "at-deposited");
+    assert_eq!(provider.token_calls(), 2);
+    assert_eq!(
+        metric(b.ops, "credvault_refresh_claim_takeovers_total").await,
+        1.0
+    );
+}

@@ -1,0 +1,173 @@
+//! A real etcd cluster on 127.0.0.1 (Debian's etcd-server 3.4.x, put in
+//! `target/etcd` by `tests/etcd/install.sh`, which the README's test command
+//! runs). Members are real processes: they can be killed, frozen and
+//! restarted. A missing binary fails the test loudly; nothing is mocked.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::dev::free_port;
+
+/// Where `tests/etcd/install.sh` puts the server.
+fn etcd_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/etcd/usr/bin/etcd");
+    assert!(
+        path.is_file(),
+        "{} is missing: run tests/etcd/install.sh (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+/// A running cluster; every member is stopped on drop.
+pub struct EtcdCluster {
+    dir: tempfile::TempDir,
+    members: Vec<Member>,
+    token: String,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until the cluster answers.
+    pub fn start(size: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let members = (0..size)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                child: None,
+            })
+            .collect();
+        let mut cluster = Self {
+            dir,
+            members,
+            token: format!("credvault-test-{}", std::process::id()),
+        };
+        for i in 0..size {
+            cluster.spawn(i, "new");
+        }
+        cluster.wait_healthy(Duration::from_secs(30));
+        cluster
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) {
+        let initial = self.initial_cluster();
+        let data = self.dir.path().join(&self.members[i].name);
+        let m = &mut self.members[i];
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let child = Command::new(etcd_binary())
+            .args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial])
+            .args(["--initial-cluster-token", &self.token])
+            .args(["--initial-cluster-state", state])
+            // Fast elections on loopback.
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+        m.child = Some(child);
+    }
+
+    /// The client URLs of every member.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// The `[storage]` section for a vault on this cluster.
+    pub fn storage_config(&self, prefix: &str, extra: &str) -> String {
+        let endpoints: Vec<String> = self
+            .endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect();
+        format!(
+            "[storage]\nbackend = \"etcd\"\n[storage.etcd]\nendpoints = [{}]\nprefix = \"{prefix}\"\n{extra}\n",
+            endpoints.join(", ")
+        )
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Restarts a killed member on its data dir.
+    pub fn restart(&mut self, i: usize) {
+        self.spawn(i, "existing");
+    }
+
+    /// Waits until a quorum answers a read through some member.
+    pub fn wait_healthy(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.members.iter().any(|m| health(m.client_port)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the etcd cluster did not become healthy"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// `GET /health` says the member is part of a working cluster.
+fn health(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET /health HTTP/1.1\r\nhost: etcd\r\nconnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.contains("\"health\":\"true\"")
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}

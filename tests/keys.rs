@@ -409,12 +409,8 @@ async fn the_keyring_file_is_watched_and_unreadable_records_are_reported_not_rew
     vault.stop().await.unwrap();
     // Damage one record's envelope magic.
     {
-        use credvault::store::{self, StoreKey, StoreSettings};
-        let store = store::open(&StoreSettings::Embedded {
-            data_dir: dir.config().data_dir,
-        })
-        .await
-        .unwrap();
+        use credvault::store::StoreKey;
+        let store = dir.open_store().await;
         let key = StoreKey::new("acme", "b", "idp");
         let current = store.get(&key).await.unwrap().unwrap();
         let mut value = current.value.clone();

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use credvault::{
     api::pb,
     crypto::{KeyVersion, Keyring},
-    store::{self, CasOutcome, StoreKey, StoreSettings},
+    store::{CasOutcome, StoreKey},
 };
 use support::{
     provider::{ClientAuthMethod, Fault, ProviderDouble},
@@ -455,11 +455,7 @@ async fn callers_act_only_for_their_tenants() {
 
 /// Stops the vault, edits the store directly, and restarts it.
 async fn tamper(dir: &VaultDir, edit: impl FnOnce(&mut Vec<u8>)) {
-    let store = store::open(&StoreSettings::Embedded {
-        data_dir: dir.config().data_dir,
-    })
-    .await
-    .unwrap();
+    let store = dir.open_store().await;
     let key = StoreKey::new("acme", "henry", "idp");
     let current = store.get(&key).await.unwrap().unwrap();
     let mut value = current.value.clone();

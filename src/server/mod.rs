@@ -19,7 +19,7 @@ use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
 
-pub use self::vault::Vault;
+pub use self::vault::{store_settings, Vault};
 use crate::{
     api::{
         pb::{

@@ -71,6 +71,16 @@ actions = ["deposit", "get", "revoke"]
 pub struct VaultDir {
     pub dir: tempfile::TempDir,
     pub pki: TestPki,
+    /// The cluster behind the vault when the suite runs on etcd.
+    _etcd: Option<super::etcd::EtcdCluster>,
+}
+
+/// The backend the suite runs on: `CREDVAULT_TEST_BACKEND=etcd` runs every
+/// vault of a test on its own real 3-member etcd cluster (the README's test
+/// command runs the broker's rules once per backend: one body, two
+/// backends). Anything else: the embedded store.
+fn etcd_backend() -> bool {
+    std::env::var("CREDVAULT_TEST_BACKEND").is_ok_and(|b| b == "etcd")
 }
 
 impl VaultDir {
@@ -95,6 +105,13 @@ impl VaultDir {
         let dir = tempfile::tempdir().unwrap();
         let pki = TestPki::generate();
         let p = dir.path();
+        // A test that chose its store keeps it.
+        let etcd = (etcd_backend() && !extra.contains("[storage]"))
+            .then(|| super::etcd::EtcdCluster::start(3));
+        let storage = etcd
+            .as_ref()
+            .map(|cluster| cluster.storage_config("/vault/", "max_staleness = \"1s\""))
+            .unwrap_or_default();
         std::fs::write(p.join("ca.pem"), pki.ca.ca_cert_pem()).unwrap();
         std::fs::write(p.join("server.pem"), &pki.server.cert_pem).unwrap();
         std::fs::write(p.join("server-key.pem"), &pki.server.key_pem).unwrap();
@@ -122,11 +139,16 @@ shutdown_grace = "5s"
 request_timeout = "3s"
 {upstream}
 {extra}
+{storage}
 "#
             ),
         )
         .unwrap();
-        Self { dir, pki }
+        Self {
+            dir,
+            pki,
+            _etcd: etcd,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -139,6 +161,14 @@ request_timeout = "3s"
 
     pub fn config(&self) -> Config {
         Config::load(&self.path().join("credvault.toml")).unwrap()
+    }
+
+    /// The vault's store, opened as the server opens it (the test's
+    /// backend), for tests that inspect or damage it directly.
+    pub async fn open_store(&self) -> std::sync::Arc<dyn credvault::store::CredentialStore> {
+        credvault::store::open(&credvault::server::store_settings(&self.config()))
+            .await
+            .unwrap()
     }
 
     pub fn keyring(&self) -> Keyring {

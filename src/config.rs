@@ -106,6 +106,26 @@ pub struct StorageConfig {
     pub etcd: Option<EtcdConfig>,
 }
 
+impl StorageConfig {
+    /// etcd at `endpoints` with every other setting at its default.
+    pub fn etcd(endpoints: Vec<String>) -> Self {
+        Self {
+            backend: StorageBackend::Etcd,
+            etcd: Some(EtcdConfig {
+                endpoints,
+                prefix: defaults::etcd_prefix(),
+                dial_timeout: defaults::etcd_dial_timeout(),
+                request_timeout: defaults::etcd_request_timeout(),
+                max_staleness: defaults::etcd_max_staleness(),
+                claim_takeover: None,
+                ca: None,
+                cert: None,
+                key: None,
+            }),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageBackend {

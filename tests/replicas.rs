@@ -516,3 +516,41 @@ async fn a_killed_claimant_is_taken_over_after_the_bound_and_never_overlapped() 
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_processes_on_one_dir_and_one_etcd_form_one_vault() {
+    use support::dev::DevProcess;
+    let cluster = EtcdCluster::start(3);
+    let provider = ProviderDouble::start().await;
+    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = cluster.endpoints().join(",");
+    let first = DevProcess::start_with_args(dir.path(), &["--etcd", &endpoints]);
+    let second = DevProcess::start_with_args(dir.path(), &["--etcd", &endpoints]);
+    let client = |port: u16| {
+        let d = dir.path();
+        let read = |name: &str| std::fs::read_to_string(d.join(name)).unwrap();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
+            .identity(tonic::transport::Identity::from_pem(read("admin.pem"), read("admin-key.pem")))
+            .domain_name("localhost");
+        CredentialVaultClient::new(
+            tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect_lazy(),
+        )
+    };
+    let valid = SystemTime::now() + Duration::from_secs(3600);
+    client(first.port)
+        .deposit(deposit(&provider, "alice", Some(valid)))
+        .await
+        .unwrap();
+    let token = client(second.port)
+        .get_access_token(get_request("acme", "alice", "idp"))
+        .await
+        .expect("the second process serves what the first stored")
+        .into_inner();
+    assert_eq!(token.access_token, "at-deposited");
+}

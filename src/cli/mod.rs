@@ -59,6 +59,11 @@ enum Command {
         /// The plaintext ops listener (/livez, /readyz).
         #[arg(long, default_value = "127.0.0.1:9090")]
         ops_listen: SocketAddr,
+        /// Store the records on this etcd cluster (comma-separated client
+        /// URLs) instead of the dev dir: several `dev` processes on one
+        /// `--dir`, with different listeners, then form one vault.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
     },
     /// Manage the sealed keyring file (offline; a running vault picks up changes).
     #[command(subcommand)]
@@ -113,7 +118,8 @@ pub fn main() -> ExitCode {
                 dir,
                 listen,
                 ops_listen,
-            } => run_dev(&dir, listen, ops_listen).await,
+                etcd,
+            } => run_dev(&dir, listen, ops_listen, etcd).await,
             Command::Keyring(command) => tokio::task::spawn_blocking(move || keyring::run(command))
                 .await
                 .unwrap_or_else(|_| Err("the keyring task failed".into())),
@@ -141,15 +147,25 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn serve(path: &Path, listen: Option<(SocketAddr, SocketAddr)>) -> Result<(), String> {
+/// What `dev` changes in the config it serves.
+struct DevOverrides {
+    listen: SocketAddr,
+    ops_listen: SocketAddr,
+    etcd: Vec<String>,
+}
+
+async fn serve(path: &Path, dev: Option<DevOverrides>) -> Result<(), String> {
     let owned = path.to_owned();
     let mut config = tokio::task::spawn_blocking(move || Config::load(&owned))
         .await
         .map_err(|_| "the config task failed".to_owned())?
         .map_err(|e| e.to_string())?;
-    if let Some((grpc, ops)) = listen {
-        config.listen = grpc;
-        config.ops_listen = ops;
+    if let Some(dev) = dev {
+        config.listen = dev.listen;
+        config.ops_listen = dev.ops_listen;
+        if !dev.etcd.is_empty() {
+            config.storage = crate::config::StorageConfig::etcd(dev.etcd);
+        }
     }
     telemetry::init_logging(&config.log.filter, config.log.format);
     let listeners = Listeners::bind(&config).await.map_err(|e| {
@@ -163,14 +179,27 @@ async fn serve(path: &Path, listen: Option<(SocketAddr, SocketAddr)>) -> Result<
         .map_err(|e| e.to_string())
 }
 
-async fn run_dev(dir: &Path, listen: SocketAddr, ops_listen: SocketAddr) -> Result<(), String> {
+async fn run_dev(
+    dir: &Path,
+    listen: SocketAddr,
+    ops_listen: SocketAddr,
+    etcd: Vec<String>,
+) -> Result<(), String> {
     let owned = dir.to_owned();
     let prepared = tokio::task::spawn_blocking(move || dev::prepare(&owned))
         .await
         .map_err(|_| "the dev set-up task failed".to_owned())?
         .map_err(|e| e.to_string())?;
     println!("{}", dev::instructions(&prepared.dir, listen, ops_listen));
-    serve(&prepared.config, Some((listen, ops_listen))).await
+    serve(
+        &prepared.config,
+        Some(DevOverrides {
+            listen,
+            ops_listen,
+            etcd,
+        }),
+    )
+    .await
 }
 
 async fn open_store(data_dir: &Path) -> Result<std::sync::Arc<dyn store::CredentialStore>, String> {

@@ -65,6 +65,11 @@ impl DevProcess {
         Self::spawn(dir, false, env)
     }
 
+    /// Like [`DevProcess::start`], with extra `dev` arguments.
+    pub fn start_with_args(dir: &Path, args: &[&str]) -> Self {
+        Self::spawn_with(dir, false, &[], args)
+    }
+
     /// Like [`DevProcess::start`], keeping its output for
     /// [`DevProcess::terminate`], with extra environment variables.
     pub fn start_capturing(dir: &Path, env: &[(&str, &str)]) -> Self {
@@ -72,6 +77,10 @@ impl DevProcess {
     }
 
     fn spawn(dir: &Path, capture: bool, env: &[(&str, &str)]) -> Self {
+        Self::spawn_with(dir, capture, env, &[])
+    }
+
+    fn spawn_with(dir: &Path, capture: bool, env: &[(&str, &str)], args: &[&str]) -> Self {
         let (port, ops) = (free_port(), free_port());
         let output = || {
             if capture {
@@ -85,6 +94,7 @@ impl DevProcess {
             .arg(dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--ops-listen", &format!("127.0.0.1:{ops}")])
+            .args(args)
             .envs(env.iter().copied())
             .stdout(output())
             .stderr(output())

@@ -532,7 +532,10 @@ async fn dev_processes_on_one_dir_and_one_etcd_form_one_vault() {
         let read = |name: &str| std::fs::read_to_string(d.join(name)).unwrap();
         let tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
-            .identity(tonic::transport::Identity::from_pem(read("admin.pem"), read("admin-key.pem")))
+            .identity(tonic::transport::Identity::from_pem(
+                read("admin.pem"),
+                read("admin-key.pem"),
+            ))
             .domain_name("localhost");
         CredentialVaultClient::new(
             tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
@@ -553,4 +556,137 @@ async fn dev_processes_on_one_dir_and_one_etcd_form_one_vault() {
         .expect("the second process serves what the first stored")
         .into_inner();
     assert_eq!(token.access_token, "at-deposited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_leader_killed_under_load_loses_nothing_acknowledged() {
+    use std::sync::{Arc, Mutex};
+    let mut cluster = EtcdCluster::start(3);
+    let provider = ProviderDouble::start().await;
+    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    provider.set_expires_in(Some(1));
+    let dir = vault_dir(&cluster, "/leader/", "");
+    let vaults = replicas(&dir, 3).await;
+    let clients = clients(&dir, &vaults).await;
+    // Credentials whose one-second tokens keep needing refreshes: every
+    // refresh rotates the grant, and the double refuses a reused token.
+    for i in 0..6 {
+        clients[i % 3]
+            .clone()
+            .deposit(deposit(&provider, &format!("hot{i}"), None))
+            .await
+            .unwrap();
+    }
+    // subject -> Some(access token) deposited, or None once revoked.
+    let acknowledged: Arc<Mutex<std::collections::BTreeMap<String, Option<String>>>> =
+        Arc::default();
+    let errors: Arc<Mutex<Vec<(Code, String)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let (mut client, acked, errors, stop) = (
+            clients[w % 3].clone(),
+            Arc::clone(&acknowledged),
+            Arc::clone(&errors),
+            Arc::clone(&stop),
+        );
+        let provider_url = provider.token_url();
+        let rt = provider.issue_refresh_token(CLIENT_ID);
+        workers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                let subject = format!("w{w}-{n}");
+                let at = format!("at-{subject}");
+                let request = pb::DepositRequest {
+                    credential: reference("acme", &subject, "idp"),
+                    client: oauth_client(&provider_url, CLIENT_ID, CLIENT_SECRET),
+                    grant: refresh_grant(
+                        &rt,
+                        Some((&at, SystemTime::now() + Duration::from_secs(3600))),
+                    ),
+                    labels: Default::default(),
+                };
+                let outcomes = [
+                    client.deposit(request).await.map(|_| Some(at)),
+                    client
+                        .get_access_token(get_request("acme", &format!("hot{}", n % 6), "idp"))
+                        .await
+                        .map(|_| None),
+                ];
+                for (i, outcome) in outcomes.into_iter().enumerate() {
+                    match outcome {
+                        Ok(Some(at)) if i == 0 => {
+                            acked.lock().unwrap().insert(subject.clone(), Some(at));
+                        }
+                        Ok(_) => {}
+                        Err(status) => errors
+                            .lock()
+                            .unwrap()
+                            .push((status.code(), error_info(&status).0)),
+                    }
+                }
+                if n % 5 == 0 {
+                    let victim = format!("w{w}-{}", n - 1);
+                    if client
+                        .revoke(pb::RevokeRequest {
+                            credential: reference("acme", &victim, "idp"),
+                        })
+                        .await
+                        .is_ok()
+                    {
+                        acked.lock().unwrap().insert(victim, None);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let leader = cluster.leader().expect("the cluster has a leader");
+    cluster.kill(leader);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.restart(leader);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    cluster.wait_healthy(Duration::from_secs(30));
+
+    let errors = errors.lock().unwrap().clone();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    println!(
+        "leader (member {leader}) SIGKILLed for 2 s under load: {} acknowledged writes, {} errors ({:?})",
+        acknowledged.len(),
+        errors.len(),
+        errors.iter().map(|(_, r)| r.as_str()).collect::<BTreeSet<_>>()
+    );
+    for (code, reason) in &errors {
+        assert_eq!(
+            *code,
+            Code::Unavailable,
+            "only typed UNAVAILABLE meanwhile: {reason}"
+        );
+    }
+    // No refresh token was used twice: a reused one would have killed its
+    // grant (REAUTH_REQUIRED), and every hot credential still refreshes.
+    let mut check = clients[0].clone();
+    for i in 0..6 {
+        check
+            .get_access_token(get_request("acme", &format!("hot{i}"), "idp"))
+            .await
+            .unwrap_or_else(|s| panic!("hot{i}: {s:?}"));
+    }
+    // Every acknowledged write is there, and every acknowledged revoke holds.
+    for (subject, expected) in &acknowledged {
+        let answer = check
+            .get_access_token(get_request("acme", subject, "idp"))
+            .await;
+        match (expected, answer) {
+            (Some(at), Ok(token)) => assert_eq!(&token.into_inner().access_token, at),
+            (None, Err(status)) => assert_eq!(status.code(), Code::NotFound, "{subject}"),
+            (expected, answer) => panic!("{subject}: acknowledged {expected:?}, found {answer:?}"),
+        }
+    }
+    assert!(acknowledged.len() > 20, "the load did run");
 }

@@ -77,7 +77,10 @@ impl Broker {
     ) -> Result<Wrote<T>, BrokerError> {
         let key = id.store_key();
         let _write = self.write_lock(id).await;
-        let mut current = self.store.get(&key).await?;
+        let mut current = match how.fence {
+            Some(_) => self.store.get_patiently(&key).await?,
+            None => self.store.get(&key).await?,
+        };
         for _ in 0..CAS_ATTEMPTS {
             let (value, written, answer) = match decide(current.as_ref())? {
                 Step::Leave(answer) => {

@@ -175,6 +175,13 @@ pub enum StoreError {
 pub trait CredentialStore: Send + Sync + 'static {
     async fn get(&self, key: &StoreKey) -> Result<Option<Versioned>, StoreError>;
 
+    /// Like [`CredentialStore::get`], riding out a short outage (a leader
+    /// election) instead of failing fast: for a refresh's write-back, whose
+    /// rotated refresh token exists nowhere else yet.
+    async fn get_patiently(&self, key: &StoreKey) -> Result<Option<Versioned>, StoreError> {
+        self.get(key).await
+    }
+
     /// Replaces the value only if the stored revision equals `expected`
     /// (`None`: only if absent). `value: None` deletes.
     async fn compare_and_swap(

@@ -126,6 +126,14 @@ impl EtcdCluster {
         }
     }
 
+    /// The index of the member that is the raft leader now, from its
+    /// `/metrics` (`etcd_server_is_leader 1`).
+    pub fn leader(&self) -> Option<usize> {
+        self.members.iter().position(|m| {
+            m.child.is_some() && get(m.client_port, "/metrics").contains("etcd_server_is_leader 1")
+        })
+    }
+
     /// Restarts a killed member on its data dir.
     pub fn restart(&mut self, i: usize) {
         self.spawn(i, "existing");
@@ -149,19 +157,22 @@ impl EtcdCluster {
 
 /// `GET /health` says the member is part of a working cluster.
 fn health(port: u16) -> bool {
+    get(port, "/health").contains("\"health\":\"true\"")
+}
+
+/// A plain HTTP GET on a member's client port; empty on any failure.
+fn get(port: u16, path: &str) -> String {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
+        return String::new();
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    if stream
-        .write_all(b"GET /health HTTP/1.1\r\nhost: etcd\r\nconnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: etcd\r\nconnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return String::new();
     }
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
-    response.contains("\"health\":\"true\"")
+    response
 }
 
 impl Drop for EtcdCluster {

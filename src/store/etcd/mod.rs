@@ -99,7 +99,11 @@ pub struct EtcdStore {
     replica: String,
     watcher: Arc<Watcher>,
     claim_takeover: Duration,
+    /// How long a write retries a transient failure (a leader election).
+    write_patience: Duration,
 }
+
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 impl EtcdStore {
     /// Connects (lazily: a cluster that is down now is retried per call)
@@ -121,6 +125,7 @@ impl EtcdStore {
             replica,
             watcher,
             claim_takeover: settings.claim_takeover,
+            write_patience: settings.request_timeout,
         })
     }
 
@@ -178,39 +183,48 @@ impl EtcdStore {
             success,
             failure: vec![range(record.clone())],
         };
-        match self.txn(request).await {
-            Ok(response) if response.succeeded => {
-                Ok(CasOutcome::Written(value.map(|_| revision_of(&response))))
-            }
-            Ok(response) => {
-                let current = first_kv(response);
-                // Our record is as expected, so the fence failed.
-                if fence.is_some() && current.as_ref().map(|v| v.revision) == expected {
-                    return Err(StoreError::ClaimLost);
+        // A refresh's write-back carries a rotated refresh token that exists
+        // nowhere else: it rides out a leader election rather than lose it.
+        let patience = match fence {
+            Some(_) => self.write_patience * 3,
+            None => self.write_patience,
+        };
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut attempted = false;
+        loop {
+            match self.txn(request.clone()).await {
+                Ok(response) if response.succeeded => {
+                    return Ok(CasOutcome::Written(value.map(|_| revision_of(&response))))
                 }
-                Ok(CasOutcome::Conflict(current))
+                Ok(response) => {
+                    let current = first_kv(response);
+                    // An earlier attempt whose reply was lost landed: our
+                    // exact bytes are there (sealed values are unique:
+                    // random nonce), or the key we deleted is gone.
+                    match (&value, &current) {
+                        (Some(ours), Some(stored)) if attempted && stored.value == *ours => {
+                            return Ok(CasOutcome::Written(Some(stored.revision)))
+                        }
+                        (None, None) if attempted => return Ok(CasOutcome::Written(None)),
+                        _ => {}
+                    }
+                    // Our record is as expected, so the fence failed.
+                    if fence.is_some() && current.as_ref().map(|v| v.revision) == expected {
+                        return Err(StoreError::ClaimLost);
+                    }
+                    return Ok(CasOutcome::Conflict(current));
+                }
+                Err(status)
+                    if outcome_unknown(&status) && tokio::time::Instant::now() < deadline =>
+                {
+                    // Lost reply or no leader: the same compare decides,
+                    // and the read-back above resolves a write that landed.
+                    attempted = true;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Err(status) => return Err(rpc::status_error(status)),
             }
-            Err(status) if outcome_unknown(&status) => self.resolve_lost_reply(record, value).await,
-            Err(status) => Err(rpc::status_error(status)),
         }
-    }
-
-    /// The reply to a write was lost: read the key back. Our exact bytes
-    /// there (sealed values are unique: random nonce) prove the write
-    /// landed; a delete landed if the key is gone.
-    async fn resolve_lost_reply(
-        &self,
-        record: Vec<u8>,
-        value: Option<Vec<u8>>,
-    ) -> Result<CasOutcome, StoreError> {
-        let current = self.range_one(record).await?;
-        Ok(match (&value, current) {
-            (Some(ours), Some(stored)) if stored.value == *ours => {
-                CasOutcome::Written(Some(stored.revision))
-            }
-            (None, None) => CasOutcome::Written(None),
-            (_, current) => CasOutcome::Conflict(current),
-        })
     }
 
     async fn claim_with(
@@ -341,6 +355,19 @@ fn prefix_end(key: &[u8]) -> Vec<u8> {
 impl CredentialStore for EtcdStore {
     async fn get(&self, key: &StoreKey) -> Result<Option<Versioned>, StoreError> {
         self.range_one(self.key(RECORDS, key.as_bytes())).await
+    }
+
+    async fn get_patiently(&self, key: &StoreKey) -> Result<Option<Versioned>, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.write_patience * 3;
+        loop {
+            match self.get(key).await {
+                Err(error) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(%error, "store unreachable during a write-back; retrying");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     async fn compare_and_swap(

@@ -38,6 +38,8 @@ pub mod reason {
     pub const WRITE_CONTENTION: &str = "WRITE_CONTENTION";
     /// A tenant's credential quota (`server.max_records_per_tenant`) is full.
     pub const QUOTA_EXCEEDED: &str = "QUOTA_EXCEEDED";
+    /// A key operation needs every replica to hold a key version first.
+    pub const KEY_ROLLOUT_PENDING: &str = "KEY_ROLLOUT_PENDING";
 }
 
 /// One invalid request field.
@@ -232,6 +234,10 @@ fn broker_wire(error: &BrokerError) -> Wire {
         }
         BrokerError::KeyVersionUnavailable { version } => {
             Wire::new(Code::Internal, KEY_VERSION_UNAVAILABLE, message)
+                .meta("key_version", version.to_string())
+        }
+        BrokerError::KeyRolloutPending { version } => {
+            Wire::new(Code::FailedPrecondition, KEY_ROLLOUT_PENDING, message)
                 .meta("key_version", version.to_string())
         }
         BrokerError::RecordUnreadable(_) => Wire::new(Code::DataLoss, RECORD_UNREADABLE, message),

@@ -20,6 +20,10 @@ pub enum BrokerError {
     },
     #[error("the record's key version {version} is not in the keyring")]
     KeyVersionUnavailable { version: u32 },
+    /// Not every live replica can open key `version` yet: reload the
+    /// keyring on every replica first.
+    #[error("not every replica can open key version {version} yet")]
+    KeyRolloutPending { version: u32 },
     #[error("the stored record is unreadable: {0}")]
     RecordUnreadable(&'static str),
     #[error("the provider rejected the client: {oauth_error}")]

@@ -417,19 +417,66 @@ impl Broker {
         key: Option<KeyVersion>,
     ) -> Result<(Vec<u8>, u32), BrokerError> {
         let keyring = self.keys.current();
-        let version = key.unwrap_or_else(|| keyring.primary());
+        let version = key.unwrap_or_else(|| self.sealing_version(&keyring));
         let plaintext = record::encode(record);
-        let envelope =
-            crypto::seal_with(&keyring, version, &identity(id), &plaintext).map_err(|_| {
-                match key {
-                    // A pinned key that stopped being active: the operator's move.
-                    Some(version) => BrokerError::KeyVersionUnavailable {
-                        version: version.get(),
-                    },
-                    None => BrokerError::Internal("sealing failed"),
-                }
-            })?;
+        let sealed = if version == keyring.primary() || key.is_some() {
+            crypto::seal_with(&keyring, version, &identity(id), &plaintext)
+        } else {
+            crypto::seal_during_rollout(&keyring, version, &identity(id), &plaintext)
+        };
+        let envelope = sealed.map_err(|_| {
+            match key {
+                // A pinned key that stopped being active: the operator's move.
+                Some(version) => BrokerError::KeyVersionUnavailable {
+                    version: version.get(),
+                },
+                None => BrokerError::Internal("sealing failed"),
+            }
+        })?;
         Ok((record::frame(record.generation, envelope), version.get()))
+    }
+
+    /// The version new writes seal under: the primary, once every live
+    /// replica can open it; until then the newest version they all can.
+    fn sealing_version(&self, keyring: &crypto::Keyring) -> KeyVersion {
+        let primary = keyring.primary();
+        let Some(common) = self.store.key_versions_everyone_opens() else {
+            return primary;
+        };
+        if common.contains(&primary.get()) {
+            return primary;
+        }
+        common
+            .iter()
+            .rev()
+            .filter_map(|v| KeyVersion::new(*v))
+            .find(|v| keyring.key_for_rollout(*v).is_ok())
+            .unwrap_or(primary)
+    }
+
+    /// Tells the other replicas which key versions this one can open.
+    pub async fn publish_key_versions(&self) -> Result<(), BrokerError> {
+        let versions = self
+            .keys
+            .current()
+            .versions()
+            .into_iter()
+            .filter(|info| {
+                matches!(
+                    info.state,
+                    crypto::KeyState::Active | crypto::KeyState::DecryptOnly
+                )
+            })
+            .map(|info| info.version.get())
+            .collect();
+        Ok(self.store.publish_key_versions(versions).await?)
+    }
+
+    /// Whether every live replica can open key `version` (always, alone).
+    pub fn everyone_opens(&self, version: u32) -> bool {
+        self.store
+            .key_versions_everyone_opens()
+            .is_none_or(|common| common.contains(&version))
     }
 
     /// The OAuth client to use for a record: its preset's current settings

@@ -148,6 +148,7 @@ impl KeyRotation {
             .map_err(|e| KeyAdminError::Rejected(e.to_string()))?;
         let primary = keyring.primary();
         self.broker.keys.replace(keyring);
+        self.broker.publish_key_versions().await?;
         let status = self.status().await?;
         for (info, count) in &status.versions {
             if *count > 0
@@ -281,6 +282,12 @@ async fn rewrap(
     rate: u32,
 ) -> Result<(), BrokerError> {
     let target = KeyVersion::new(target).ok_or(BrokerError::Internal("key version 0"))?;
+    // A record rewrapped to a key some replica cannot open would fail there.
+    if !broker.everyone_opens(target.get()) {
+        return Err(BrokerError::KeyRolloutPending {
+            version: target.get(),
+        });
+    }
     let after = resume_point(broker, target).await?;
     let store = broker.store.as_ref();
     progress

@@ -118,8 +118,27 @@ pub fn seal_with(
     id: &RecordIdentity<'_>,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, SealError> {
-    let key = keyring.key_for_encrypt(version)?;
+    seal_under(keyring.key_for_encrypt(version)?, version, id, plaintext)
+}
 
+/// Seals under `version` while a new primary rolls out to every replica:
+/// the previous primary (now decrypt-only in this keyring) keeps sealing
+/// until every live replica can open the new one.
+pub fn seal_during_rollout(
+    keyring: &Keyring,
+    version: KeyVersion,
+    id: &RecordIdentity<'_>,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    seal_under(keyring.key_for_rollout(version)?, version, id, plaintext)
+}
+
+fn seal_under(
+    key: &KeyMaterial,
+    version: KeyVersion,
+    id: &RecordIdentity<'_>,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
     let mut nonce = [0u8; NONCE_LEN];
     OsRng.fill_bytes(&mut nonce);
 

@@ -369,6 +369,24 @@ impl Keyring {
         }
     }
 
+    /// The key for sealing under `version` during a primary's rollout to
+    /// the other replicas: active, or decrypt-only (the previous primary).
+    pub fn key_for_rollout(&self, version: KeyVersion) -> Result<&KeyMaterial, KeyringError> {
+        let entry = self
+            .entries
+            .get(&version)
+            .ok_or(KeyringError::UnknownVersion(version))?;
+        match (&entry.material, entry.state) {
+            (Some(m), KeyState::Active | KeyState::DecryptOnly) => Ok(m),
+            _ => Err(KeyringError::WrongState {
+                version,
+                state: entry.state,
+                expected: KeyState::DecryptOnly,
+                operation: "sealing during a rollout",
+            }),
+        }
+    }
+
     /// Every version ever issued, ascending, tombstones included.
     pub fn versions(&self) -> Vec<KeyInfo> {
         self.entries

@@ -25,7 +25,10 @@ pub mod shared;
 pub mod source;
 
 pub use derived::{derive_key, Purpose};
-pub use envelope::{key_version_of, open, seal, seal_with, OpenError, RecordIdentity, SealError};
+pub use envelope::{
+    key_version_of, open, seal, seal_during_rollout, seal_with, OpenError, RecordIdentity,
+    SealError,
+};
 pub use keyring::{
     Fingerprint, KeyInfo, KeyMaterial, KeyState, KeyUnavailable, KeyVersion, Keyring, KeyringError,
     KEY_LEN,

@@ -111,6 +111,11 @@ impl Vault {
             },
             Arc::clone(&metrics),
         );
+        // Before serving: the other replicas learn what this one can open.
+        broker
+            .publish_key_versions()
+            .await
+            .map_err(|e| ServerError::Keyring(e.to_string()))?;
         let rotation = KeyRotation::new(
             Arc::clone(&broker),
             keyring_source(config),

@@ -296,6 +296,18 @@ pub trait CredentialStore: Send + Sync + 'static {
         Duration::ZERO
     }
 
+    /// Tells the other processes which key versions this one can open.
+    async fn publish_key_versions(&self, versions: Vec<u32>) -> Result<(), StoreError> {
+        let _ = versions;
+        Ok(())
+    }
+
+    /// The key versions every live process can open; `None` when only this
+    /// process uses the store (or none has said yet).
+    fn key_versions_everyone_opens(&self) -> Option<std::collections::BTreeSet<u32>> {
+        None
+    }
+
     /// Bytes the store occupies on disk, where the engine knows it.
     fn size_on_disk(&self) -> Option<u64> {
         None

@@ -38,6 +38,14 @@
 //! answers `STORAGE_UNAVAILABLE` if etcd cannot be reached) and `/readyz`
 //! fails, until a heartbeat comes back.
 //!
+//! **Keys across replicas.** Fingerprints are recorded put-if-absent, so of
+//! two replicas with different key material the second refuses to start.
+//! Each replica publishes the key versions it can open (`P k <replica>`, at
+//! start and after every reload); a primary promoted on one replica seals
+//! new writes only once every live replica (heartbeat seen recently, on
+//! this replica's clock) reports it can open it. Until then the previous
+//! primary keeps sealing, and a rewrap to the new primary is refused.
+//!
 //! **Failures.** etcd unreachable or without quorum: calls fail fast with
 //! `STORAGE_UNAVAILABLE`; the process stays up (`/livez` passes) and
 //! recovers when etcd does. A replica killed mid-refresh leaves its claim;
@@ -91,6 +99,7 @@ const RECORDS: u8 = b'r';
 const META: u8 = b'm';
 const CLAIMS: u8 = b'c';
 const HEARTBEATS: u8 = b'h';
+const KEYS: u8 = b'k';
 
 /// The etcd-backed store.
 pub struct EtcdStore {
@@ -535,6 +544,24 @@ impl CredentialStore for EtcdStore {
 
     fn claim_takeover(&self) -> Duration {
         self.claim_takeover
+    }
+
+    async fn publish_key_versions(&self, versions: Vec<u32>) -> Result<(), StoreError> {
+        let text: Vec<String> = versions.iter().map(u32::to_string).collect();
+        self.kv
+            .clone()
+            .put(PutRequest {
+                key: self.key(KEYS, self.replica.as_bytes()),
+                value: text.join(",").into_bytes(),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc::status_error)?;
+        Ok(())
+    }
+
+    fn key_versions_everyone_opens(&self) -> Option<std::collections::BTreeSet<u32>> {
+        self.watcher.everyone_opens()
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

@@ -26,7 +26,7 @@ use super::{
         watch_request::RequestUnion, PutRequest, RangeRequest, WatchCreateRequest, WatchRequest,
         WatchResponse,
     },
-    CLAIMS, HEARTBEATS, RECORDS,
+    CLAIMS, HEARTBEATS, KEYS, RECORDS,
 };
 use crate::store::{Change, Revision, StoreKey};
 
@@ -45,6 +45,15 @@ pub struct Watcher {
     sequence: AtomicU64,
     last_revision: AtomicI64,
     max_staleness: Duration,
+    /// Other replicas as this one sees them: the key versions each can
+    /// open, and when its heartbeat last moved (on this process's clock).
+    replicas: Mutex<HashMap<String, ReplicaView>>,
+}
+
+#[derive(Default)]
+struct ReplicaView {
+    versions: Option<std::collections::BTreeSet<u32>>,
+    seen: Option<Instant>,
 }
 
 impl Watcher {
@@ -64,6 +73,7 @@ impl Watcher {
             sequence: AtomicU64::new(0),
             last_revision: AtomicI64::new(0),
             max_staleness,
+            replicas: Mutex::new(HashMap::new()),
         });
         let mut heartbeat_key = prefix.clone();
         heartbeat_key.push(HEARTBEATS);
@@ -90,6 +100,35 @@ impl Watcher {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some_and(|at| at.elapsed() < self.max_staleness)
+    }
+
+    /// The key versions every live replica can open (`None` until some
+    /// replica has said). Live: its heartbeat moved within three
+    /// staleness bounds, as this process's own clock measures.
+    pub fn everyone_opens(&self) -> Option<std::collections::BTreeSet<u32>> {
+        let live_for = (self.max_staleness * 3).max(Duration::from_secs(3));
+        let replicas = self.replicas.lock().unwrap_or_else(|e| e.into_inner());
+        replicas
+            .values()
+            .filter(|r| r.seen.is_some_and(|at| at.elapsed() < live_for))
+            .filter_map(|r| r.versions.clone())
+            .reduce(|a, b| a.intersection(&b).copied().collect())
+    }
+
+    /// A replica's published key versions or heartbeat, from the watch or
+    /// the initial listing.
+    fn replica_event(&self, space: u8, name: &[u8], value: &[u8]) {
+        let Ok(replica) = std::str::from_utf8(name) else {
+            return;
+        };
+        let mut replicas = self.replicas.lock().unwrap_or_else(|e| e.into_inner());
+        let view = replicas.entry(replica.to_owned()).or_default();
+        view.seen = Some(Instant::now());
+        if space == KEYS {
+            view.versions = std::str::from_utf8(value)
+                .ok()
+                .map(|text| text.split(',').filter_map(|v| v.parse().ok()).collect());
+        }
     }
 
     fn heartbeat_seen(&self, value: &[u8]) {
@@ -119,12 +158,17 @@ impl Watcher {
                 .fetch_max(kv.mod_revision, Ordering::SeqCst);
             if kv.key == heartbeat_key {
                 self.heartbeat_seen(&kv.value);
-                continue;
             }
             let Some((&space, name)) = kv.key.get(prefix.len()..).and_then(|k| k.split_first())
             else {
                 continue;
             };
+            if space == HEARTBEATS || space == KEYS {
+                if EventType::try_from(event.r#type) == Ok(EventType::Put) {
+                    self.replica_event(space, name, &kv.value);
+                }
+                continue;
+            }
             let key = StoreKey::from_bytes(name.to_vec());
             let change = match (space, EventType::try_from(event.r#type)) {
                 (RECORDS, Ok(EventType::Put)) => Change::Record {
@@ -161,17 +205,26 @@ async fn watch_loop(
         };
         let mut start = state.last_revision.load(Ordering::SeqCst) + 1;
         if start == 1 {
-            // First open: from now (the caches start empty).
+            // First open: from now (the caches start empty), knowing the
+            // replicas already there.
+            let mut replicas = prefix.clone();
+            replicas.push(KEYS);
             match kv
                 .range(RangeRequest {
-                    key: prefix.clone(),
-                    limit: 1,
+                    key: replicas.clone(),
+                    range_end: prefix_end(&replicas),
                     ..Default::default()
                 })
                 .await
             {
                 Ok(response) => {
-                    let now = response.into_inner().header.map_or(0, |h| h.revision);
+                    let response = response.into_inner();
+                    for kv in &response.kvs {
+                        if let Some(name) = kv.key.get(replicas.len()..) {
+                            state.replica_event(KEYS, name, &kv.value);
+                        }
+                    }
+                    let now = response.header.map_or(0, |h| h.revision);
                     state.last_revision.fetch_max(now, Ordering::SeqCst);
                     start = now + 1;
                 }

@@ -76,15 +76,7 @@ impl Vault {
             .load()
             .await
             .map_err(|e| ServerError::Keyring(e.to_string()))?;
-        let store = store::open(&store_settings(config))
-            .await
-            .map_err(|e| ServerError::Store {
-                path: match config.storage.backend {
-                    StorageBackend::Sled => config.data_dir.display().to_string(),
-                    StorageBackend::Etcd => "etcd".to_owned(),
-                },
-                message: e.to_string(),
-            })?;
+        let store = open_store(config).await?;
         fingerprints::check_and_remember(store.as_ref(), &keyring).await?;
         let mut authenticator = Authenticator::new(identity_rules, loaded.policy)
             .with_policy_file(config.auth.policy.clone());
@@ -121,20 +113,9 @@ impl Vault {
             keyring_source(config),
             config.keyring.rewrap_rate,
         );
-        let gate = Arc::new(Gate {
-            auth: Arc::clone(&auth),
-            limiter: IdentityRateLimiter::new(
-                config.server.rate_limit_per_identity,
-                config.server.rate_limit_burst,
-            ),
-            slots: CallSlots::new(match config.server.max_calls_per_identity {
-                0 => config.server.max_concurrent_calls / 2,
-                n => n,
-            }),
-        });
         let mut vault = Self {
             config: config.clone(),
-            calls: Calls::new(gate, Arc::clone(&metrics)),
+            calls: Calls::new(gate(config, &auth), Arc::clone(&metrics)),
             tls: tls::SharedServerConfig::new(loaded.tls),
             trust: loaded.trust,
             sidecar_secret: loaded.sidecar_secret,
@@ -220,6 +201,33 @@ impl Vault {
             Arc::clone(&self.metrics),
         ));
     }
+}
+
+async fn open_store(config: &Config) -> Result<Arc<dyn CredentialStore>, ServerError> {
+    store::open(&store_settings(config))
+        .await
+        .map_err(|e| ServerError::Store {
+            path: match config.storage.backend {
+                StorageBackend::Sled => config.data_dir.display().to_string(),
+                StorageBackend::Etcd => "etcd".to_owned(),
+            },
+            message: e.to_string(),
+        })
+}
+
+/// What every call passes: authentication, the rate limit, the call cap.
+fn gate(config: &Config, auth: &Arc<Authenticator>) -> Arc<Gate> {
+    Arc::new(Gate {
+        auth: Arc::clone(auth),
+        limiter: IdentityRateLimiter::new(
+            config.server.rate_limit_per_identity,
+            config.server.rate_limit_burst,
+        ),
+        slots: CallSlots::new(match config.server.max_calls_per_identity {
+            0 => config.server.max_concurrent_calls / 2,
+            n => n,
+        }),
+    })
 }
 
 fn invalid(path: impl Into<String>, message: impl Into<String>) -> ServerError {

@@ -873,3 +873,70 @@ async fn a_new_primary_rolls_out_across_replicas_without_key_version_unavailable
         v1.record_count
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_etcd_member_cannot_make_a_replica_serve_stale_tokens() {
+    let cluster = EtcdCluster::start(3);
+    let provider = ProviderDouble::start().await;
+    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let dir = vault_dir(&cluster, "/frozen/", "");
+    let vaults = replicas(&dir, 2).await;
+    let clients = clients(&dir, &vaults).await;
+    let (mut a, mut b) = (clients[0].clone(), clients[1].clone());
+    let valid = SystemTime::now() + Duration::from_secs(3600);
+    // Whichever member B's watch is on, freezing it must not let B serve a
+    // token revoked through A for longer than max_staleness (1 s).
+    for member in 0..3 {
+        let subject = format!("alice{member}");
+        a.deposit(deposit(&provider, &subject, Some(valid)))
+            .await
+            .unwrap();
+        b.get_access_token(get_request("acme", &subject, "idp"))
+            .await
+            .unwrap();
+        cluster.freeze(member, true);
+        // A frozen leader means an election: A's revoke may answer a typed
+        // UNAVAILABLE meanwhile, which a client retries.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match a
+                .revoke(pb::RevokeRequest {
+                    credential: reference("acme", &subject, "idp"),
+                })
+                .await
+            {
+                Ok(_) => break,
+                Err(status) => {
+                    assert_eq!(error_info(&status).0, "STORAGE_UNAVAILABLE", "{status:?}");
+                    assert!(Instant::now() < deadline, "the revoke never landed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        let revoked = Instant::now();
+        let mut served_after = Duration::ZERO;
+        loop {
+            match b
+                .get_access_token(get_request("acme", &subject, "idp"))
+                .await
+            {
+                Ok(_) => served_after = revoked.elapsed(),
+                Err(status) if status.code() == Code::NotFound => break,
+                // Reading through to a frozen member may time out: typed.
+                Err(status) => assert_eq!(error_info(&status).0, "STORAGE_UNAVAILABLE"),
+            }
+            assert!(
+                revoked.elapsed() < Duration::from_secs(15),
+                "B never saw the revoke"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!("member {member} frozen: B served the revoked token until {served_after:?} after the revoke (bound 1 s)");
+        assert!(
+            served_after < Duration::from_millis(1200),
+            "{served_after:?}"
+        );
+        cluster.freeze(member, false);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -134,6 +134,19 @@ impl EtcdCluster {
         })
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) member `i`: a member that
+    /// holds its connections open but answers nothing.
+    pub fn freeze(&self, i: usize, frozen: bool) {
+        if let Some(child) = &self.members[i].child {
+            let signal = if frozen { "-STOP" } else { "-CONT" };
+            let status = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success(), "kill {signal} failed");
+        }
+    }
+
     /// Restarts a killed member on its data dir.
     pub fn restart(&mut self, i: usize) {
         self.spawn(i, "existing");
@@ -178,6 +191,8 @@ fn get(port: u16, path: &str) -> String {
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for i in 0..self.members.len() {
+            // A frozen process ignores nothing but SIGKILL; thaw it anyway.
+            self.freeze(i, false);
             self.kill(i);
         }
     }

@@ -72,6 +72,7 @@ VALID_VALUES = [
     "pdb-networkpolicy.yaml",
     "no-networkpolicy.yaml",
     "monitoring.yaml",
+    "etcd-replicas.yaml",
 ]
 
 
@@ -192,6 +193,8 @@ def check_table(test: unittest.TestCase, table: dict, struct: str, schema: dict,
             test.assertTrue(all(isinstance(v, str) for v in value), f"{where}.{key}")
         elif ty == "LogFormat":
             test.assertIn(value, ("text", "json"), f"{where}.{key}")
+        elif ty == "StorageBackend":
+            test.assertIn(value, ("sled", "etcd"), f"{where}.{key}")
         elif ty == "PresetAuthMethod":
             test.assertIn(value, ("client_secret_basic", "client_secret_post", "none"), f"{where}.{key}")
         else:  # SocketAddr, PathBuf, String, SecretString
@@ -249,6 +252,13 @@ class ChartTest(unittest.TestCase):
         report = helm.lint(CHART, bad)
         self.assertTrue(any("replicaCount" in e for e in report["errors"]), report)
 
+    def test_etcd_needs_endpoints(self):
+        with helm.Chart.load(CHART) as chart:
+            with self.assertRaises(helm.HelmValuesError):
+                chart.validate_schema(load_values("invalid-etcd-no-endpoints.yaml"))
+            # Several replicas are fine on etcd.
+            chart.validate_schema(load_values("etcd-replicas.yaml"))
+
     def test_a_client_secret_in_values_is_rejected_by_the_schema(self):
         with helm.Chart.load(CHART) as chart:
             with self.assertRaisesRegex(helm.HelmValuesError, "client_secret"):
@@ -264,7 +274,8 @@ class ChartTest(unittest.TestCase):
         for name, docs in self.docs.items():
             with self.subTest(values=name):
                 sts = one(docs, "StatefulSet")
-                self.assertEqual(sts["spec"]["replicas"], 1)
+                # One on sled; the etcd values ask for three.
+                self.assertEqual(sts["spec"]["replicas"], 3 if name == "etcd-replicas.yaml" else 1)
                 self.assertEqual([d for d in docs if d["kind"] in ("Deployment", "DaemonSet")], [])
                 (claim,) = sts["spec"]["volumeClaimTemplates"]
                 self.assertEqual(claim["metadata"]["name"], "data")
@@ -507,6 +518,26 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(egress_ports, [53, 53, 443, 3128, 8443])
 
         self.assertEqual([d for d in self.docs["no-networkpolicy.yaml"] if d["kind"] == "NetworkPolicy"], [])
+
+    def test_replicas_on_etcd_spread_out_behind_a_budget(self):
+        docs = self.docs["etcd-replicas.yaml"]
+        config = credvault_toml(docs)
+        self.assertEqual(config["storage"]["backend"], "etcd")
+        etcd = config["storage"]["etcd"]
+        self.assertEqual(len(etcd["endpoints"]), 3)
+        files = mounted_files(docs)
+        for key in ("ca", "cert", "key"):
+            self.assertIn(etcd[key], files, f"{etcd[key]} is not mounted")
+        sts = one(docs, "StatefulSet")
+        anti = sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        term = anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+        self.assertEqual(term["topologyKey"], "kubernetes.io/hostname")
+        self.assertEqual(term["labelSelector"]["matchLabels"], sts["spec"]["selector"]["matchLabels"])
+        pdb = one(docs, "PodDisruptionBudget")["spec"]
+        self.assertEqual(pdb["maxUnavailable"], 1)
+        # The single-replica defaults stay as they were.
+        self.assertNotIn("storage", credvault_toml(self.docs["defaults"]))
+        self.assertNotIn("affinity", one(self.docs["defaults"], "StatefulSet")["spec"]["template"]["spec"])
 
     def test_pod_disruption_budget_off_by_default(self):
         self.assertEqual([d for d in self.docs["defaults"] if d["kind"] == "PodDisruptionBudget"], [])

@@ -73,6 +73,7 @@ keyringDir: /var/run/secrets/credvault/keyring
 passphraseDir: /var/run/secrets/credvault/passphrase
 providersDir: /var/run/secrets/credvault/providers
 dataMount: /var/lib/credvault
+etcdTlsDir: /var/run/secrets/credvault/etcd
 {{- end }}
 
 {{/*

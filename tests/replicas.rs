@@ -381,6 +381,31 @@ impl ServeProcess {
         Self { child, port, ops }
     }
 
+    fn channel(&self, dir: &VaultDir) -> Channel {
+        let cert = &dir.pki.clients["admin"];
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                dir.pki.ca.ca_cert_pem(),
+            ))
+            .identity(tonic::transport::Identity::from_pem(
+                &cert.cert_pem,
+                &cert.key_pem,
+            ))
+            .domain_name("localhost");
+        tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_lazy()
+    }
+
+    fn admin(
+        &self,
+        dir: &VaultDir,
+    ) -> credvault::api::pb::vault_admin_client::VaultAdminClient<Channel> {
+        credvault::api::pb::vault_admin_client::VaultAdminClient::new(self.channel(dir))
+    }
+
     async fn client(&self, dir: &VaultDir) -> CredentialVaultClient<Channel> {
         let cert = &dir.pki.clients["admin"];
         let tls = tonic::transport::ClientTlsConfig::new()
@@ -939,4 +964,136 @@ async fn a_frozen_etcd_member_cannot_make_a_replica_serve_stale_tokens() {
         cluster.freeze(member, false);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrap_runs_on_one_replica_and_survives_its_death() {
+    const BOUND: Duration = Duration::from_secs(4);
+    let cluster = EtcdCluster::start(3);
+    let provider = ProviderDouble::start().await;
+    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let dir = VaultDir::custom(
+        "allow_http_loopback = true",
+        &cluster.storage_config(
+            "/rewrap/",
+            &format!(
+                "max_staleness = \"1s\"\nclaim_takeover = \"{}s\"",
+                BOUND.as_secs()
+            ),
+        ),
+    );
+    let mut a = ServeProcess::start(&dir);
+    let b = ServeProcess::start(&dir);
+    let mut writer = a.client(&dir).await;
+    let valid = SystemTime::now() + Duration::from_secs(3600);
+    for i in 0..300 {
+        writer
+            .deposit(deposit(&provider, &format!("u{i}"), Some(valid)))
+            .await
+            .unwrap();
+    }
+    // Promote v2 everywhere; a slow rewrap starts on A.
+    let mut keyring = dir.keyring();
+    let v2 = keyring.add().unwrap();
+    keyring.promote(v2).unwrap();
+    write_keyring(&dir.keyring_path(), &keyring);
+    let (mut a_admin, mut b_admin) = (a.admin(&dir), b.admin(&dir));
+    a_admin
+        .reload_keyring(pb::ReloadKeyringRequest {})
+        .await
+        .unwrap();
+    b_admin
+        .reload_keyring(pb::ReloadKeyringRequest {})
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a_admin
+        .start_rewrap(pb::StartRewrapRequest {
+            records_per_second: 50,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = |admin: &mut credvault::api::pb::vault_admin_client::VaultAdminClient<Channel>| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .get_rewrap_status(pb::GetRewrapStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    assert_eq!(
+        status(&mut a_admin).await.state,
+        pb::RewrapState::Running as i32
+    );
+    // B refuses to run a second one.
+    b_admin
+        .start_rewrap(pb::StartRewrapRequest {
+            records_per_second: 0,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = status(&mut b_admin).await;
+    assert_eq!(refused.state, pb::RewrapState::Failed as i32, "{refused:?}");
+    assert!(refused.error.contains("another replica"), "{refused:?}");
+
+    // A dies mid-rewrap (after a checkpoint); B takes the job over once A's
+    // claim outlived the bound, and finishes it from the saved cursor.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.kill();
+    let killed = Instant::now();
+    let taken_over = loop {
+        b_admin
+            .start_rewrap(pb::StartRewrapRequest {
+                records_per_second: 0,
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = status(&mut b_admin).await;
+        if now.state != pb::RewrapState::Failed as i32 {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < BOUND * 4,
+            "B never took the rewrap over: {now:?}"
+        );
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        let now = status(&mut b_admin).await;
+        if now.state == pb::RewrapState::Done as i32 {
+            break now;
+        }
+        assert_ne!(now.state, pb::RewrapState::Failed as i32, "{now:?}");
+        assert!(Instant::now() < deadline, "the rewrap did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let keys = b_admin
+        .get_key_status(pb::GetKeyStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let under_v1 = keys
+        .versions
+        .iter()
+        .find(|v| v.version == 1)
+        .map_or(0, |v| v.record_count);
+    println!(
+        "rewrap of 300 records: A killed mid-run, B took over {taken_over:?} later (bound {BOUND:?}), \
+         resumed from the cursor ({} scanned by B); {under_v1} records left under v1",
+        done.scanned
+    );
+    assert!(
+        taken_over >= BOUND - Duration::from_millis(500),
+        "{taken_over:?}"
+    );
+    assert!(
+        done.scanned < 300,
+        "B resumed from the cursor rather than starting over"
+    );
+    assert_eq!(under_v1, 0);
 }

@@ -40,6 +40,8 @@ pub mod reason {
     pub const QUOTA_EXCEEDED: &str = "QUOTA_EXCEEDED";
     /// A key operation needs every replica to hold a key version first.
     pub const KEY_ROLLOUT_PENDING: &str = "KEY_ROLLOUT_PENDING";
+    /// A job (a rewrap) runs on another replica.
+    pub const JOB_RUNNING_ELSEWHERE: &str = "JOB_RUNNING_ELSEWHERE";
 }
 
 /// One invalid request field.
@@ -239,6 +241,9 @@ fn broker_wire(error: &BrokerError) -> Wire {
         BrokerError::KeyRolloutPending { version } => {
             Wire::new(Code::FailedPrecondition, KEY_ROLLOUT_PENDING, message)
                 .meta("key_version", version.to_string())
+        }
+        BrokerError::JobRunningElsewhere => {
+            Wire::new(Code::FailedPrecondition, JOB_RUNNING_ELSEWHERE, message)
         }
         BrokerError::RecordUnreadable(_) => Wire::new(Code::DataLoss, RECORD_UNREADABLE, message),
         BrokerError::ProviderRejectedClient { oauth_error } => {

@@ -24,6 +24,9 @@ pub enum BrokerError {
     /// keyring on every replica first.
     #[error("not every replica can open key version {version} yet")]
     KeyRolloutPending { version: u32 },
+    /// Another replica runs this job (a rewrap); its progress is saved.
+    #[error("a rewrap is running on another replica")]
+    JobRunningElsewhere,
     #[error("the stored record is unreadable: {0}")]
     RecordUnreadable(&'static str),
     #[error("the provider rejected the client: {oauth_error}")]

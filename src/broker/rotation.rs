@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     crypto::{self, KeyInfo, KeyVersion, KeyringSource},
-    store::{StoreKey, Versioned},
+    store::{ClaimOutcome, ClaimToken, Revision, StoreKey, Versioned},
 };
 
 /// The states a key's status reports, in the crypto module's words.
@@ -120,6 +120,10 @@ pub struct KeyRotation {
     default_rate: u32,
     progress: Arc<Progress>,
     job: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Another replica's rewrap claim, and when this one first saw it (on
+    /// its own clock): the claim is taken over only once it outlived the
+    /// store's bound without being renewed.
+    claim_seen: Arc<Mutex<Option<(Revision, std::time::Instant)>>>,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
@@ -131,6 +135,7 @@ impl KeyRotation {
             default_rate: default_rate.max(1),
             progress: Arc::default(),
             job: Mutex::new(None),
+            claim_seen: Arc::default(),
             reload_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -243,8 +248,16 @@ impl KeyRotation {
             .filter(|r| *r > 0)
             .unwrap_or(self.default_rate);
         let (broker, progress) = (Arc::clone(&self.broker), Arc::clone(&self.progress));
+        let claim_seen = Arc::clone(&self.claim_seen);
         *job = Some(tokio::spawn(async move {
-            let result = rewrap(&broker, &progress, target, rate).await;
+            let result = match JobClaim::acquire(&broker, &claim_seen).await {
+                Ok(claim) => {
+                    let result = rewrap(&broker, &progress, target, rate, &claim).await;
+                    claim.release(&broker).await;
+                    result
+                }
+                Err(error) => Err(error),
+            };
             let mut meta = progress.meta.lock().unwrap_or_else(|e| e.into_inner());
             meta.finished_at = Some(SystemTime::now());
             match result {
@@ -275,11 +288,87 @@ fn sealed_under(versioned: &Versioned) -> Option<KeyVersion> {
         .and_then(|(_, envelope)| crypto::key_version_of(envelope).ok())
 }
 
+/// The rewrap's claim: one replica runs it at a time. It is renewed at
+/// every checkpoint, so a live job's claim never outlives the bound; a dead
+/// replica's does, and the next start elsewhere takes it over and resumes
+/// from the saved cursor.
+struct JobClaim {
+    token: Mutex<Option<ClaimToken>>,
+}
+
+impl JobClaim {
+    fn key() -> StoreKey {
+        // 0xff can never begin a credential's key (a tenant of 65280+ bytes).
+        StoreKey::from_bytes(b"\xffjob/rewrap".to_vec())
+    }
+
+    async fn acquire(
+        broker: &Broker,
+        seen: &Mutex<Option<(Revision, std::time::Instant)>>,
+    ) -> Result<Self, BrokerError> {
+        let store = broker.store.as_ref();
+        let outcome = match store.claim(&Self::key()).await? {
+            ClaimOutcome::Held { revision } => {
+                let outlived = {
+                    let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    match *seen {
+                        Some((held, since)) if held == revision => {
+                            since.elapsed() >= store.claim_takeover()
+                        }
+                        _ => {
+                            *seen = Some((revision, std::time::Instant::now()));
+                            false
+                        }
+                    }
+                };
+                if !outlived {
+                    return Err(BrokerError::JobRunningElsewhere);
+                }
+                tracing::warn!("taking over the rewrap of a replica that stopped renewing it");
+                store.take_over(&Self::key(), revision).await?
+            }
+            won => won,
+        };
+        match outcome {
+            ClaimOutcome::Won(token) => Ok(Self {
+                token: Mutex::new(token),
+            }),
+            ClaimOutcome::Held { .. } => Err(BrokerError::JobRunningElsewhere),
+        }
+    }
+
+    /// Re-writes the claim, so waiters restart their clocks.
+    async fn renew(&self, broker: &Broker) -> Result<(), BrokerError> {
+        let Some(current) = self.token.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        match broker
+            .store
+            .take_over(&Self::key(), current.revision)
+            .await?
+        {
+            ClaimOutcome::Won(token) => {
+                *self.token.lock().unwrap_or_else(|e| e.into_inner()) = token;
+                Ok(())
+            }
+            ClaimOutcome::Held { .. } => Err(BrokerError::JobRunningElsewhere),
+        }
+    }
+
+    async fn release(&self, broker: &Broker) {
+        let token = self.token.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(token) = token {
+            let _ = broker.store.release(&Self::key(), &token).await;
+        }
+    }
+}
+
 async fn rewrap(
     broker: &Broker,
     progress: &Progress,
     target: u32,
     rate: u32,
+    claim: &JobClaim,
 ) -> Result<(), BrokerError> {
     let target = KeyVersion::new(target).ok_or(BrokerError::Internal("key version 0"))?;
     // A record rewrapped to a key some replica cannot open would fail there.
@@ -300,6 +389,7 @@ async fn rewrap(
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut all = std::pin::pin!(store.records(after));
     let mut last = None;
+    let mut renewed = std::time::Instant::now();
     while let Some((key, versioned)) = all.try_next().await? {
         let scanned = progress.scanned.fetch_add(1, Ordering::Relaxed) + 1;
         let outcome = match (sealed_under(&versioned), key.parts()) {
@@ -320,6 +410,14 @@ async fn rewrap(
         last = Some(key);
         if scanned % CHECKPOINT_EVERY == 0 {
             checkpoint(broker, last.as_ref()).await?;
+        }
+        // Renewed well within the bound, however slow the pace; the cursor
+        // moves with it, so a takeover resumes close to where this stopped.
+        let bound = broker.store.claim_takeover();
+        if !bound.is_zero() && renewed.elapsed() >= bound / 3 {
+            checkpoint(broker, last.as_ref()).await?;
+            claim.renew(broker).await?;
+            renewed = std::time::Instant::now();
         }
     }
     checkpoint(broker, last.as_ref()).await?;

@@ -8,14 +8,14 @@
 //! ```
 //!
 //! Options after `--`: `--quick`, `--out PATH` (where the report goes),
-//! `--only hits,burst,refresh,deposit,scale` (a subset; development aid).
+//! `--only hits,burst,refresh,deposit,scale,replicas` (a subset; development aid).
 //!
 //! Under `cargo test --all-targets` cargo runs this binary without `--bench`
 //! (debug build, test-runner arguments): it then does a smoke run of every
 //! scenario at toy sizes in a few seconds and writes no report.
 //!
 //! Scenarios (see each module): [`hits`] 1, [`refresh`] 2 and 3,
-//! [`deposit`] 4, [`scale`] 5. [`fixture`] starts the vault, the echo
+//! [`deposit`] 4, [`scale`] 5, [`replicas`] 6 (etcd). [`fixture`] starts the vault, the echo
 //! baseline and the OAuth provider double; [`report`] writes the markdown.
 
 #[path = "../../tests/support/mod.rs"]
@@ -27,6 +27,7 @@ mod fixture;
 mod hits;
 mod load;
 mod refresh;
+mod replicas;
 mod report;
 mod scale;
 
@@ -143,6 +144,7 @@ pub struct Results {
     pub refresh: Option<refresh::ThroughputResult>,
     pub deposit: Vec<deposit::DepositRow>,
     pub scale: Vec<scale::ScaleRow>,
+    pub replicas: Option<replicas::ReplicasResult>,
 }
 
 fn main() {
@@ -202,31 +204,35 @@ fn main() {
         let mut results = Results::default();
         let bench = fixture::Bench::start().await;
         if selected("hits") {
-            eprintln!("[1/5] GetAccessToken cache hits vs echo");
+            eprintln!("[1/6] GetAccessToken cache hits vs echo");
             results.hits = hits::run(&bench, &params).await;
         }
         if selected("burst") {
             eprintln!(
-                "[2/5] refresh burst: {} callers on one expired credential",
+                "[2/6] refresh burst: {} callers on one expired credential",
                 params.burst_callers
             );
             results.burst = Some(refresh::burst(&bench, &params).await);
         }
         if selected("refresh") {
             eprintln!(
-                "[3/5] refresh throughput: {} expiring credentials",
+                "[3/6] refresh throughput: {} expiring credentials",
                 params.refresh_credentials
             );
             results.refresh = Some(refresh::throughput(&params).await);
         }
         if selected("deposit") {
-            eprintln!("[4/5] durable Deposit vs raw sled");
+            eprintln!("[4/6] durable Deposit vs raw sled");
             results.deposit = deposit::run(&params).await;
         }
         drop(bench);
         if selected("scale") {
-            eprintln!("[5/5] scale: {:?} stored credentials", params.scale_levels);
+            eprintln!("[5/6] scale: {:?} stored credentials", params.scale_levels);
             results.scale = scale::run(&params).await;
+        }
+        if selected("replicas") {
+            eprintln!("[6/6] replicas on a 3-member etcd cluster");
+            results.replicas = Some(replicas::run(&params).await);
         }
         results
     });

@@ -1,0 +1,366 @@
+//! Scenario 6: the vault on a real 3-member etcd cluster (127.0.0.1).
+//!
+//! - Cache hits on an etcd-backed vault against a sled-backed one, closed
+//!   loop, interleaved: a hit must stay a memory read on either backend.
+//! - Durable Deposit on etcd against the least a write can cost there: a
+//!   loop of the store's own compare-and-swap transactions from the same
+//!   client code, record-sized values.
+//! - A refresh burst spread over three replicas: how much latency the
+//!   cross-replica claim adds over one upstream round trip.
+//! - Cache-hit throughput with the clients spread over one replica and over
+//!   three (all in this process, on the same cores).
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use credvault::{
+    api::pb::{self, credential_vault_client::CredentialVaultClient},
+    store::{self, CasOutcome, EtcdSettings, StoreKey, StoreSettings},
+};
+use tonic::transport::Channel;
+
+use crate::{
+    fixture::{CLIENT_ID, CLIENT_SECRET, PROVIDER, TENANT},
+    load::{closed_loop, Sample},
+    support::{
+        etcd::EtcdCluster,
+        provider::ProviderDouble,
+        vault::{get_request, oauth_client, reference, refresh_grant, TestVault, VaultDir},
+    },
+    Params,
+};
+
+const HOT_SET: usize = 64;
+const RECORD_BYTES: usize = 900;
+
+/// What scenario 6 measured.
+pub struct ReplicasResult {
+    pub hit_concurrency: usize,
+    pub hits_sled: Sample,
+    pub hits_etcd: Sample,
+    /// (concurrency, vault Deposit, raw store CAS loop).
+    pub deposits: Vec<(usize, Sample, Sample)>,
+    pub burst_rtt: Duration,
+    pub burst: Sample,
+    pub burst_upstream_calls: usize,
+    pub one_replica: Sample,
+    pub three_replicas: Sample,
+}
+
+fn vault_dir(cluster: Option<&EtcdCluster>, prefix: &str) -> VaultDir {
+    let storage = cluster
+        .map(|c| c.storage_config(prefix, "max_staleness = \"2s\""))
+        .unwrap_or_default();
+    let dir = VaultDir::custom("allow_http_loopback = true", &storage);
+    // One identity drives every load below (see fixture.rs).
+    let path = dir.path().join("credvault.toml");
+    let config = std::fs::read_to_string(&path)
+        .expect("bench config")
+        .replace(
+            "shutdown_grace = \"5s\"",
+            "shutdown_grace = \"5s\"\nmax_calls_per_identity = 1024",
+        );
+    std::fs::write(&path, config).expect("bench config");
+    dir
+}
+
+fn deposit(provider_url: &str, subject: &str, expires: SystemTime) -> pb::DepositRequest {
+    pb::DepositRequest {
+        credential: reference(TENANT, subject, PROVIDER),
+        client: oauth_client(provider_url, CLIENT_ID, CLIENT_SECRET),
+        grant: refresh_grant("bench-refresh-token", Some(("bench-access-token", expires))),
+        labels: Default::default(),
+    }
+}
+
+async fn clients(
+    dir: &VaultDir,
+    vault: &TestVault,
+    n: usize,
+) -> Vec<CredentialVaultClient<Channel>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(vault.client(dir, "admin").await);
+    }
+    out
+}
+
+/// Closed-loop cache hits over `clients`.
+async fn hits(
+    clients: Vec<CredentialVaultClient<Channel>>,
+    concurrency: usize,
+    params: &Params,
+) -> Sample {
+    let clients = Arc::new(clients);
+    let sample = closed_loop(
+        concurrency,
+        params.warmup,
+        params.hit_measure,
+        move |w, _| {
+            let mut client = clients[w % clients.len()].clone();
+            let request = get_request(TENANT, &format!("hot-{}", w % HOT_SET), PROVIDER);
+            async move {
+                client
+                    .get_access_token(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.to_string())
+            }
+        },
+    )
+    .await;
+    sample.expect_clean("GetAccessToken (cache hit)");
+    sample
+}
+
+async fn seed(client: &mut CredentialVaultClient<Channel>, provider_url: &str) {
+    let far = SystemTime::now() + Duration::from_secs(24 * 3600);
+    for i in 0..HOT_SET {
+        client
+            .deposit(deposit(provider_url, &format!("hot-{i}"), far))
+            .await
+            .expect("seed");
+    }
+}
+
+pub async fn run(params: &Params) -> ReplicasResult {
+    let cluster = EtcdCluster::start(3);
+    let provider = ProviderDouble::start().await;
+    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let url = provider.token_url();
+    let concurrency = *params.hit_concurrency.iter().max().unwrap_or(&16);
+
+    // Hits: etcd against sled, interleaved.
+    let (sled_dir, etcd_dir) = (
+        vault_dir(None, ""),
+        vault_dir(Some(&cluster), "/bench-hits/"),
+    );
+    let sled = TestVault::start(&sled_dir).await;
+    let etcd = TestVault::start(&etcd_dir).await;
+    let conns = concurrency.clamp(1, 16);
+    let (sled_clients, etcd_clients) = (
+        clients(&sled_dir, &sled, conns).await,
+        clients(&etcd_dir, &etcd, conns).await,
+    );
+    seed(&mut sled_clients[0].clone(), &url).await;
+    seed(&mut etcd_clients[0].clone(), &url).await;
+    let (mut sled_runs, mut etcd_runs) = (Vec::new(), Vec::new());
+    for round in 0..params.hit_rounds.max(1) {
+        for side in [round % 2, 1 - round % 2] {
+            if side == 0 {
+                sled_runs.push(hits(sled_clients.clone(), concurrency, params).await);
+            } else {
+                etcd_runs.push(hits(etcd_clients.clone(), concurrency, params).await);
+            }
+        }
+    }
+    eprintln!(
+        "  hits c={concurrency}: etcd {:.0} rps, sled {:.0} rps",
+        Sample::merge(etcd_runs.clone()).rps(),
+        Sample::merge(sled_runs.clone()).rps()
+    );
+    drop(sled);
+
+    let deposits = deposits(params, &cluster, &etcd_dir, &etcd, &url).await;
+    drop(etcd);
+    let (burst_rtt, burst, burst_upstream_calls) = burst(params, &cluster).await;
+    let (one_replica, three_replicas) = scaling(params, &cluster, concurrency, &url).await;
+    ReplicasResult {
+        hit_concurrency: concurrency,
+        hits_sled: Sample::merge(sled_runs),
+        hits_etcd: Sample::merge(etcd_runs),
+        deposits,
+        burst_rtt,
+        burst,
+        burst_upstream_calls,
+        one_replica,
+        three_replicas,
+    }
+}
+
+/// Vault Deposits on etcd, and the raw store CAS loop, per concurrency.
+async fn deposits(
+    params: &Params,
+    cluster: &EtcdCluster,
+    dir: &VaultDir,
+    vault: &TestVault,
+    url: &str,
+) -> Vec<(usize, Sample, Sample)> {
+    let raw = store::open(&StoreSettings::Replicated(EtcdSettings {
+        endpoints: cluster.endpoints(),
+        prefix: b"/bench-raw/".to_vec(),
+        dial_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(5),
+        max_staleness: Duration::from_secs(2),
+        claim_takeover: Duration::from_secs(20),
+        ca: None,
+        cert: None,
+        key: None,
+    }))
+    .await
+    .expect("raw etcd store");
+    let mut rows = Vec::new();
+    for &c in &params.deposit_concurrency {
+        let vault_clients = Arc::new(clients(dir, vault, c.clamp(1, 16)).await);
+        let url = url.to_owned();
+        let far = SystemTime::now() + Duration::from_secs(3600);
+        let deposit_sample =
+            closed_loop(c, params.warmup, params.deposit_measure, move |w, seq| {
+                let mut client = vault_clients[w % vault_clients.len()].clone();
+                let request = deposit(&url, &format!("dep-{c}-{w}-{seq}"), far);
+                async move {
+                    client
+                        .deposit(request)
+                        .await
+                        .map(|_| ())
+                        .map_err(|s| s.to_string())
+                }
+            })
+            .await;
+        deposit_sample.expect_clean("Deposit on etcd");
+        let store = Arc::clone(&raw);
+        let raw_sample = closed_loop(c, params.warmup, params.deposit_measure, move |w, seq| {
+            let store = Arc::clone(&store);
+            async move {
+                let key = StoreKey::new(TENANT, &format!("raw-{c}-{w}-{seq}"), PROVIDER);
+                match store
+                    .compare_and_swap(&key, None, Some(vec![7u8; RECORD_BYTES]))
+                    .await
+                {
+                    Ok(CasOutcome::Written(_)) => Ok(()),
+                    Ok(other) => Err(format!("{other:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await;
+        raw_sample.expect_clean("raw etcd CAS");
+        eprintln!(
+            "  deposit c={c}: vault {:.0}/s, raw etcd CAS {:.0}/s",
+            deposit_sample.rps(),
+            raw_sample.rps()
+        );
+        rows.push((c, deposit_sample, raw_sample));
+    }
+    rows
+}
+
+/// `callers` concurrent calls, spread over three replicas, on one expired
+/// credential whose provider answers after `burst_latency`.
+async fn burst(params: &Params, cluster: &EtcdCluster) -> (Duration, Sample, usize) {
+    let provider = ProviderDouble::start().await;
+    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    provider.set_latency(params.burst_latency);
+    let dir = vault_dir(Some(cluster), "/bench-burst/");
+    let mut vaults = Vec::new();
+    for _ in 0..3 {
+        vaults.push(TestVault::start(&dir).await);
+    }
+    let mut spread = Vec::new();
+    for vault in &vaults {
+        spread.extend(clients(&dir, vault, 4).await);
+    }
+    let expired = SystemTime::now() - Duration::from_secs(60);
+    let mut request = deposit(&provider.token_url(), "burst", expired);
+    request.grant = refresh_grant(
+        &provider.issue_refresh_token(CLIENT_ID),
+        Some(("bench-access-token", expired)),
+    );
+    spread[0]
+        .clone()
+        .deposit(request)
+        .await
+        .expect("burst deposit");
+    // One upstream round trip, straight to the double.
+    let rtt = {
+        let started = Instant::now();
+        let _ = reqwest_free_round_trip(&provider).await;
+        started.elapsed()
+    };
+    let before = provider.refresh_calls();
+    let callers = params.burst_callers;
+    let started = Instant::now();
+    let mut calls = Vec::with_capacity(callers);
+    for i in 0..callers {
+        let mut client = spread[i % spread.len()].clone();
+        calls.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            client
+                .get_access_token(get_request(TENANT, "burst", PROVIDER))
+                .await
+                .map(|_| sent.elapsed())
+                .map_err(|s| s.to_string())
+        }));
+    }
+    let mut lat = Vec::with_capacity(callers);
+    for call in calls {
+        let took = call.await.expect("burst caller").expect("burst call");
+        lat.push(took.as_nanos() as u64);
+    }
+    let sample = Sample::from_latencies(lat, started.elapsed().as_secs_f64());
+    (rtt, sample, provider.refresh_calls() - before)
+}
+
+/// One token request straight to the double (a refresh of a fresh grant).
+async fn reqwest_free_round_trip(provider: &ProviderDouble) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = provider.issue_refresh_token(CLIENT_ID);
+    let body = format!(
+        "grant_type=refresh_token&refresh_token={rt}&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
+    );
+    let mut stream = tokio::net::TcpStream::connect(provider.addr())
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = format!(
+        "POST /token HTTP/1.1\r\nhost: idp\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Cache hits with the clients on one replica, then spread over three.
+async fn scaling(
+    params: &Params,
+    cluster: &EtcdCluster,
+    concurrency: usize,
+    url: &str,
+) -> (Sample, Sample) {
+    let dir = vault_dir(Some(cluster), "/bench-scale/");
+    let mut vaults = Vec::new();
+    for _ in 0..3 {
+        vaults.push(TestVault::start(&dir).await);
+    }
+    let mut first = clients(&dir, &vaults[0], 16).await;
+    seed(&mut first[0], url).await;
+    // Warm every replica's cache.
+    let mut spread = Vec::new();
+    for vault in &vaults {
+        spread.extend(clients(&dir, vault, 6).await);
+    }
+    for client in &mut spread {
+        for i in 0..HOT_SET {
+            let _ = client
+                .get_access_token(get_request(TENANT, &format!("hot-{i}"), PROVIDER))
+                .await;
+        }
+    }
+    let one = hits(first, concurrency, params).await;
+    let three = hits(spread, concurrency, params).await;
+    eprintln!(
+        "  scaling c={concurrency}: 1 replica {:.0} rps, 3 replicas {:.0} rps",
+        one.rps(),
+        three.rps()
+    );
+    (one, three)
+}

@@ -156,8 +156,15 @@ impl Broker {
         let obtained = self.obtain(&client, grant, &id).await?;
         let tenant_full = self.tenant_full(&id.tenant).await?;
         let now = SystemTime::now();
+        // A new credential costs one write; a replacement finds out from
+        // the conflict. (Not under a full quota: there the first attempt
+        // must see what is stored.)
+        let how = How {
+            assume_absent: tenant_full.is_none(),
+            ..How::DURABLE
+        };
         let wrote = self
-            .write(&id, How::DURABLE, |current| {
+            .write(&id, how, |current| {
                 if current.is_none() {
                     if let Some(quota) = tenant_full {
                         return Err(BrokerError::QuotaExceeded { quota });

@@ -495,7 +495,7 @@ async fn rewrap_one(
     let how = How {
         durable: false,
         key: Some(target),
-        fence: None,
+        ..How::DURABLE
     };
     let wrote = broker
         .write(id, how, |current| {

@@ -51,6 +51,10 @@ pub(crate) struct How<'a> {
     pub key: Option<KeyVersion>,
     /// A refresh's write-back: only while this claim stands, releasing it.
     pub fence: Option<&'a ClaimToken>,
+    /// Skip the first read and try a create: most Deposits are of new
+    /// credentials, and a conflict returns what is stored anyway. Saves a
+    /// round trip to a replicated store.
+    pub assume_absent: bool,
 }
 
 impl How<'_> {
@@ -58,6 +62,7 @@ impl How<'_> {
         durable: true,
         key: None,
         fence: None,
+        assume_absent: false,
     };
 }
 
@@ -77,9 +82,10 @@ impl Broker {
     ) -> Result<Wrote<T>, BrokerError> {
         let key = id.store_key();
         let _write = self.write_lock(id).await;
-        let mut current = match how.fence {
-            Some(_) => self.store.get_patiently(&key).await?,
-            None => self.store.get(&key).await?,
+        let mut current = match (how.fence, how.assume_absent) {
+            (Some(_), _) => self.store.get_patiently(&key).await?,
+            (None, true) => None,
+            (None, false) => self.store.get(&key).await?,
         };
         for _ in 0..CAS_ATTEMPTS {
             let (value, written, answer) = match decide(current.as_ref())? {

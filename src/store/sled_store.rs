@@ -211,6 +211,22 @@ impl SledStore {
         error
     }
 
+    /// On a blocking thread: flushes now if no flush is running (`None`
+    /// when one is: the caller then joins the group commit).
+    fn flush_if_idle(&self) -> Option<Result<(), StoreError>> {
+        let mine = self.commits.written.load(Ordering::SeqCst);
+        let _turn = self.commits.one_flush_at_a_time.try_lock().ok()?;
+        if self.commits.flushed.load(Ordering::SeqCst) >= mine {
+            return Some(Ok(()));
+        }
+        let covers = self.commits.written.load(Ordering::SeqCst);
+        if let Err(e) = self.db.flush() {
+            return Some(Err(self.failed(io_error("flush", &e))));
+        }
+        self.commits.flushed.fetch_max(covers, Ordering::SeqCst);
+        Some(Ok(()))
+    }
+
     /// Makes every write this caller has made durable.
     async fn durable(&self) -> Result<(), StoreError> {
         let mine = self.commits.written.load(Ordering::SeqCst);
@@ -348,9 +364,28 @@ impl CredentialStore for SledStore {
         value: Option<Vec<u8>>,
     ) -> Result<CasOutcome, StoreError> {
         let owned = key.clone();
-        let (outcome, raw) = self
-            .blocking(move |store| store.swap_raw(&owned, expected, value))
+        let (outcome, raw, flushed) = self
+            .blocking(move |store| {
+                let (outcome, raw) = store.swap_raw(&owned, expected, value)?;
+                // Already on a blocking thread: when no flush is running,
+                // make the write durable right here (one hop, not two).
+                let flushed = match (&outcome, &raw) {
+                    (CasOutcome::Written(_), Some((old, new))) => match store.flush_if_idle() {
+                        Some(Err(error)) => {
+                            store.take_back(owned.as_bytes(), old.clone(), new.clone());
+                            return Err(error);
+                        }
+                        Some(Ok(())) => true,
+                        None => false,
+                    },
+                    _ => false,
+                };
+                Ok((outcome, raw, flushed))
+            })
             .await?;
+        if flushed {
+            return Ok(outcome);
+        }
         if let (CasOutcome::Written(_), Some((old, new))) = (&outcome, raw) {
             if let Err(error) = self.durable().await {
                 let key = key.as_bytes().to_vec();

@@ -692,3 +692,74 @@ async fn a_federated_ca_cannot_mint_another_domains_identity() {
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert_eq!(reason(&status), "UNAUTHENTICATED");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_queue_behind_a_bound_instead_of_piling_up() {
+    let dir = vault_dir("", "max_handshakes = 2", "");
+    let path = dir.path().join("credvault.toml");
+    let config = std::fs::read_to_string(&path).unwrap().replace(
+        "client_ca = \"ca.pem\"",
+        "client_ca = \"ca.pem\"\nhandshake_timeout = \"1s\"",
+    );
+    std::fs::write(&path, config).unwrap();
+    let vault = TestVault::start(&dir).await;
+    // Four clients open a socket and never speak TLS.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(tokio::net::TcpStream::connect(vault.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A real client waits for a handshake slot (two stalled ones at a time,
+    // each dropped after the 1 s timeout), then gets in.
+    let started = Instant::now();
+    let mut client = vault.client(&dir, "admin").await;
+    let status = client
+        .get_access_token(get_request("acme", "nobody", "idp"))
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    println!("4 stalled handshakes against a bound of 2 (1 s timeout): a real client got in after {waited:?}");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(waited >= Duration::from_millis(900), "no queue: {waited:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn the_policy_file_is_watched() {
+    let dir = VaultDir::new();
+    let path = dir.path().join("credvault.toml");
+    let config = std::fs::read_to_string(&path).unwrap().replace(
+        "policy = \"policy.toml\"",
+        "policy = \"policy.toml\"\npolicy_watch_interval = \"100ms\"",
+    );
+    std::fs::write(&path, config).unwrap();
+    let vault = TestVault::start(&dir).await;
+    let mut stranger = vault.client(&dir, "stranger").await;
+    let denied = stranger
+        .get_access_token(get_request("acme", "alice", "idp"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&denied), "ACTION_NOT_PERMITTED");
+    let policy_path = dir.path().join("policy.toml");
+    let mut policy = std::fs::read_to_string(&policy_path).unwrap();
+    policy.push_str(&format!(
+        "\n[[rule]]\nidentity = \"spiffe://{TRUST_DOMAIN}/stranger\"\ntenants = [\"acme\"]\nactions = [\"get\"]\n"
+    ));
+    std::fs::write(&policy_path, policy).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = stranger
+            .get_access_token(get_request("acme", "alice", "idp"))
+            .await
+            .unwrap_err();
+        if reason(&answer) == "CREDENTIAL_NOT_FOUND" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the changed policy was never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1097,3 +1097,21 @@ async fn a_rewrap_runs_on_one_replica_and_survives_its_death() {
     );
     assert_eq!(under_v1, 0);
 }
+
+#[tokio::test]
+async fn a_replica_with_other_key_material_refuses_to_start() {
+    let cluster = EtcdCluster::start(3);
+    let dir = vault_dir(&cluster, "/fingerprints/", "");
+    let first = TestVault::start(&dir).await;
+    // Same store, same key version, different key bytes.
+    let other = vault_dir(&cluster, "/fingerprints/", "");
+    let refused = TestVault::try_start(other.config()).await;
+    match refused {
+        Err(error) => {
+            let message = error.to_string();
+            assert!(message.contains("fingerprint"), "{message}");
+        }
+        Ok(_) => panic!("a replica with different key material started"),
+    }
+    drop(first);
+}

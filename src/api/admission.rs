@@ -143,15 +143,17 @@ where
 
 /// Calls in flight per caller identity, so that one identity holding its
 /// calls open cannot take every slot of the global cap from the others.
+/// Keyed by a keyed hash of the identity: no allocation on the hot path.
 pub struct CallSlots {
     max: usize,
-    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+    in_flight: Arc<Mutex<HashMap<u64, usize>>>,
+    hasher: std::hash::RandomState,
 }
 
 /// One call's place; given back on drop.
 pub struct CallSlot {
-    in_flight: Arc<Mutex<HashMap<String, usize>>>,
-    identity: String,
+    in_flight: Arc<Mutex<HashMap<u64, usize>>>,
+    identity: u64,
 }
 
 impl Drop for CallSlot {
@@ -171,14 +173,16 @@ impl CallSlots {
         Self {
             max: max_per_identity.max(1),
             in_flight: Arc::default(),
+            hasher: std::hash::RandomState::new(),
         }
     }
 
     /// A place for one call of `identity`, or `OVERLOADED`.
     pub fn enter(&self, identity: &Identity) -> Result<CallSlot, ApiError> {
-        let identity = identity.to_string();
+        use std::hash::BuildHasher;
+        let identity = self.hasher.hash_one(identity);
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        let count = in_flight.entry(identity.clone()).or_default();
+        let count = in_flight.entry(identity).or_default();
         if *count >= self.max {
             return Err(ApiError::Overloaded(
                 "too many calls in flight for this identity",
@@ -244,5 +248,45 @@ impl IdentityRateLimiter {
                 "rate limit for this identity exceeded",
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(n: usize) -> Identity {
+        Identity::CommonName(format!("caller-{n}"))
+    }
+
+    #[test]
+    fn idle_buckets_are_dropped_so_the_limiter_stays_bounded() {
+        // The burst is at least a second of rate: idle for a second, full.
+        let limiter = IdentityRateLimiter::new(1000, 1);
+        for n in 0..MAX_BUCKETS {
+            limiter.check(&identity(n)).unwrap();
+        }
+        assert_eq!(limiter.buckets.lock().unwrap().len(), MAX_BUCKETS);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        limiter.check(&identity(MAX_BUCKETS)).unwrap();
+        assert_eq!(limiter.buckets.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn one_identity_holds_at_most_its_slots() {
+        let slots = CallSlots::new(2);
+        let (a, b) = (
+            slots.enter(&identity(1)).unwrap(),
+            slots.enter(&identity(1)).unwrap(),
+        );
+        assert!(slots.enter(&identity(1)).is_err());
+        let _other = slots
+            .enter(&identity(2))
+            .expect("another identity has its own slots");
+        drop(a);
+        let _again = slots
+            .enter(&identity(1))
+            .expect("a slot given back is free again");
+        drop(b);
     }
 }

@@ -48,7 +48,7 @@ use self::{
         Deposited, Grant, ReauthCause, Revoked, UpstreamRevocation,
     },
     refresh::FlightResult,
-    write::{How, Step, WRITE_LOCK_STRIPES},
+    write::{How, Known, Step, WRITE_LOCK_STRIPES},
 };
 use crate::{
     crypto::{self, KeyVersion, OpenError, RecordIdentity, SharedKeyring},
@@ -160,7 +160,10 @@ impl Broker {
         // the conflict. (Not under a full quota: there the first attempt
         // must see what is stored.)
         let how = How {
-            assume_absent: tenant_full.is_none(),
+            known: match tenant_full {
+                None => Known::Absent,
+                Some(_) => Known::Nothing,
+            },
             ..How::DURABLE
         };
         let wrote = self

@@ -18,7 +18,7 @@ use super::{
         AccessToken, CredentialId, CredentialRecord, CredentialState, ReauthCause, TokenRequest,
     },
     reauth, upstream_error,
-    write::{How, Step},
+    write::{How, Known, Step},
     Broker, BrokerError,
 };
 use crate::{
@@ -454,8 +454,11 @@ impl Broker {
         tokens: IssuedTokens,
         fence: Option<&ClaimToken>,
     ) -> Result<WriteBack, BrokerError> {
+        // The record as this flight read it is most likely still current:
+        // try the write on it, and re-decide only on a conflict.
         let how = How {
             fence,
+            known: Known::Value(read),
             ..How::DURABLE
         };
         let wrote = self
@@ -513,14 +516,21 @@ impl Broker {
         record.updated_at = SystemTime::now();
         let mut record = Some(record);
         let marked = self
-            .write(id, How::DURABLE, |current| {
-                Ok(match (current, record.take()) {
-                    (Some(current), Some(record)) if current.revision == read.revision => {
-                        Step::Put(Box::new(record), true)
-                    }
-                    _ => Step::Leave(false),
-                })
-            })
+            .write(
+                id,
+                How {
+                    known: Known::Value(read),
+                    ..How::DURABLE
+                },
+                |current| {
+                    Ok(match (current, record.take()) {
+                        (Some(current), Some(record)) if current.revision == read.revision => {
+                            Step::Put(Box::new(record), true)
+                        }
+                        _ => Step::Leave(false),
+                    })
+                },
+            )
             .await?
             .answer;
         if marked {

@@ -51,10 +51,22 @@ pub(crate) struct How<'a> {
     pub key: Option<KeyVersion>,
     /// A refresh's write-back: only while this claim stands, releasing it.
     pub fence: Option<&'a ClaimToken>,
-    /// Skip the first read and try a create: most Deposits are of new
-    /// credentials, and a conflict returns what is stored anyway. Saves a
-    /// round trip to a replicated store.
-    pub assume_absent: bool,
+    /// What the write may assume is stored, instead of reading it first.
+    pub known: Known<'a>,
+}
+
+/// What a write assumes is stored when it starts. A wrong guess costs
+/// nothing but the attempt: the compare-and-swap's conflict returns what is
+/// stored, and the write decides again. A right one saves a read (a blocking
+/// hop on sled, a round trip on etcd).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Known<'a> {
+    /// Nothing: read first.
+    Nothing,
+    /// Absent (most Deposits are of new credentials).
+    Absent,
+    /// This value, read moments ago (a refresh's write-back).
+    Value(&'a Versioned),
 }
 
 impl How<'_> {
@@ -62,7 +74,7 @@ impl How<'_> {
         durable: true,
         key: None,
         fence: None,
-        assume_absent: false,
+        known: Known::Nothing,
     };
 }
 
@@ -82,10 +94,11 @@ impl Broker {
     ) -> Result<Wrote<T>, BrokerError> {
         let key = id.store_key();
         let _write = self.write_lock(id).await;
-        let mut current = match (how.fence, how.assume_absent) {
-            (Some(_), _) => self.store.get_patiently(&key).await?,
-            (None, true) => None,
-            (None, false) => self.store.get(&key).await?,
+        let mut current = match (how.known, how.fence) {
+            (Known::Absent, _) => None,
+            (Known::Value(value), _) => Some(value.clone()),
+            (Known::Nothing, Some(_)) => self.store.get_patiently(&key).await?,
+            (Known::Nothing, None) => self.store.get(&key).await?,
         };
         for _ in 0..CAS_ATTEMPTS {
             let (value, written, answer) = match decide(current.as_ref())? {

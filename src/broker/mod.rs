@@ -91,6 +91,32 @@ struct Obtained {
     client_credentials: bool,
 }
 
+impl Obtained {
+    /// The record a Deposit of this grant stores, as generation `generation`.
+    fn record(
+        &self,
+        generation: u64,
+        client: &ClientConfig,
+        preset: &Option<String>,
+        labels: &std::collections::BTreeMap<String, String>,
+        now: SystemTime,
+    ) -> CredentialRecord {
+        CredentialRecord {
+            generation,
+            state: CredentialState::Active,
+            client: client.clone(),
+            preset: preset.clone(),
+            refresh_token: self.refresh_token.clone(),
+            access_token: self.access_token.clone(),
+            client_credentials: self.client_credentials,
+            labels: labels.clone(),
+            created_at: now,
+            updated_at: now,
+            last_refresh_at: None,
+        }
+    }
+}
+
 /// The token broker. One per process, shared by every gRPC call.
 pub struct Broker {
     store: Arc<dyn CredentialStore>,
@@ -178,19 +204,7 @@ impl Broker {
                 let previous = current
                     .and_then(|v| record::unframe(&v.value))
                     .map_or(0, |(generation, _)| generation);
-                let record = CredentialRecord {
-                    generation: previous + 1,
-                    state: CredentialState::Active,
-                    client: client.clone(),
-                    preset: preset.clone(),
-                    refresh_token: obtained.refresh_token.clone(),
-                    access_token: obtained.access_token.clone(),
-                    client_credentials: obtained.client_credentials,
-                    labels: labels.clone(),
-                    created_at: now,
-                    updated_at: now,
-                    last_refresh_at: None,
-                };
+                let record = obtained.record(previous + 1, &client, &preset, &labels, now);
                 Ok(Step::Put(
                     Box::new(record),
                     (previous + 1, current.is_none()),

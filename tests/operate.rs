@@ -286,6 +286,16 @@ async fn backups_from_a_running_and_a_stopped_vault_restore_into_a_working_vault
         "--out",
         online.to_str().unwrap(),
     ]);
+    // The same CLI reloads the policy (the test policy has two rules).
+    let reloaded = cli(&[
+        "admin",
+        "--target",
+        &target,
+        "--dev-dir",
+        d.to_str().unwrap(),
+        "reload-policy",
+    ]);
+    assert!(reloaded.contains("policy reloaded: 2 rules"), "{reloaded}");
     vault.stop().await.unwrap();
 
     // Offline: straight from the stopped vault's data dir.

@@ -37,6 +37,8 @@ pub(super) enum AdminCommand {
     KeyStatus,
     /// Make the vault re-read its keyring file now.
     ReloadKeyring,
+    /// Make the vault re-read its policy file now.
+    ReloadPolicy,
     /// Re-encrypt every record under the primary key, with a progress bar.
     Rewrap {
         /// Records per second (0: the server's default).
@@ -83,6 +85,7 @@ pub(super) async fn run(args: TargetArgs, command: AdminCommand) -> Result<(), S
     let output = match command {
         AdminCommand::KeyStatus => key_status(&target).await,
         AdminCommand::ReloadKeyring => reload_keyring(&target).await,
+        AdminCommand::ReloadPolicy => reload_policy(&target).await,
         AdminCommand::Rewrap { rate, no_wait } => rewrap(&target, rate, !no_wait).await,
         AdminCommand::List { tenant } => list(&target, &tenant).await,
         AdminCommand::Backup { out } => backup(&target, &out).await,
@@ -212,6 +215,16 @@ pub async fn reload_keyring(target: &Target) -> Result<String, AdminError> {
         .map_err(status_error)?
         .into_inner();
     Ok(format!("keyring reloaded\n{}", render_key_status(&status)))
+}
+
+pub async fn reload_policy(target: &Target) -> Result<String, AdminError> {
+    let mut client = connect(target).await?;
+    let reloaded = client
+        .reload_policy(pb::ReloadPolicyRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    Ok(format!("policy reloaded: {} rules", reloaded.rules))
 }
 
 /// Starts (or joins) a rewrap and draws its progress until it ends.

@@ -87,16 +87,26 @@ async fn cancelled_callers_cannot_pile_up_upstream_refreshes() {
             .await
             .unwrap();
     }
+    admin
+        .deposit(deposit(&provider, "acme", "extra", None))
+        .await
+        .unwrap();
     // A token endpoint that never answers while the guard lives.
     let hold = provider.hold_token_calls();
     for i in 0..CREDENTIALS {
         let mut client = vault.client(&dir, "acme").await;
         // Fire, then hang up: the refresh runs on, detached.
         let _ = tokio::time::timeout(
-            Duration::from_millis(100),
+            Duration::from_millis(500),
             client.get_access_token(get_request("acme", &format!("u{i}"), "idp")),
         )
         .await;
+    }
+    // The bound fills (the first calls' refreshes), and stays full.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider.token_calls() < BOUND {
+        assert!(Instant::now() < deadline, "the bound never filled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let in_flight = provider.token_calls();
@@ -110,7 +120,7 @@ async fn cancelled_callers_cannot_pile_up_upstream_refreshes() {
     // A refresh beyond the bound is refused at once, typed.
     let mut client = vault.client(&dir, "admin").await;
     let refused = client
-        .get_access_token(get_request("acme", "u39", "idp"))
+        .get_access_token(get_request("acme", "extra", "idp"))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");

@@ -59,7 +59,7 @@ fn admit_global<R>(
 ) -> Result<R, ApiError> {
     entry.requested_tenant("*");
     let caller = principal.authorize_global(Action::Admin)?;
-    entry.authorized(&caller, None);
+    entry.authorized(&caller);
     Ok(request)
 }
 
@@ -105,7 +105,7 @@ fn admit_list(
         })?),
     };
     let caller = principal.authorize(&request.tenant, Action::Admin)?;
-    entry.authorized(&caller, None);
+    entry.authorized(&caller);
     let tenant = caller.tenant.clone();
     Ok(ListPage {
         tenant,
@@ -133,7 +133,7 @@ fn admit_describe(
         subject: reference.subject,
         provider: reference.provider,
     };
-    entry.authorized(&caller, Some(&id));
+    entry.authorized(&caller);
     Ok(id)
 }
 

@@ -14,7 +14,6 @@ use super::{
 };
 use crate::{
     auth::{self, Authenticator, Caller, Forwarded, Peer, Principal, SIDECAR_SECRET_HEADER},
-    broker::model::CredentialId,
     telemetry::{audit, Metrics},
 };
 
@@ -87,13 +86,11 @@ impl AuditEntry {
         self.tenant = tenant.to_owned();
     }
 
-    /// The authorized caller (its tenant resolved) and credential.
-    pub(crate) fn authorized(&mut self, caller: &Caller, id: Option<&CredentialId>) {
+    /// The authorized caller: its tenant, resolved (an empty requested
+    /// tenant names the caller's only one). The credential was recorded as
+    /// requested; authorizing does not change it.
+    pub(crate) fn authorized(&mut self, caller: &Caller) {
         self.tenant.clone_from(&caller.tenant);
-        if let Some(id) = id {
-            self.provider.clone_from(&id.provider);
-            self.subject_hash = audit::subject_hash(&id.subject);
-        }
     }
 }
 

@@ -155,11 +155,6 @@ impl Wire {
 }
 
 impl ApiError {
-    /// The stable reason, for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        self.wire().reason
-    }
-
     /// The one table from failures to the wire (DESIGN §4).
     pub(crate) fn wire(&self) -> Wire {
         use reason::*;

@@ -43,7 +43,7 @@ impl CredentialVault for VaultService {
         let admit = |principal, request: pb::DepositRequest, entry: &mut AuditEntry| {
             entry.requested(request.credential.as_ref());
             let (caller, command) = convert::deposit(request, &principal)?;
-            entry.authorized(&caller, Some(&command.id));
+            entry.authorized(&caller);
             Ok(command)
         };
         let run = |command| async {
@@ -64,7 +64,7 @@ impl CredentialVault for VaultService {
             entry.requested(request.credential.as_ref());
             let (caller, token_request) =
                 convert::get_access_token(request, &principal, self.max_min_valid_for)?;
-            entry.authorized(&caller, Some(&token_request.id));
+            entry.authorized(&caller);
             Ok(token_request)
         };
         let run = |token_request| async {
@@ -83,7 +83,7 @@ impl CredentialVault for VaultService {
         let admit = |principal, request: pb::RevokeRequest, entry: &mut AuditEntry| {
             entry.requested(request.credential.as_ref());
             let (caller, id) = convert::revoke(request, &principal)?;
-            entry.authorized(&caller, Some(&id));
+            entry.authorized(&caller);
             Ok(id)
         };
         let run = |id| async move {

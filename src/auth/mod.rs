@@ -169,7 +169,11 @@ impl Authenticator {
     /// refused and the running policy stays. Returns the number of rules.
     pub async fn reload_policy(&self) -> Result<usize, PolicyError> {
         let Some(path) = self.policy_file.clone() else {
-            return Ok(self.policy.read().unwrap_or_else(|e| e.into_inner()).len());
+            return Ok(self
+                .policy
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .rule_count());
         };
         let policy = tokio::task::spawn_blocking(move || Policy::load(&path))
             .await
@@ -177,7 +181,7 @@ impl Authenticator {
                 path: String::new(),
                 message: "the reload task failed".into(),
             })??;
-        let rules = policy.len();
+        let rules = policy.rule_count();
         self.replace_policy(policy);
         Ok(rules)
     }

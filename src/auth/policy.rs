@@ -221,12 +221,8 @@ impl Policy {
     }
 
     /// How many rules the policy has.
-    pub fn len(&self) -> usize {
+    pub fn rule_count(&self) -> usize {
         self.rules.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
     }
 
     /// The union of all grants whose pattern matches `identity`.

@@ -137,7 +137,8 @@ impl Limits {
     }
 
     /// Refreshes upstream right now.
-    pub fn refreshes_in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn refreshes_in_flight(&self) -> usize {
         self.in_flight
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -354,35 +354,34 @@ impl Keyring {
 
     /// The key for sealing under `version`: only active keys take new writes.
     pub fn key_for_encrypt(&self, version: KeyVersion) -> Result<&KeyMaterial, KeyringError> {
-        let entry = self
-            .entries
-            .get(&version)
-            .ok_or(KeyringError::UnknownVersion(version))?;
-        match (&entry.material, entry.state) {
-            (Some(m), KeyState::Active) => Ok(m),
-            _ => Err(KeyringError::WrongState {
-                version,
-                state: entry.state,
-                expected: KeyState::Active,
-                operation: "sealing",
-            }),
-        }
+        self.sealing_key(version, KeyState::Active, "sealing")
     }
 
     /// The key for sealing under `version` during a primary's rollout to
     /// the other replicas: active, or decrypt-only (the previous primary).
     pub fn key_for_rollout(&self, version: KeyVersion) -> Result<&KeyMaterial, KeyringError> {
+        self.sealing_key(version, KeyState::DecryptOnly, "sealing during a rollout")
+    }
+
+    /// A key with its bytes in state `weakest` or active (active keys seal
+    /// in every case).
+    fn sealing_key(
+        &self,
+        version: KeyVersion,
+        weakest: KeyState,
+        operation: &'static str,
+    ) -> Result<&KeyMaterial, KeyringError> {
         let entry = self
             .entries
             .get(&version)
             .ok_or(KeyringError::UnknownVersion(version))?;
         match (&entry.material, entry.state) {
-            (Some(m), KeyState::Active | KeyState::DecryptOnly) => Ok(m),
+            (Some(m), state) if state == KeyState::Active || state == weakest => Ok(m),
             _ => Err(KeyringError::WrongState {
                 version,
                 state: entry.state,
-                expected: KeyState::DecryptOnly,
-                operation: "sealing during a rollout",
+                expected: weakest,
+                operation,
             }),
         }
     }

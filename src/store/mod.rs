@@ -330,7 +330,7 @@ impl dyn CredentialStore {
             async move {
                 // `None`: the previous page was the last one.
                 let Some(after) = cursor else {
-                    return Ok(None);
+                    return Ok::<_, StoreError>(None);
                 };
                 let page = self.scan(&everything, after.as_ref(), SCAN_PAGE).await?;
                 let next = match page.last() {

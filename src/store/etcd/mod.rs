@@ -58,7 +58,7 @@ mod watch;
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use tonic::{transport::Channel, Code};
+use tonic::transport::Channel;
 
 use self::{
     rpc::{
@@ -163,7 +163,7 @@ impl EtcdStore {
         }))
     }
 
-    async fn txn(&self, request: TxnRequest) -> Result<TxnResponse, tonic::Status> {
+    async fn txn(&self, request: TxnRequest) -> Result<TxnResponse, rpc::Failed> {
         Ok(self.kv.clone().txn(request).await?.into_inner())
     }
 
@@ -224,14 +224,14 @@ impl EtcdStore {
                     return Ok(CasOutcome::Conflict(current));
                 }
                 Err(status)
-                    if outcome_unknown(&status) && tokio::time::Instant::now() < deadline =>
+                    if status.outcome_unknown() && tokio::time::Instant::now() < deadline =>
                 {
                     // Lost reply or no leader: the same compare decides,
                     // and the read-back above resolves a write that landed.
                     attempted = true;
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                Err(status) => return Err(rpc::status_error(status)),
+                Err(status) => return Err(status.into()),
             }
         }
     }
@@ -247,7 +247,7 @@ impl EtcdStore {
             success: vec![put(claim.clone(), self.replica.as_bytes().to_vec())],
             failure: vec![range(claim)],
         };
-        let response = self.txn(request).await.map_err(rpc::status_error)?;
+        let response = self.txn(request).await?;
         if response.succeeded {
             return Ok(ClaimOutcome::Won(Some(ClaimToken {
                 revision: Revision(revision_of(&response).0),
@@ -336,14 +336,6 @@ fn first_kv(response: TxnResponse) -> Option<Versioned> {
             revision: Revision(u64::try_from(kv.mod_revision).unwrap_or(0)),
             value: kv.value,
         })
-}
-
-/// Whether a failed call may have been applied anyway.
-fn outcome_unknown(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
-    )
 }
 
 /// `key` with its last byte incremented: the end of the range of keys that
@@ -476,8 +468,7 @@ impl CredentialStore for EtcdStore {
                 success: vec![put(key.clone(), value)],
                 failure: vec![range(key)],
             })
-            .await
-            .map_err(rpc::status_error)?;
+            .await?;
         Ok(if response.succeeded {
             None
         } else {
@@ -537,8 +528,7 @@ impl CredentialStore for EtcdStore {
             success: vec![delete(claim_key)],
             failure: Vec::new(),
         })
-        .await
-        .map_err(rpc::status_error)?;
+        .await?;
         Ok(())
     }
 

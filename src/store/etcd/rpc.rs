@@ -77,6 +77,33 @@ pub fn replica_id() -> String {
     format!("{host}-{}-{}", std::process::id(), hex::encode(suffix))
 }
 
+/// A failed etcd call, kept whole until the caller decides whether to retry.
+pub struct Failed(tonic::Status);
+
+impl From<tonic::Status> for Failed {
+    fn from(status: tonic::Status) -> Self {
+        Failed(status)
+    }
+}
+
+impl Failed {
+    /// Whether the call may have been applied anyway (lost reply, no
+    /// leader): a compare-and-swap then retries and reads back.
+    pub fn outcome_unknown(&self) -> bool {
+        use tonic::Code;
+        matches!(
+            self.0.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+        )
+    }
+}
+
+impl From<Failed> for StoreError {
+    fn from(failed: Failed) -> Self {
+        status_error(failed.0)
+    }
+}
+
 /// A failed call as a storage error; the message names the condition, never
 /// a key or a value.
 pub fn status_error(status: tonic::Status) -> StoreError {

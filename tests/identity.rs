@@ -107,6 +107,15 @@ fn client_cert(ca: &DevCa, name: &str) -> CertifiedKey {
     .unwrap()
 }
 
+/// `message` as a request carrying `metadata`.
+fn with_metadata<T>(message: T, metadata: &[(&'static str, String)]) -> Request<T> {
+    let mut request = Request::new(message);
+    for (k, v) in metadata {
+        request.metadata_mut().insert(*k, v.parse().unwrap());
+    }
+    request
+}
+
 /// One attempt: an RPC with optional extra metadata.
 async fn attempt(
     client: &mut CredentialVaultClient<Channel>,
@@ -116,13 +125,12 @@ async fn attempt(
     metadata: &[(&'static str, String)],
 ) -> Result<(), tonic::Status> {
     macro_rules! call {
-        ($method:ident, $message:expr) => {{
-            let mut request = Request::new($message);
-            for (k, v) in metadata {
-                request.metadata_mut().insert(*k, v.parse().unwrap());
-            }
-            client.$method(request).await.map(|_| ())
-        }};
+        ($method:ident, $message:expr) => {
+            client
+                .$method(with_metadata($message, metadata))
+                .await
+                .map(|_| ())
+        };
     }
     match rpc {
         "Deposit" => call!(
@@ -164,13 +172,12 @@ async fn attempt_admin(
 ) -> Result<(), tonic::Status> {
     let mut client = VaultAdminClient::new(channel);
     macro_rules! call {
-        ($method:ident, $message:expr) => {{
-            let mut request = Request::new($message);
-            for (k, v) in metadata {
-                request.metadata_mut().insert(*k, v.parse().unwrap());
-            }
-            client.$method(request).await.map(|_| ())
-        }};
+        ($method:ident, $message:expr) => {
+            client
+                .$method(with_metadata($message, metadata))
+                .await
+                .map(|_| ())
+        };
     }
     match rpc {
         "ListCredentials" => call!(
@@ -249,8 +256,7 @@ fn hmac_confused_token(public_jwk: &serde_json::Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_attack_matrix_is_refused_on_every_rpc_and_changes_nothing() {
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     let good = signer("k1");
     let dir = jwt_vault_dir(&good);
     let vault = TestVault::start(&dir).await;
@@ -743,8 +749,7 @@ async fn every_call_leaves_one_audit_event_without_secrets() {
 
 #[tokio::test]
 async fn mesh_mode_trusts_only_xfcc_added_for_this_vault() {
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     let mesh_port = support::dev::free_port();
     let vault_id = format!("spiffe://{TRUST_DOMAIN}/credvault");
     let dir = VaultDir::custom(

@@ -195,8 +195,7 @@ async fn rotation_under_load_fails_no_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rewrap_moves_every_record_then_the_old_key_can_go() {
     const N: usize = 10_000;
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     let dir = VaultDir::new();
     let vault = TestVault::start(&dir).await;
     populate(&vault, &dir, &provider, N).await;
@@ -244,8 +243,7 @@ async fn rewrap_moves_every_record_then_the_old_key_can_go() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewrap_killed_midway_resumes_and_loses_nothing() {
     const N: usize = 1_500;
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     let dir = VaultDir::new();
     let vault = TestVault::start(&dir).await;
     populate(&vault, &dir, &provider, N).await;
@@ -310,8 +308,7 @@ async fn a_rewrap_killed_midway_resumes_and_loses_nothing() {
 
 #[tokio::test]
 async fn retired_versions_stop_decrypting_until_reactivated() {
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     let dir = VaultDir::new();
     let vault = TestVault::start(&dir).await;
     let mut client = vault.client(&dir, "admin").await;
@@ -350,8 +347,7 @@ async fn retired_versions_stop_decrypting_until_reactivated() {
 
 #[tokio::test]
 async fn a_reload_with_swapped_key_material_is_refused_and_changes_nothing() {
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     let dir = VaultDir::new();
     let vault = TestVault::start(&dir).await;
     let mut client = vault.client(&dir, "admin").await;
@@ -385,8 +381,7 @@ async fn a_reload_with_swapped_key_material_is_refused_and_changes_nothing() {
 
 #[tokio::test]
 async fn the_keyring_file_is_watched_and_unreadable_records_are_reported_not_rewritten() {
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     let dir = VaultDir::custom("allow_http_loopback = true", "");
     // Watch the keyring file every 100 ms.
     let config_path = dir.path().join("credvault.toml");

@@ -18,8 +18,7 @@ const CLIENT_ID: &str = "vault-client";
 const CLIENT_SECRET: &str = "client-secret-2b9d";
 
 async fn provider() -> ProviderDouble {
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     provider
 }
 

@@ -45,8 +45,7 @@ async fn secrets_never_reach_logs_or_error_messages() {
         .with_ansi(false)
         .init();
 
-    let provider = ProviderDouble::start().await;
-    provider.register_client("app", Some(CLIENT_SECRET));
+    let provider = ProviderDouble::with_client("app", Some(CLIENT_SECRET)).await;
     // Every refresh below is driven by an oversized `min_valid_for`, and
     // every fault must reach the provider: no rate limit, no cool-down.
     let dir = VaultDir::custom(

@@ -105,8 +105,7 @@ async fn drive(vault: &TestVault, dir: &VaultDir, workers: usize, for_: Duration
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_times_the_sustainable_load_is_shed_and_admitted_calls_keep_their_latency() {
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     provider.set_rotation(false);
     provider.set_latency(Duration::from_millis(40));
     let dir = VaultDir::new();

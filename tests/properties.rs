@@ -521,8 +521,7 @@ fn every_request_gets_ok_or_a_typed_status() {
         .build()
         .unwrap();
     let (provider, dir, vault) = runtime.block_on(async {
-        let provider = ProviderDouble::start().await;
-        provider.register_client("alice-client", Some("alice-secret"));
+        let provider = ProviderDouble::with_client("alice-client", Some("alice-secret")).await;
         let dir = VaultDir::new();
         let vault = TestVault::start(&dir).await;
         (provider, dir, vault)

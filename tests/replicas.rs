@@ -110,6 +110,14 @@ async fn the_etcd_store_keeps_the_store_contract() {
     assert!(Revision(0) < r1);
 }
 
+/// A fresh three-member cluster and a provider double that knows the
+/// vault's OAuth client.
+async fn cluster_and_provider() -> (EtcdCluster, ProviderDouble) {
+    let cluster = EtcdCluster::start(3);
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
+    (cluster, provider)
+}
+
 /// `n` replicas of one vault (same keyring, certificates, policy) on the
 /// cluster.
 async fn replicas(dir: &VaultDir, n: usize) -> Vec<TestVault> {
@@ -180,9 +188,7 @@ async fn burst(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_refresh_across_three_replicas() {
-    let cluster = EtcdCluster::start(3);
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let (cluster, provider) = cluster_and_provider().await;
     provider.set_latency(Duration::from_millis(300));
     let dir = vault_dir(&cluster, "/burst/", "");
     let vaults = replicas(&dir, 3).await;
@@ -221,9 +227,7 @@ async fn one_refresh_across_three_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_or_redeposit_on_one_replica_reaches_the_others_within_max_staleness() {
-    let cluster = EtcdCluster::start(3);
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let (cluster, provider) = cluster_and_provider().await;
     let dir = vault_dir(&cluster, "/coherence/", "");
     let vaults = replicas(&dir, 2).await;
     let clients = clients(&dir, &vaults).await;
@@ -297,9 +301,7 @@ async fn a_revoke_or_redeposit_on_one_replica_reaches_the_others_within_max_stal
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_etcd_a_replica_answers_storage_unavailable_and_recovers() {
-    let mut cluster = EtcdCluster::start(3);
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let (mut cluster, provider) = cluster_and_provider().await;
     let dir = vault_dir(&cluster, "/outage/", "");
     let vault = TestVault::start(&dir).await;
     let mut client = vault.client(&dir, "admin").await;
@@ -459,9 +461,7 @@ async fn metric(ops: u16, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_claimant_is_taken_over_after_the_bound_and_never_overlapped() {
     const BOUND: Duration = Duration::from_secs(4);
-    let cluster = EtcdCluster::start(3);
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let (cluster, provider) = cluster_and_provider().await;
     // The provider takes 2 s per token request (within the 3 s upstream
     // timeout) and does not rotate, so the grant outlives the dead replica.
     provider.set_latency(Duration::from_secs(2));
@@ -545,9 +545,7 @@ async fn a_killed_claimant_is_taken_over_after_the_bound_and_never_overlapped() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_processes_on_one_dir_and_one_etcd_form_one_vault() {
     use support::dev::DevProcess;
-    let cluster = EtcdCluster::start(3);
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let (cluster, provider) = cluster_and_provider().await;
     let dir = tempfile::tempdir().unwrap();
     let endpoints = cluster.endpoints().join(",");
     let first = DevProcess::start_with_args(dir.path(), &["--etcd", &endpoints]);
@@ -586,9 +584,7 @@ async fn dev_processes_on_one_dir_and_one_etcd_form_one_vault() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_etcd_leader_killed_under_load_loses_nothing_acknowledged() {
     use std::sync::{Arc, Mutex};
-    let mut cluster = EtcdCluster::start(3);
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let (mut cluster, provider) = cluster_and_provider().await;
     provider.set_expires_in(Some(1));
     let dir = vault_dir(&cluster, "/leader/", "");
     let vaults = replicas(&dir, 3).await;
@@ -720,9 +716,7 @@ async fn the_etcd_leader_killed_under_load_loses_nothing_acknowledged() {
 async fn a_new_primary_rolls_out_across_replicas_without_key_version_unavailable() {
     use credvault::api::pb::vault_admin_client::VaultAdminClient;
     use std::sync::{Arc, Mutex};
-    let cluster = EtcdCluster::start(3);
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let (cluster, provider) = cluster_and_provider().await;
     let dir = vault_dir(&cluster, "/rollout/", "");
     // Replicas reload only when told to, so they differ for a while.
     let path = dir.path().join("credvault.toml");
@@ -901,9 +895,7 @@ async fn a_new_primary_rolls_out_across_replicas_without_key_version_unavailable
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_etcd_member_cannot_make_a_replica_serve_stale_tokens() {
-    let cluster = EtcdCluster::start(3);
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let (cluster, provider) = cluster_and_provider().await;
     let dir = vault_dir(&cluster, "/frozen/", "");
     let vaults = replicas(&dir, 2).await;
     let clients = clients(&dir, &vaults).await;
@@ -969,9 +961,7 @@ async fn a_frozen_etcd_member_cannot_make_a_replica_serve_stale_tokens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewrap_runs_on_one_replica_and_survives_its_death() {
     const BOUND: Duration = Duration::from_secs(4);
-    let cluster = EtcdCluster::start(3);
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let (cluster, provider) = cluster_and_provider().await;
     let dir = VaultDir::custom(
         "allow_http_loopback = true",
         &cluster.storage_config(

@@ -97,8 +97,7 @@ struct Setup {
 
 impl Setup {
     async fn new() -> Self {
-        let provider = ProviderDouble::start().await;
-        provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+        let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
         Self {
             provider,
             dir: VaultDir::new(),

@@ -234,8 +234,7 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Self {
-        let provider = ProviderDouble::start().await;
-        provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+        let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
         let front = FaultyFront::start(provider.addr()).await;
         // One failure starts a short cool-down: a caller that arrives just
         // after the shared refresh failed (a loaded machine) is answered

@@ -55,8 +55,7 @@ impl Bench {
         std::fs::write(&path, config).expect("bench config");
         let vault = TestVault::start(&dir).await;
         let (echo_addr, reporter, stop) = start_echo(&dir).await;
-        let provider = ProviderDouble::start().await;
-        provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+        let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
         Self {
             dir,
             vault,

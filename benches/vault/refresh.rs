@@ -230,8 +230,7 @@ pub async fn throughput(params: &Params) -> ThroughputResult {
 /// The measurement, in this (fresh) process, against its own provider double.
 pub async fn throughput_child(params: &Params) -> ThroughputChild {
     credvault::server::tls::install_crypto_provider();
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     let n = params.refresh_credentials;
     let concurrency = params.refresh_concurrency;
     let connections = 16.min(concurrency);

@@ -127,8 +127,7 @@ async fn seed(client: &mut CredentialVaultClient<Channel>, provider_url: &str) {
 
 pub async fn run(params: &Params) -> ReplicasResult {
     let cluster = EtcdCluster::start(3);
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     let url = provider.token_url();
     let concurrency = *params.hit_concurrency.iter().max().unwrap_or(&16);
 
@@ -250,8 +249,7 @@ async fn deposits(
 /// `callers` concurrent calls, spread over three replicas, on one expired
 /// credential whose provider answers after `burst_latency`.
 async fn burst(params: &Params, cluster: &EtcdCluster) -> (Duration, Sample, usize) {
-    let provider = ProviderDouble::start().await;
-    provider.register_client(CLIENT_ID, Some(CLIENT_SECRET));
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     provider.set_latency(params.burst_latency);
     let dir = vault_dir(Some(cluster), "/bench-burst/");
     let mut vaults = Vec::new();

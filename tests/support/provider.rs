@@ -220,6 +220,13 @@ pub struct ProviderDouble {
 }
 
 impl ProviderDouble {
+    /// A started double that already knows one OAuth client.
+    pub async fn with_client(client_id: &str, client_secret: Option<&str>) -> ProviderDouble {
+        let provider = ProviderDouble::start().await;
+        provider.register_client(client_id, client_secret);
+        provider
+    }
+
     /// Binds `127.0.0.1:0` and serves in a background task.
     pub async fn start() -> ProviderDouble {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

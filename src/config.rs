@@ -53,6 +53,9 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub tokens: TokenConfig,
+    /// Credential events: retention, the failing threshold, webhooks.
+    #[serde(default)]
+    pub events: EventsConfig,
     #[serde(default)]
     pub upstream: UpstreamConfig,
     #[serde(default)]
@@ -309,6 +312,72 @@ impl Default for TokenConfig {
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Log credential events (each in the same write as its change).
+    pub enabled: bool,
+    /// Events older than this are trimmed.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the trim runs.
+    #[serde(with = "humantime_serde")]
+    pub trim_interval: Duration,
+    /// Transient refresh failures for this long give REFRESH_FAILING.
+    #[serde(with = "humantime_serde")]
+    pub failing_after: Duration,
+    /// A watch stream whose reader takes nothing for this long while
+    /// events wait is ended with CONSUMER_TOO_SLOW.
+    #[serde(with = "humantime_serde")]
+    pub stream_stall: Duration,
+    /// Events buffered per watch stream on top of HTTP/2 flow control.
+    pub stream_buffer: usize,
+    /// Watch streams open at once in this process.
+    pub max_streams: usize,
+    /// Webhook sinks.
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            trim_interval: Duration::from_secs(600),
+            failing_after: Duration::from_secs(300),
+            stream_stall: Duration::from_secs(30),
+            stream_buffer: 64,
+            max_streams: 1024,
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+/// One webhook sink: events POSTed to `url`, signed per Standard Webhooks.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Names the sink's delivery state; renaming starts it afresh.
+    pub name: String,
+    pub url: String,
+    /// Tenants whose events it gets; empty = every tenant.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    /// Event types it gets (`REAUTH_REQUIRED`, ...); empty = every type.
+    #[serde(default)]
+    pub types: Vec<String>,
+    /// The signing secret: `whsec_<base64>` or raw bytes.
+    pub secret_file: PathBuf,
+    /// The first retry's delay; it doubles up to `retry_max`.
+    #[serde(default = "defaults::webhook_retry_base", with = "humantime_serde")]
+    pub retry_base: Duration,
+    #[serde(default = "defaults::webhook_retry_max", with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// One delivery attempt's timeout.
+    #[serde(default = "defaults::webhook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -441,6 +510,18 @@ const TOP_LEVEL_KEYS: &[&str] = &[
 
 mod defaults {
     use std::{net::SocketAddr, time::Duration};
+
+    pub fn webhook_retry_base() -> Duration {
+        Duration::from_secs(1)
+    }
+
+    pub fn webhook_retry_max() -> Duration {
+        Duration::from_secs(300)
+    }
+
+    pub fn webhook_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
 
     pub fn listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 50051))
@@ -575,6 +656,9 @@ impl Config {
             if let Some(p) = preset.client_secret_file.as_mut() {
                 fix(p);
             }
+        }
+        for webhook in &mut self.events.webhooks {
+            fix(&mut webhook.secret_file);
         }
     }
 

@@ -111,6 +111,9 @@ pub fn bench_record(
         created_at: now,
         updated_at: now,
         last_refresh_at: None,
+        failing_since: None,
+        failing_reported: false,
+        last_event: None,
     }
 }
 

@@ -337,6 +337,12 @@ fn metadata(info: CredentialInfo) -> pb::CredentialMetadata {
         unreadable_reason,
         refresh_failures: info.refresh_failures,
         refresh_backoff_until: timestamp(info.refresh_backoff_until),
+        last_event: info
+            .last_event
+            .map(|(kind, _)| kind.as_str().to_owned())
+            .unwrap_or_default(),
+        last_event_at: timestamp(info.last_event.map(|(_, at)| at)),
+        failing_since: timestamp(info.failing_since),
     }
 }
 

@@ -10,12 +10,14 @@
 //! - `convert`: proto -> domain validation.
 //! - `status`: the error-to-wire table.
 //! - `admission`: the global in-flight cap and the per-identity rate limit.
+//! - `events`: admitting a watch, and the bounded pump of its stream.
 //! - `vault`, `admin`: the two services.
 
 mod admin;
 pub(crate) mod admission;
 mod call;
 mod convert;
+mod events;
 pub mod pb;
 pub(crate) mod status;
 mod vault;
@@ -23,6 +25,7 @@ mod vault;
 pub use admin::AdminService;
 pub use admission::{AdmissionLayer, CallSlots, IdentityRateLimiter};
 pub use call::{Calls, Gate};
+pub use events::Watching;
 pub use status::ApiError;
 pub use vault::VaultService;
 

@@ -30,6 +30,10 @@ pub mod reason {
     pub const STORAGE_UNAVAILABLE: &str = "STORAGE_UNAVAILABLE";
     pub const RECORD_UNREADABLE: &str = "RECORD_UNREADABLE";
     pub const INTERNAL: &str = "INTERNAL";
+    pub const CURSOR_EXPIRED: &str = "CURSOR_EXPIRED";
+    /// A watcher read too slowly and its stream was ended; it resumes
+    /// after the last cursor it received.
+    pub const CONSUMER_TOO_SLOW: &str = "CONSUMER_TOO_SLOW";
     /// An admin reload refused a keyring (wrong passphrase, fingerprints).
     pub const KEYRING_REJECTED: &str = "KEYRING_REJECTED";
     /// An admin reload refused a policy file (invalid); the running one stays.
@@ -70,6 +74,8 @@ pub enum ApiError {
     Overloaded(&'static str),
     KeyringRejected(String),
     PolicyRejected(String),
+    /// A watch stream whose reader fell too far behind was ended.
+    ConsumerTooSlow,
 }
 
 impl From<AuthError> for ApiError {
@@ -185,6 +191,11 @@ impl ApiError {
                 POLICY_REJECTED,
                 format!("policy rejected: {why}"),
             ),
+            Self::ConsumerTooSlow => Wire::new(
+                Code::Aborted,
+                CONSUMER_TOO_SLOW,
+                "the stream fell too far behind; resume after the last cursor received",
+            ),
             Self::Auth(error) => auth_wire(error),
             Self::Broker(error) => broker_wire(error),
         }
@@ -260,6 +271,9 @@ fn broker_wire(error: &BrokerError) -> Wire {
             )
         }
         BrokerError::Contention => Wire::new(Code::Aborted, WRITE_CONTENTION, message),
+        BrokerError::InvalidCursor => Wire::new(Code::InvalidArgument, INVALID_FIELD, message)
+            .violation("after", "not a cursor this vault handed out"),
+        BrokerError::CursorExpired => Wire::new(Code::OutOfRange, CURSOR_EXPIRED, message),
         BrokerError::Overloaded(_) => Wire::new(Code::ResourceExhausted, OVERLOADED, message),
         BrokerError::QuotaExceeded { quota } => {
             Wire::new(Code::ResourceExhausted, QUOTA_EXCEEDED, message)

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use super::{
     call::{AuditEntry, Calls},
     convert,
+    events::{self, EventStream, Watch, Watching},
     pb::{self, credential_vault_server::CredentialVault},
 };
 use crate::broker::{
@@ -22,14 +23,22 @@ pub struct VaultService {
     calls: Calls,
     /// Upper bound on a request's `min_valid_for`.
     max_min_valid_for: Duration,
+    /// How event streams are bounded.
+    watching: Watching,
 }
 
 impl VaultService {
-    pub fn new(broker: Arc<Broker>, calls: Calls, max_min_valid_for: Duration) -> Self {
+    pub fn new(
+        broker: Arc<Broker>,
+        calls: Calls,
+        max_min_valid_for: Duration,
+        watching: Watching,
+    ) -> Self {
         Self {
             broker,
             calls,
             max_min_valid_for,
+            watching,
         }
     }
 }
@@ -98,6 +107,29 @@ impl CredentialVault for VaultService {
             })
         };
         self.calls.handle("Revoke", request, admit, run).await
+    }
+
+    type WatchCredentialEventsStream = EventStream;
+
+    async fn watch_credential_events(
+        &self,
+        request: Request<pb::WatchCredentialEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let admit =
+            |principal, request: pb::WatchCredentialEventsRequest, entry: &mut AuditEntry| {
+                entry.requested_tenant(&request.tenant);
+                let (caller, watch) = events::admit(request, &principal)?;
+                entry.authorized(&caller);
+                Ok(watch)
+            };
+        let run = |watch: Watch| async move {
+            let permit = self.watching.enter()?;
+            let events = self.broker.watch(watch.filter, watch.start).await?;
+            Ok(self.watching.pump(events, permit))
+        };
+        self.calls
+            .handle("WatchCredentialEvents", request, admit, run)
+            .await
     }
 }
 

@@ -31,6 +31,8 @@ pub enum Action {
     Revoke,
     /// The VaultAdmin service.
     Admin,
+    /// WatchCredentialEvents.
+    Watch,
 }
 
 impl Action {
@@ -40,6 +42,7 @@ impl Action {
             Self::Get => "get",
             Self::Revoke => "revoke",
             Self::Admin => "admin",
+            Self::Watch => "watch",
         }
     }
 }

@@ -52,6 +52,12 @@ pub enum BrokerError {
     /// will do. Not a storage fault.
     #[error("the credential is being changed concurrently")]
     Contention,
+    /// An event cursor that this vault never handed out.
+    #[error("the event cursor is malformed")]
+    InvalidCursor,
+    /// The events after this cursor were trimmed: the reader missed some.
+    #[error("the event cursor is older than the retained history")]
+    CursorExpired,
     #[error("internal error: {0}")]
     Internal(&'static str),
 }

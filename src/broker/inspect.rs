@@ -31,6 +31,10 @@ pub struct CredentialInfo {
     pub refresh_failures: u32,
     /// Refreshes are paused until then.
     pub refresh_backoff_until: Option<SystemTime>,
+    /// Since when refreshes have failed transiently (durable, all replicas).
+    pub failing_since: Option<SystemTime>,
+    /// The last event logged about the credential.
+    pub last_event: Option<(super::events::EventType, SystemTime)>,
 }
 
 /// Whether a credential can be used.
@@ -116,6 +120,8 @@ impl Broker {
                 id,
                 refresh_failures: 0,
                 refresh_backoff_until: None,
+                failing_since: record.failing_since,
+                last_event: record.last_event,
             },
             Err(error) => CredentialInfo {
                 id,
@@ -135,6 +141,8 @@ impl Broker {
                 preset: None,
                 refresh_failures: 0,
                 refresh_backoff_until: None,
+                failing_since: None,
+                last_event: None,
             },
         }
     }

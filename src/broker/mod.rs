@@ -19,6 +19,7 @@
 pub mod ahead;
 mod cache;
 pub mod error;
+pub mod events;
 pub mod fingerprints;
 mod flight;
 pub mod inspect;
@@ -41,6 +42,7 @@ use tokio::sync::Mutex;
 pub use self::error::BrokerError;
 use self::{
     cache::TokenCache,
+    events::{EventType, Noted},
     flight::SingleFlight,
     limits::{LimitSettings, Limits},
     model::{
@@ -71,6 +73,8 @@ pub struct BrokerSettings {
     pub force_refresh_interval: Duration,
     /// Bounds on refreshes in flight, failure cool-downs, record quotas.
     pub limits: LimitSettings,
+    /// The event log: on or off, retention, the failing threshold.
+    pub events: events::EventSettings,
 }
 
 impl Default for BrokerSettings {
@@ -80,6 +84,7 @@ impl Default for BrokerSettings {
             force_refresh_interval: Duration::from_secs(15),
             presets: HashMap::new(),
             limits: LimitSettings::default(),
+            events: events::EventSettings::default(),
         }
     }
 }
@@ -113,6 +118,9 @@ impl Obtained {
             created_at: now,
             updated_at: now,
             last_refresh_at: None,
+            failing_since: None,
+            failing_reported: false,
+            last_event: None,
         }
     }
 }
@@ -205,8 +213,10 @@ impl Broker {
                     .and_then(|v| record::unframe(&v.value))
                     .map_or(0, |(generation, _)| generation);
                 let record = obtained.record(previous + 1, &client, &preset, &labels, now);
+                let noted = Noted::of(EventType::Deposited, &record, "");
                 Ok(Step::Put(
                     Box::new(record),
+                    Some(noted),
                     (previous + 1, current.is_none()),
                 ))
             })
@@ -295,7 +305,9 @@ impl Broker {
             .write(id, How::DURABLE, |current| {
                 Ok(match current {
                     None => Step::Leave(None),
-                    Some(versioned) => Step::Delete(Some(versioned.clone())),
+                    Some(versioned) => {
+                        Step::Delete(Some(self.revoked(id, versioned)), Some(versioned.clone()))
+                    }
                 })
             })
             .await?
@@ -314,6 +326,19 @@ impl Broker {
             existed: true,
             upstream,
         })
+    }
+
+    /// The REVOKED event of a record being deleted: its generation from the
+    /// clear frame, its labels if it can still be opened.
+    fn revoked(&self, id: &CredentialId, deleted: &Versioned) -> Noted {
+        let generation = record::unframe(&deleted.value).map_or(0, |(generation, _)| generation);
+        let labels = self.open(id, deleted).map(|r| r.labels).unwrap_or_default();
+        Noted {
+            kind: EventType::Revoked,
+            cause: String::new(),
+            generation,
+            labels,
+        }
     }
 
     /// Best effort RFC 7009 revocation of the deleted grant's refresh token.

@@ -123,6 +123,12 @@ pub struct CredentialRecord {
     pub created_at: SystemTime,
     pub updated_at: SystemTime,
     pub last_refresh_at: Option<SystemTime>,
+    /// Since when refreshes have failed transiently, without a success.
+    pub failing_since: Option<SystemTime>,
+    /// REFRESH_FAILING was logged for the current streak.
+    pub failing_reported: bool,
+    /// The last event logged about this credential, and when.
+    pub last_event: Option<(super::events::EventType, SystemTime)>,
 }
 
 /// A new grant for a credential, after validation.

@@ -14,6 +14,7 @@ use prost::Message;
 use url::Url;
 use zeroize::{Zeroize, Zeroizing};
 
+use super::events::EventType;
 use super::model::{
     AccessToken, ClientAuth, ClientConfig, CredentialRecord, CredentialState, ReauthCause,
 };
@@ -53,6 +54,15 @@ struct RecordPayload {
     client_credentials: bool,
     #[prost(string, optional, tag = "11")]
     preset: Option<String>,
+    #[prost(int64, optional, tag = "12")]
+    failing_since_ms: Option<i64>,
+    #[prost(bool, tag = "13")]
+    failing_reported: bool,
+    /// The last event's type name; empty when none.
+    #[prost(string, tag = "14")]
+    last_event: String,
+    #[prost(int64, tag = "15")]
+    last_event_at_ms: i64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -147,6 +157,13 @@ pub fn encode(record: &CredentialRecord) -> Zeroizing<Vec<u8>> {
         last_refresh_at_ms: record.last_refresh_at.map(to_millis),
         client_credentials: record.client_credentials,
         preset: record.preset.clone(),
+        failing_since_ms: record.failing_since.map(to_millis),
+        failing_reported: record.failing_reported,
+        last_event: record
+            .last_event
+            .map(|(kind, _)| kind.as_str().to_owned())
+            .unwrap_or_default(),
+        last_event_at_ms: record.last_event.map_or(0, |(_, at)| to_millis(at)),
     };
     Zeroizing::new(payload.encode_to_vec())
 }
@@ -201,6 +218,12 @@ pub fn decode(bytes: &[u8]) -> Result<CredentialRecord, RecordDecodeError> {
         created_at: from_millis(payload.created_at_ms),
         updated_at: from_millis(payload.updated_at_ms),
         last_refresh_at: payload.last_refresh_at_ms.map(from_millis),
+        failing_since: payload.failing_since_ms.map(from_millis),
+        failing_reported: payload.failing_reported,
+        // A type this build does not know (a newer writer) is not an error:
+        // it only drops from the admin view.
+        last_event: EventType::parse(&payload.last_event)
+            .map(|kind| (kind, from_millis(payload.last_event_at_ms))),
     })
 }
 
@@ -265,6 +288,9 @@ mod tests {
             created_at: now,
             updated_at: now,
             last_refresh_at: None,
+            failing_since: None,
+            failing_reported: false,
+            last_event: Some((EventType::Deposited, now)),
         }
     }
 
@@ -281,6 +307,7 @@ mod tests {
         assert_eq!(at.token.expose(), "at-1");
         assert_eq!(at.expires_at, record.access_token.unwrap().expires_at);
         assert_eq!(decoded.labels, record.labels);
+        assert_eq!(decoded.last_event, record.last_event);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::{
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{
+    events::{EventType, Noted},
     model::{
         AccessToken, CredentialId, CredentialRecord, CredentialState, ReauthCause, TokenRequest,
     },
@@ -203,7 +204,58 @@ impl Broker {
                 self.on_rejected_grant(id, record, cause, rotation_retry_used)
                     .await
             }
-            Err(error) => Err(upstream_error(error, id)),
+            Err(error) => {
+                if matches!(error, UpstreamError::Unavailable { .. }) {
+                    self.note_failing(id, versioned, record).await;
+                }
+                Err(upstream_error(error, id))
+            }
+        }
+    }
+
+    /// Keeps the durable failing streak of a credential whose refresh just
+    /// failed transiently: its start on the first failure, and
+    /// REFRESH_FAILING once it has lasted `failing_after`. Best effort: a
+    /// record that moved meanwhile is left alone (the next failure notes it).
+    async fn note_failing(&self, id: &CredentialId, read: &Versioned, record: &CredentialRecord) {
+        let now = SystemTime::now();
+        let mut next = record.clone();
+        let noted = match record.failing_since {
+            None => {
+                next.failing_since = Some(now);
+                None
+            }
+            Some(since)
+                if !record.failing_reported
+                    && now.duration_since(since).unwrap_or_default()
+                        >= self.settings.events.failing_after =>
+            {
+                next.failing_reported = true;
+                Some(Noted::of(
+                    EventType::RefreshFailing,
+                    &next,
+                    "upstream_unavailable",
+                ))
+            }
+            Some(_) => return,
+        };
+        let mut next = Some((next, noted));
+        let how = How {
+            known: Known::Value(read),
+            ..How::DURABLE
+        };
+        let wrote = self
+            .write(id, how, |current| {
+                Ok(match (current, next.take()) {
+                    (Some(current), Some((next, noted))) if current.revision == read.revision => {
+                        Step::Put(Box::new(next), noted, ())
+                    }
+                    _ => Step::Leave(()),
+                })
+            })
+            .await;
+        if let Err(error) = wrote {
+            tracing::debug!(provider = %id.provider, %error, "could not note a failing refresh");
         }
     }
 
@@ -484,8 +536,14 @@ impl Broker {
                 base.state = CredentialState::Active;
                 base.updated_at = now;
                 base.last_refresh_at = Some(now);
+                // The first success after REFRESH_FAILING says so.
+                let recovered = base.failing_reported;
+                base.failing_since = None;
+                base.failing_reported = false;
+                let noted = recovered.then(|| Noted::of(EventType::Recovered, &base, ""));
                 Ok(Step::Put(
                     Box::new(base),
+                    noted,
                     WriteBack::Stored(tokens.access_token.clone()),
                 ))
             })
@@ -514,7 +572,10 @@ impl Broker {
         record.state = CredentialState::ReauthRequired(cause);
         record.access_token = None;
         record.updated_at = SystemTime::now();
-        let mut record = Some(record);
+        record.failing_since = None;
+        record.failing_reported = false;
+        let noted = Noted::of(EventType::ReauthRequired, &record, cause.as_str());
+        let mut record = Some((record, noted));
         let marked = self
             .write(
                 id,
@@ -524,8 +585,10 @@ impl Broker {
                 },
                 |current| {
                     Ok(match (current, record.take()) {
-                        (Some(current), Some(record)) if current.revision == read.revision => {
-                            Step::Put(Box::new(record), true)
+                        (Some(current), Some((record, noted)))
+                            if current.revision == read.revision =>
+                        {
+                            Step::Put(Box::new(record), Some(noted), true)
                         }
                         _ => Step::Leave(false),
                     })

@@ -506,7 +506,7 @@ async fn rewrap_one(
                 return Ok(Step::Leave(Outcome::Skipped));
             }
             match broker.open(id, current) {
-                Ok(record) => Ok(Step::Put(Box::new(record), Outcome::Rewrapped)),
+                Ok(record) => Ok(Step::Put(Box::new(record), None, Outcome::Rewrapped)),
                 Err(error) => {
                     tracing::warn!(tenant = %id.tenant, provider = %id.provider, %error, "rewrap cannot open a record; left untouched");
                     Ok(Step::Leave(Outcome::Failed))

@@ -9,7 +9,9 @@
 //! 3. seals the record and writes it by compare-and-swap on the revision it
 //!    read; on a conflict (another process wrote) it reads again and asks
 //!    again, at most [`CAS_ATTEMPTS`] times;
-//! 4. updates the token cache only after the store accepted the write, so
+//! 4. logs the event the change notes, in that same compare-and-swap
+//!    (DESIGN §5e), and stamps it on the record as its last event;
+//! 5. updates the token cache only after the store accepted the write, so
 //!    the cache never serves a token the store has already dropped.
 
 use std::hash::BuildHasher;
@@ -17,12 +19,13 @@ use std::hash::BuildHasher;
 use tokio::sync::MutexGuard;
 
 use super::{
+    events::Noted,
     model::{CredentialId, CredentialRecord, CredentialState},
     Broker, BrokerError,
 };
 use crate::{
     crypto::KeyVersion,
-    store::{CasOutcome, ClaimToken, Revision, Versioned},
+    store::{CasOutcome, ClaimToken, Revision, Versioned, Write},
 };
 
 /// How many times a write re-reads after losing a compare-and-swap before
@@ -31,12 +34,13 @@ pub(super) const CAS_ATTEMPTS: usize = 8;
 /// Credentials share this many write locks (striped by hash).
 pub(super) const WRITE_LOCK_STRIPES: usize = 256;
 
-/// What a write does with the value it found.
+/// What a write does with the value it found, and the event it notes (logged
+/// in the same atomic write).
 pub(crate) enum Step<T> {
     /// Seal and store this record, then answer `T`.
-    Put(Box<CredentialRecord>, T),
+    Put(Box<CredentialRecord>, Option<Noted>, T),
     /// Delete the stored value, then answer `T`.
-    Delete(T),
+    Delete(Option<Noted>, T),
     /// Leave the store as it is and answer `T`.
     Leave(T),
 }
@@ -101,31 +105,33 @@ impl Broker {
             (Known::Nothing, None) => self.store.get(&key).await?,
         };
         for _ in 0..CAS_ATTEMPTS {
-            let (value, written, answer) = match decide(current.as_ref())? {
+            let (value, written, noted, answer) = match decide(current.as_ref())? {
                 Step::Leave(answer) => {
                     return Ok(Wrote {
                         answer,
                         key_version: None,
                     })
                 }
-                Step::Delete(answer) => (None, None, answer),
-                Step::Put(record, answer) => {
+                Step::Delete(noted, answer) => (None, None, noted, answer),
+                Step::Put(mut record, noted, answer) => {
+                    if let (Some(noted), true) = (&noted, self.settings.events.enabled) {
+                        record.last_event = Some((noted.kind, std::time::SystemTime::now()));
+                    }
                     let (value, key_version) = self.seal(id, &record, how.key)?;
-                    (Some(value), Some((*record, key_version)), answer)
+                    (Some(value), Some((*record, key_version)), noted, answer)
                 }
             };
-            let expected = current.as_ref().map(|v| v.revision);
-            let outcome = if how.fence.is_some() {
-                self.store
-                    .compare_and_swap_fenced(&key, expected, value, how.fence)
-                    .await?
-            } else if how.durable {
-                self.store.compare_and_swap(&key, expected, value).await?
-            } else {
-                self.store
-                    .compare_and_swap_unflushed(&key, expected, value)
-                    .await?
+            let event = noted
+                .filter(|_| self.settings.events.enabled)
+                .map(|noted| noted.logged(id, std::time::SystemTime::now()));
+            let write = Write {
+                expected: current.as_ref().map(|v| v.revision),
+                value,
+                event,
+                fence: how.fence,
+                durable: how.durable,
             };
+            let outcome = self.store.write(&key, write).await?;
             match outcome {
                 CasOutcome::Written(revision) => {
                     let record = written.as_ref().map(|(record, _)| record);

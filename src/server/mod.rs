@@ -25,7 +25,7 @@ use crate::{
         pb::{
             credential_vault_server::CredentialVaultServer, vault_admin_server::VaultAdminServer,
         },
-        AdminService, AdmissionLayer, VaultService,
+        AdminService, AdmissionLayer, VaultService, Watching,
     },
     broker::fingerprints::KeyGuardError,
     config::{Config, ConfigError},
@@ -128,6 +128,7 @@ pub async fn serve(
         () = shutdown => {
             tracing::info!("shutting down: draining in-flight calls");
             readiness.set(false);
+            vault.stopping.send_replace(true);
             health.set_not_serving::<CredentialVaultServer<VaultService>>().await;
             let _ = stop_grpc.send(());
             match tokio::time::timeout(config.server.shutdown_grace, &mut grpc).await {
@@ -214,6 +215,12 @@ fn services(
         Arc::clone(&vault.broker),
         vault.calls.clone(),
         vault.config.tokens.max_min_valid_for,
+        Watching {
+            buffer: vault.config.events.stream_buffer,
+            stall: vault.config.events.stream_stall,
+            streams: Arc::new(tokio::sync::Semaphore::new(vault.config.events.max_streams)),
+            stopping: vault.stopping.subscribe(),
+        },
     ))
     .max_decoding_message_size(server.max_request_bytes);
     let admin = VaultAdminServer::new(AdminService::new(

@@ -19,7 +19,8 @@ use crate::{
         Authenticator, IdentityRules, Policy,
     },
     broker::{
-        ahead, fingerprints, limits::LimitSettings, rotation::KeyRotation, Broker, BrokerSettings,
+        ahead, events::EventSettings, fingerprints, limits::LimitSettings, rotation::KeyRotation,
+        Broker, BrokerSettings,
     },
     config::{Config, ConfigError, PresetAuthMethod, ProviderPreset, StorageBackend},
     crypto::{KeyringSource, SharedKeyring},
@@ -48,6 +49,8 @@ pub struct Vault {
     pub(super) sidecar_secret: Option<Arc<SecretString>>,
     /// Every background task; stopped together at shutdown.
     pub(super) tasks: JoinSet<()>,
+    /// Set when shutdown begins: event streams end so clients resume elsewhere.
+    pub(super) stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// What the file phase of a start reads.
@@ -100,6 +103,11 @@ impl Vault {
                 force_refresh_interval: config.tokens.force_refresh_interval,
                 presets: loaded.presets,
                 limits: limit_settings(config),
+                events: EventSettings {
+                    enabled: config.events.enabled,
+                    retention: config.events.retention,
+                    failing_after: config.events.failing_after,
+                },
             },
             Arc::clone(&metrics),
         );
@@ -125,6 +133,7 @@ impl Vault {
             auth,
             metrics,
             tasks: JoinSet::new(),
+            stopping: tokio::sync::watch::Sender::new(false),
         };
         vault.spawn_background();
         Ok(vault)
@@ -195,11 +204,29 @@ impl Vault {
                 }
             },
         ));
+        self.tasks.spawn(trim_events(
+            Arc::clone(&self.broker),
+            self.config.events.trim_interval,
+        ));
         self.tasks.spawn(refresh_gauges(
             Arc::clone(&self.rotation),
             Arc::clone(&self.store),
             Arc::clone(&self.metrics),
         ));
+    }
+}
+
+/// Trims events past their retention, now and then. Every replica may run
+/// it: a trim is idempotent.
+async fn trim_events(broker: Arc<Broker>, every: Duration) {
+    let mut ticks = tokio::time::interval(every.max(Duration::from_secs(1)));
+    loop {
+        ticks.tick().await;
+        match broker.trim_events().await {
+            Ok(0) => {}
+            Ok(trimmed) => tracing::info!(trimmed, "trimmed events past their retention"),
+            Err(error) => tracing::warn!(%error, "could not trim events"),
+        }
     }
 }
 

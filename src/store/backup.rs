@@ -230,7 +230,14 @@ pub async fn import(
         } else {
             let key = StoreKey::from_bytes(key.to_vec());
             match store
-                .compare_and_swap_unflushed(&key, None, Some(value.to_vec()))
+                .write(
+                    &key,
+                    super::Write {
+                        value: Some(value.to_vec()),
+                        durable: false,
+                        ..super::Write::DURABLE
+                    },
+                )
                 .await?
             {
                 CasOutcome::Written(_) => records += 1,

@@ -158,6 +158,86 @@ pub enum CasOutcome {
     Conflict(Option<Versioned>),
 }
 
+/// How a [`CredentialStore::write`] is made.
+#[derive(Debug)]
+pub struct Write<'a> {
+    /// The revision the writer read (`None`: the key must be absent).
+    pub expected: Option<Revision>,
+    /// The new value; `None` deletes.
+    pub value: Option<Vec<u8>>,
+    /// Logged in the same atomic write, or not at all.
+    pub event: Option<NewEvent>,
+    /// A refresh's write-back: only while this claim stands, releasing it.
+    /// Stores without claims ignore it.
+    pub fence: Option<&'a ClaimToken>,
+    /// Durable before `write` returns; otherwise at the next
+    /// [`CredentialStore::flush`] (bulk work whose loss is harmless, such as
+    /// a rewrap redone after a crash).
+    pub durable: bool,
+}
+
+impl Write<'_> {
+    pub const DURABLE: Write<'static> = Write {
+        expected: None,
+        value: None,
+        event: None,
+        fence: None,
+        durable: true,
+    };
+}
+
+/// An event to log with a write: opaque bytes (the broker's encoding, which
+/// holds no secret) and when it happened, for trimming.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub at_ms: u64,
+    pub payload: Vec<u8>,
+}
+
+/// An event as the log holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedEvent {
+    pub cursor: EventCursor,
+    pub payload: Vec<u8>,
+}
+
+/// A place in the event log: `position` orders it (strictly increasing per
+/// vault, across replicas and restarts); `at_ms` is when its event was
+/// written, which lets a replicated store narrow a read to recent history.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventCursor {
+    pub position: u64,
+    pub at_ms: u64,
+}
+
+impl EventCursor {
+    /// The opaque wire form: fixed-width hex, so cursors also compare as
+    /// strings in log order.
+    pub fn encode(&self) -> String {
+        format!("{:016x}{:016x}", self.position, self.at_ms)
+    }
+
+    pub fn decode(text: &str) -> Option<Self> {
+        if text.len() != 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        Some(Self {
+            position: u64::from_str_radix(text.get(..16)?, 16).ok()?,
+            at_ms: u64::from_str_radix(text.get(16..)?, 16).ok()?,
+        })
+    }
+}
+
+/// Where the event log stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHorizon {
+    /// The newest event's place (a reader starting here sees new events only).
+    pub head: EventCursor,
+    /// The newest place trimmed away; a reader resuming before it has
+    /// missed events.
+    pub trimmed_through: u64,
+}
+
 /// Storage failures. None of them carries record bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -182,26 +262,28 @@ pub trait CredentialStore: Send + Sync + 'static {
         self.get(key).await
     }
 
-    /// Replaces the value only if the stored revision equals `expected`
-    /// (`None`: only if absent). `value: None` deletes.
+    /// The one write: replaces the value only if the stored revision equals
+    /// `write.expected` (`None`: only if absent; `value: None` deletes),
+    /// appends `write.event` to the event log in the same atomic write, and
+    /// with a `fence`, also requires that claim to stand and releases it.
+    async fn write(&self, key: &StoreKey, write: Write<'_>) -> Result<CasOutcome, StoreError>;
+
+    /// A durable compare-and-swap with no event and no fence.
     async fn compare_and_swap(
         &self,
         key: &StoreKey,
         expected: Option<Revision>,
         value: Option<Vec<u8>>,
-    ) -> Result<CasOutcome, StoreError>;
-
-    /// Like [`CredentialStore::compare_and_swap`], but the write need not be
-    /// durable until the next [`CredentialStore::flush`]. For bulk work whose
-    /// loss is harmless (a rewrap redone after a crash), so it can flush once
-    /// per batch instead of once per record.
-    async fn compare_and_swap_unflushed(
-        &self,
-        key: &StoreKey,
-        expected: Option<Revision>,
-        value: Option<Vec<u8>>,
     ) -> Result<CasOutcome, StoreError> {
-        self.compare_and_swap(key, expected, value).await
+        self.write(
+            key,
+            Write {
+                expected,
+                value,
+                ..Write::DURABLE
+            },
+        )
+        .await
     }
 
     /// Up to `limit` records whose key starts with `prefix`, strictly after
@@ -212,20 +294,6 @@ pub trait CredentialStore: Send + Sync + 'static {
         after: Option<&StoreKey>,
         limit: usize,
     ) -> Result<Vec<(StoreKey, Versioned)>, StoreError>;
-
-    /// Like [`CredentialStore::compare_and_swap`], also requiring that
-    /// `fence` (this process's refresh claim) still stands, and releasing it
-    /// in the same write. Stores without claims ignore the fence.
-    async fn compare_and_swap_fenced(
-        &self,
-        key: &StoreKey,
-        expected: Option<Revision>,
-        value: Option<Vec<u8>>,
-        fence: Option<&ClaimToken>,
-    ) -> Result<CasOutcome, StoreError> {
-        let _ = fence;
-        self.compare_and_swap(key, expected, value).await
-    }
 
     /// Small non-secret bookkeeping values (e.g. key fingerprints).
     async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
@@ -312,6 +380,25 @@ pub trait CredentialStore: Send + Sync + 'static {
     fn size_on_disk(&self) -> Option<u64> {
         None
     }
+
+    /// Up to `limit` logged events strictly after `after`, in log order.
+    /// Only events whose write was acknowledged are returned.
+    async fn events_after(
+        &self,
+        after: &EventCursor,
+        limit: usize,
+    ) -> Result<Vec<LoggedEvent>, StoreError>;
+
+    /// Where the log stands: the cursor of its newest event (a reader that
+    /// starts there sees only what comes next) and how far it was trimmed.
+    async fn event_horizon(&self) -> Result<EventHorizon, StoreError>;
+
+    /// Ticks when new events may be readable, from any process.
+    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Deletes the events logged before `before_ms` (Unix milliseconds) and
+    /// remembers the newest cursor deleted; returns how many went.
+    async fn trim_events(&self, before_ms: u64) -> Result<u64, StoreError>;
 
     /// Makes every acknowledged write durable; used at shutdown.
     async fn flush(&self) -> Result<(), StoreError>;

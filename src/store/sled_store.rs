@@ -1,8 +1,17 @@
-//! The embedded [`CredentialStore`]: sled, one tree for records and one for
-//! bookkeeping, flushed before any write is acknowledged.
+//! The embedded [`CredentialStore`]: sled, one tree for records, one for
+//! the event log and one for bookkeeping, flushed before any write is
+//! acknowledged.
 //!
-//! On disk a record is `revision (u64 BE) || sealed envelope`. sled is a
+//! On disk a record is `revision (u64 BE) || sealed envelope`, and an event
+//! is `at_ms (u64 BE) || payload` under its position (u64 BE). sled is a
 //! single-writer embedded engine: one process owns a data directory.
+//!
+//! **The event log.** A write that carries an event is one sled transaction
+//! over the records and events trees, so both land or neither does. Its
+//! position is taken under a lock held until the transaction commits, so
+//! positions commit in order, and readers see the log only up to the newest
+//! position a completed flush covered: a reader never sees an event whose
+//! write could still be lost, nor a gap that a slower writer fills later.
 
 use std::{
     path::Path,
@@ -15,10 +24,17 @@ use std::{
 
 use async_trait::async_trait;
 
-use super::{CasOutcome, CredentialStore, Revision, StoreError, StoreKey, Versioned};
+use super::{
+    CasOutcome, CredentialStore, EventCursor, EventHorizon, LoggedEvent, NewEvent, Revision,
+    StoreError, StoreKey, Versioned, Write,
+};
 
 const RECORDS_TREE: &str = "credentials.v1";
+const EVENTS_TREE: &str = "events.v1";
 const META_TREE: &str = "meta.v1";
+/// Bookkeeping name of the newest position trimmed from the event log.
+const EVENTS_TRIMMED: &str = "events.trimmed_through";
+const AT_LEN: usize = 8;
 const REVISION_LEN: usize = 8;
 
 /// sled-backed store. Cheap to clone.
@@ -26,8 +42,31 @@ const REVISION_LEN: usize = 8;
 pub struct SledStore {
     db: sled::Db,
     records: sled::Tree,
+    events: sled::Tree,
     meta: sled::Tree,
     commits: Arc<GroupCommit>,
+    log: Arc<EventLog>,
+}
+
+/// The event log's ordering and visibility (see the module documentation).
+struct EventLog {
+    /// The last position handed out; held while its transaction commits.
+    order: std::sync::Mutex<u64>,
+    /// The newest position committed (not yet necessarily durable).
+    committed: AtomicU64,
+    /// The newest position a completed flush covered: what readers see.
+    durable: tokio::sync::watch::Sender<u64>,
+}
+
+impl EventLog {
+    /// Publishes what a flush that began after `covers` made durable.
+    fn flushed(&self, covers: u64) {
+        self.durable.send_if_modified(|seen| {
+            let moved = covers > *seen;
+            *seen = (*seen).max(covers);
+            moved
+        });
+    }
 }
 
 /// Group commit: one flush makes every write before it durable, so callers
@@ -92,11 +131,33 @@ impl SledStore {
         let meta = db
             .open_tree(META_TREE)
             .map_err(|e| io_error("open tree", &e))?;
+        let events = db
+            .open_tree(EVENTS_TREE)
+            .map_err(|e| io_error("open tree", &e))?;
+        // Positions continue after the newest event, or after the newest
+        // trimmed one when the trim emptied the log.
+        let newest = events
+            .last()
+            .map_err(|e| io_error("read events", &e))?
+            .and_then(|(key, _)| position_of(&key))
+            .unwrap_or(0);
+        let trimmed = meta
+            .get(EVENTS_TRIMMED)
+            .map_err(|e| io_error("get meta", &e))?
+            .and_then(|v| position_of(&v))
+            .unwrap_or(0);
+        let last = newest.max(trimmed);
         Ok(Self {
             db,
             records,
+            events,
             meta,
             commits: Arc::default(),
+            log: Arc::new(EventLog {
+                order: std::sync::Mutex::new(last),
+                committed: AtomicU64::new(last),
+                durable: tokio::sync::watch::Sender::new(last),
+            }),
         })
     }
 
@@ -121,17 +182,6 @@ impl SledStore {
         Ok(Revision(id + 1))
     }
 
-    /// The compare-and-swap itself; durability is the caller's choice.
-    fn swap(
-        &self,
-        key: &StoreKey,
-        expected: Option<Revision>,
-        value: Option<Vec<u8>>,
-    ) -> Result<CasOutcome, StoreError> {
-        self.swap_raw(key, expected, value)
-            .map(|(outcome, _)| outcome)
-    }
-
     /// The swap, also returning (old, new) raw entries so a write whose
     /// flush fails can be taken back.
     #[allow(clippy::type_complexity)]
@@ -140,6 +190,7 @@ impl SledStore {
         key: &StoreKey,
         expected: Option<Revision>,
         value: Option<Vec<u8>>,
+        event: Option<NewEvent>,
     ) -> Result<(CasOutcome, Option<(Option<sled::IVec>, Option<Vec<u8>>)>), StoreError> {
         if !self.healthy_now() {
             // sled would refuse anyway; saying so keeps the error typed.
@@ -163,6 +214,9 @@ impl SledStore {
             (Some(value), Some(revision)) => Some(encode(revision, value)),
             _ => None,
         };
+        if let Some(event) = event {
+            return self.swap_logged(key, current_raw, new_raw, new_revision, event);
+        }
         // sled's own CAS compares whole entries; revisions make every entry
         // distinct, so this is exactly a CAS on the revision we checked above.
         let swapped = self
@@ -181,6 +235,53 @@ impl SledStore {
                 CasOutcome::Conflict(conflict.current.as_deref().map(decode).transpose()?),
                 None,
             )),
+        }
+    }
+
+    /// The swap of an entry together with its event, in one transaction.
+    #[allow(clippy::type_complexity)]
+    fn swap_logged(
+        &self,
+        key: &StoreKey,
+        current_raw: Option<sled::IVec>,
+        new_raw: Option<Vec<u8>>,
+        new_revision: Option<Revision>,
+        event: NewEvent,
+    ) -> Result<(CasOutcome, Option<(Option<sled::IVec>, Option<Vec<u8>>)>), StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        let mut entry = Vec::with_capacity(AT_LEN + event.payload.len());
+        entry.extend_from_slice(&event.at_ms.to_be_bytes());
+        entry.extend_from_slice(&event.payload);
+        let mut last = self.log.order.lock().unwrap_or_else(|e| e.into_inner());
+        let position = *last + 1;
+        let outcome = (&self.records, &self.events).transaction(|(records, events)| {
+            let now = records.get(key.as_bytes())?;
+            if now != current_raw {
+                return Err(ConflictableTransactionError::Abort(now));
+            }
+            match &new_raw {
+                Some(raw) => records.insert(key.as_bytes(), raw.as_slice())?,
+                None => records.remove(key.as_bytes())?,
+            };
+            events.insert(&position.to_be_bytes(), entry.as_slice())?;
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => {
+                *last = position;
+                self.log.committed.store(position, Ordering::SeqCst);
+                drop(last);
+                self.wrote();
+                Ok((
+                    CasOutcome::Written(new_revision),
+                    Some((current_raw, new_raw)),
+                ))
+            }
+            Err(TransactionError::Abort(now)) => Ok((
+                CasOutcome::Conflict(now.as_deref().map(decode).transpose()?),
+                None,
+            )),
+            Err(TransactionError::Storage(e)) => Err(self.failed(io_error("transaction", &e))),
         }
     }
 
@@ -220,10 +321,12 @@ impl SledStore {
             return Some(Ok(()));
         }
         let covers = self.commits.written.load(Ordering::SeqCst);
+        let events = self.log.committed.load(Ordering::SeqCst);
         if let Err(e) = self.db.flush() {
             return Some(Err(self.failed(io_error("flush", &e))));
         }
         self.commits.flushed.fetch_max(covers, Ordering::SeqCst);
+        self.log.flushed(events);
         Some(Ok(()))
     }
 
@@ -236,12 +339,14 @@ impl SledStore {
             return Ok(());
         }
         let covers = self.commits.written.load(Ordering::SeqCst);
+        let events = self.log.committed.load(Ordering::SeqCst);
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.flush())
             .await
             .map_err(|_| self.failed(StoreError::Io("flush task failed".into())))?
             .map_err(|e| self.failed(io_error("flush", &e)))?;
         self.commits.flushed.fetch_max(covers, Ordering::SeqCst);
+        self.log.flushed(events);
         Ok(())
     }
 
@@ -252,6 +357,10 @@ impl SledStore {
 
 fn io_error(op: &str, error: &sled::Error) -> StoreError {
     StoreError::Io(format!("{op}: {error}"))
+}
+
+fn position_of(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
 fn decode(raw: &[u8]) -> Result<Versioned, StoreError> {
@@ -357,16 +466,21 @@ impl CredentialStore for SledStore {
             .await
     }
 
-    async fn compare_and_swap(
-        &self,
-        key: &StoreKey,
-        expected: Option<Revision>,
-        value: Option<Vec<u8>>,
-    ) -> Result<CasOutcome, StoreError> {
+    async fn write(&self, key: &StoreKey, write: Write<'_>) -> Result<CasOutcome, StoreError> {
         let owned = key.clone();
+        let Write {
+            expected,
+            value,
+            event,
+            durable,
+            fence: _,
+        } = write;
         let (outcome, raw, flushed) = self
             .blocking(move |store| {
-                let (outcome, raw) = store.swap_raw(&owned, expected, value)?;
+                let (outcome, raw) = store.swap_raw(&owned, expected, value, event)?;
+                if !durable {
+                    return Ok((outcome, None, true));
+                }
                 // Already on a blocking thread: when no flush is running,
                 // make the write durable right here (one hop, not two).
                 let flushed = match (&outcome, &raw) {
@@ -398,17 +512,6 @@ impl CredentialStore for SledStore {
             }
         }
         Ok(outcome)
-    }
-
-    async fn compare_and_swap_unflushed(
-        &self,
-        key: &StoreKey,
-        expected: Option<Revision>,
-        value: Option<Vec<u8>>,
-    ) -> Result<CasOutcome, StoreError> {
-        let key = key.clone();
-        self.blocking(move |store| store.swap(&key, expected, value))
-            .await
     }
 
     async fn scan(
@@ -458,6 +561,110 @@ impl CredentialStore for SledStore {
 
     fn size_on_disk(&self) -> Option<u64> {
         self.db.size_on_disk().ok()
+    }
+
+    async fn events_after(
+        &self,
+        after: &EventCursor,
+        limit: usize,
+    ) -> Result<Vec<LoggedEvent>, StoreError> {
+        let visible = *self.log.durable.borrow();
+        let start = after.position.saturating_add(1);
+        if start > visible {
+            return Ok(Vec::new());
+        }
+        self.blocking(move |store| {
+            let mut out = Vec::new();
+            let range = store
+                .events
+                .range(start.to_be_bytes()..=visible.to_be_bytes());
+            for item in range.take(limit) {
+                let (key, entry) = item.map_err(|e| io_error("read events", &e))?;
+                let position = position_of(&key)
+                    .ok_or(StoreError::Malformed("event key is not a position"))?;
+                let (at, payload) = entry
+                    .split_at_checked(AT_LEN)
+                    .ok_or(StoreError::Malformed("event shorter than its time"))?;
+                out.push(LoggedEvent {
+                    cursor: EventCursor {
+                        position,
+                        at_ms: position_of(at).unwrap_or(0),
+                    },
+                    payload: payload.to_vec(),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn event_horizon(&self) -> Result<EventHorizon, StoreError> {
+        let visible = *self.log.durable.borrow();
+        self.blocking(move |store| {
+            let trimmed_through = store
+                .meta
+                .get(EVENTS_TRIMMED)
+                .map_err(|e| io_error("get meta", &e))?
+                .and_then(|v| position_of(&v))
+                .unwrap_or(0);
+            let at_ms = store
+                .events
+                .get(visible.to_be_bytes())
+                .map_err(|e| io_error("read events", &e))?
+                .and_then(|entry| entry.get(..AT_LEN).and_then(position_of))
+                .unwrap_or(0);
+            Ok(EventHorizon {
+                head: EventCursor {
+                    position: visible,
+                    at_ms,
+                },
+                trimmed_through,
+            })
+        })
+        .await
+    }
+
+    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.log.durable.subscribe()
+    }
+
+    async fn trim_events(&self, before_ms: u64) -> Result<u64, StoreError> {
+        let trimmed = self
+            .blocking(move |store| {
+                let mut newest = None;
+                let mut batch = sled::Batch::default();
+                let mut count = 0u64;
+                for item in store.events.iter() {
+                    let (key, entry) = item.map_err(|e| io_error("read events", &e))?;
+                    let at = entry.get(..AT_LEN).and_then(position_of).unwrap_or(0);
+                    if at >= before_ms {
+                        break;
+                    }
+                    newest = position_of(&key);
+                    batch.remove(key);
+                    count += 1;
+                }
+                let Some(newest) = newest else {
+                    return Ok(0);
+                };
+                // The mark first: a crash between the two leaves events that
+                // a later trim removes, never a gap nobody is told about.
+                store
+                    .meta
+                    .insert(EVENTS_TRIMMED, &newest.to_be_bytes())
+                    .map_err(|e| store.failed(io_error("put meta", &e)))?;
+                store
+                    .events
+                    .apply_batch(batch)
+                    .map_err(|e| store.failed(io_error("trim events", &e)))?;
+                store.wrote();
+                Ok(count)
+            })
+            .await?;
+        if trimmed > 0 {
+            self.durable().await?;
+        }
+        Ok(trimmed)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

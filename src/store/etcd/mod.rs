@@ -46,6 +46,18 @@
 //! this replica's clock) reports it can open it. Until then the previous
 //! primary keeps sealing, and a rewrap to the new primary is refused.
 //!
+//! **Events.** A write that carries an event puts it at
+//! `P e <at_ms, 20 digits><random>` in the same transaction as the record,
+//! so both land or neither does. Its cursor position is the transaction's
+//! revision: cluster-wide, strictly increasing, the same on every replica.
+//! A reader asks for events with `mod_revision` above its cursor, sorted by
+//! it; the key's time narrows that read to events written at most
+//! [`CLOCK_SKEW`] before the cursor's own, so a resume reads recent history
+//! only. Every event with a revision at or below a read's revision is in
+//! that read, so paging from the last event seen leaves no gap. Replicas
+//! wake their readers when the watch shows a new event; readers also
+//! re-read on a timer, so a watch break delays but never loses one.
+//!
 //! **Failures.** etcd unreachable or without quorum: calls fail fast with
 //! `STORAGE_UNAVAILABLE`; the process stays up (`/livez` passes) and
 //! recovers when etcd does. A replica killed mid-refresh leaves its claim;
@@ -71,8 +83,8 @@ use self::{
     watch::Watcher,
 };
 use super::{
-    CasOutcome, Change, ClaimOutcome, ClaimToken, CredentialStore, Revision, StoreError, StoreKey,
-    Versioned,
+    CasOutcome, Change, ClaimOutcome, ClaimToken, CredentialStore, EventCursor, EventHorizon,
+    LoggedEvent, NewEvent, Revision, StoreError, StoreKey, Versioned, Write,
 };
 
 /// How to reach the cluster and how fresh a replica must stay.
@@ -100,6 +112,14 @@ const META: u8 = b'm';
 const CLAIMS: u8 = b'c';
 const HEARTBEATS: u8 = b'h';
 const KEYS: u8 = b'k';
+const EVENTS: u8 = b'e';
+/// Bookkeeping name of the newest revision trimmed from the event log.
+const EVENTS_TRIMMED: &str = "events.trimmed_through";
+/// How far apart replicas' clocks may be: an event's key time can precede
+/// that of an event logged before it by up to this much.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(300);
+/// Events deleted per trim transaction.
+const TRIM_BATCH: i64 = 1000;
 
 /// The etcd-backed store.
 pub struct EtcdStore {
@@ -167,14 +187,28 @@ impl EtcdStore {
         Ok(self.kv.clone().txn(request).await?.into_inner())
     }
 
+    /// The event's key: its time first, so trims and resumes can cut the
+    /// log by time; a random tail, so two events never share a key.
+    fn event_key(&self, at_ms: u64) -> Vec<u8> {
+        use rand::RngCore;
+        let mut tail = [0u8; 8];
+        rand::rngs::OsRng.fill_bytes(&mut tail);
+        self.key(
+            EVENTS,
+            format!("{at_ms:020}{}", hex::encode(tail)).as_bytes(),
+        )
+    }
+
     /// The compare-and-swap, with `fence` as an extra condition (the claim
-    /// that entitles a refresh's write-back) released in the same write.
+    /// that entitles a refresh's write-back) released in the same write,
+    /// and the event logged in it.
     async fn swap(
         &self,
         key: &StoreKey,
         expected: Option<Revision>,
         value: Option<Vec<u8>>,
         fence: Option<&ClaimToken>,
+        event: Option<NewEvent>,
     ) -> Result<CasOutcome, StoreError> {
         let record = self.key(RECORDS, key.as_bytes());
         let mut compare = vec![revision_is(&record, expected)];
@@ -186,6 +220,9 @@ impl EtcdStore {
             let claim = self.key(CLAIMS, key.as_bytes());
             compare.push(revision_is(&claim, Some(fence.revision)));
             success.push(delete(claim));
+        }
+        if let Some(event) = event {
+            success.push(put(self.event_key(event.at_ms), event.payload));
         }
         let request = TxnRequest {
             compare,
@@ -338,6 +375,20 @@ fn first_kv(response: TxnResponse) -> Option<Versioned> {
         })
 }
 
+/// The time in an event key (after `base`, the events prefix).
+fn event_time(key: &[u8], base: usize) -> u64 {
+    key.get(base..base + 20)
+        .and_then(|digits| std::str::from_utf8(digits).ok())
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or(0)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// `key` with its last byte incremented: the end of the range of keys that
 /// start with `key` (etcd's prefix convention).
 fn prefix_end(key: &[u8]) -> Vec<u8> {
@@ -371,23 +422,11 @@ impl CredentialStore for EtcdStore {
         }
     }
 
-    async fn compare_and_swap(
-        &self,
-        key: &StoreKey,
-        expected: Option<Revision>,
-        value: Option<Vec<u8>>,
-    ) -> Result<CasOutcome, StoreError> {
-        self.swap(key, expected, value, None).await
-    }
-
-    async fn compare_and_swap_fenced(
-        &self,
-        key: &StoreKey,
-        expected: Option<Revision>,
-        value: Option<Vec<u8>>,
-        fence: Option<&ClaimToken>,
-    ) -> Result<CasOutcome, StoreError> {
-        self.swap(key, expected, value, fence).await
+    async fn write(&self, key: &StoreKey, write: Write<'_>) -> Result<CasOutcome, StoreError> {
+        // Every acknowledged etcd write is on a majority's disk: `durable`
+        // costs nothing extra here.
+        self.swap(key, write.expected, write.value, write.fence, write.event)
+            .await
     }
 
     async fn scan(
@@ -552,6 +591,136 @@ impl CredentialStore for EtcdStore {
 
     fn key_versions_everyone_opens(&self) -> Option<std::collections::BTreeSet<u32>> {
         self.watcher.everyone_opens()
+    }
+
+    async fn events_after(
+        &self,
+        after: &EventCursor,
+        limit: usize,
+    ) -> Result<Vec<LoggedEvent>, StoreError> {
+        let base = self.key(EVENTS, b"");
+        let from_ms = after
+            .at_ms
+            .saturating_sub(u64::try_from(CLOCK_SKEW.as_millis()).unwrap_or(u64::MAX));
+        let mut start = base.clone();
+        if after.position > 0 {
+            start.extend_from_slice(format!("{from_ms:020}").as_bytes());
+        }
+        let response = self
+            .kv
+            .clone()
+            .range(RangeRequest {
+                key: start,
+                range_end: prefix_end(&base),
+                limit: i64::try_from(limit).unwrap_or(i64::MAX),
+                sort_order: rpc::range_request::SortOrder::Ascend as i32,
+                sort_target: rpc::range_request::SortTarget::Mod as i32,
+                min_mod_revision: i64::try_from(after.position.saturating_add(1))
+                    .unwrap_or(i64::MAX),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc::status_error)?
+            .into_inner();
+        Ok(response
+            .kvs
+            .into_iter()
+            .map(|kv| LoggedEvent {
+                cursor: EventCursor {
+                    position: u64::try_from(kv.mod_revision).unwrap_or(0),
+                    at_ms: event_time(&kv.key, base.len()),
+                },
+                payload: kv.value,
+            })
+            .collect())
+    }
+
+    async fn event_horizon(&self) -> Result<EventHorizon, StoreError> {
+        // The cluster's revision now: every event logged later has a higher
+        // one. Its time is this replica's clock, which is what a later
+        // resume narrows by (less the skew bound).
+        let response = self
+            .kv
+            .clone()
+            .range(RangeRequest {
+                key: self.key(META, EVENTS_TRIMMED.as_bytes()),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc::status_error)?
+            .into_inner();
+        let revision = response.header.as_ref().map_or(0, |h| h.revision);
+        let trimmed_through = response
+            .kvs
+            .first()
+            .and_then(|kv| kv.value.as_slice().try_into().ok())
+            .map_or(0, u64::from_be_bytes);
+        Ok(EventHorizon {
+            head: EventCursor {
+                position: u64::try_from(revision).unwrap_or(0),
+                at_ms: now_ms(),
+            },
+            trimmed_through,
+        })
+    }
+
+    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.watcher.event_signal()
+    }
+
+    async fn trim_events(&self, before_ms: u64) -> Result<u64, StoreError> {
+        let base = self.key(EVENTS, b"");
+        let mut end = base.clone();
+        end.extend_from_slice(format!("{before_ms:020}").as_bytes());
+        let mut trimmed = 0u64;
+        loop {
+            let old = self
+                .kv
+                .clone()
+                .range(RangeRequest {
+                    key: base.clone(),
+                    range_end: end.clone(),
+                    limit: TRIM_BATCH,
+                    keys_only: true,
+                    ..Default::default()
+                })
+                .await
+                .map_err(rpc::status_error)?
+                .into_inner();
+            let Some(last) = old.kvs.last().map(|kv| kv.key.clone()) else {
+                return Ok(trimmed);
+            };
+            let newest = old.kvs.iter().map(|kv| kv.mod_revision).max().unwrap_or(0);
+            let newest = u64::try_from(newest).unwrap_or(0);
+            let mark = self.key(META, EVENTS_TRIMMED.as_bytes());
+            let marked = self
+                .range_one(mark.clone())
+                .await?
+                .and_then(|v| v.value.as_slice().try_into().ok())
+                .map_or(0, u64::from_be_bytes);
+            let mut last_end = last;
+            last_end.push(0);
+            // The mark only moves forward, and with the deletion.
+            self.txn(TxnRequest {
+                compare: Vec::new(),
+                success: vec![
+                    RequestOp {
+                        request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
+                            key: base.clone(),
+                            range_end: last_end,
+                            ..Default::default()
+                        })),
+                    },
+                    put(mark, newest.max(marked).to_be_bytes().to_vec()),
+                ],
+                failure: Vec::new(),
+            })
+            .await?;
+            trimmed += u64::try_from(old.kvs.len()).unwrap_or(0);
+            if !old.more {
+                return Ok(trimmed);
+            }
+        }
     }
 
     async fn flush(&self) -> Result<(), StoreError> {

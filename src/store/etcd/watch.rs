@@ -26,7 +26,7 @@ use super::{
         watch_request::RequestUnion, PutRequest, RangeRequest, WatchCreateRequest, WatchRequest,
         WatchResponse,
     },
-    CLAIMS, HEARTBEATS, KEYS, RECORDS,
+    CLAIMS, EVENTS, HEARTBEATS, KEYS, RECORDS,
 };
 use crate::store::{Change, Revision, StoreKey};
 
@@ -48,6 +48,8 @@ pub struct Watcher {
     /// Other replicas as this one sees them: the key versions each can
     /// open, and when its heartbeat last moved (on this process's clock).
     replicas: Mutex<HashMap<String, ReplicaView>>,
+    /// The revision of the newest event seen: wakes event readers.
+    events: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -74,6 +76,7 @@ impl Watcher {
             last_revision: AtomicI64::new(0),
             max_staleness,
             replicas: Mutex::new(HashMap::new()),
+            events: tokio::sync::watch::Sender::new(0),
         });
         let mut heartbeat_key = prefix.clone();
         heartbeat_key.push(HEARTBEATS);
@@ -87,6 +90,10 @@ impl Watcher {
         ));
         tokio::spawn(heartbeat_loop(Arc::downgrade(&watcher), kv, heartbeat_key));
         watcher
+    }
+
+    pub fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events.subscribe()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
@@ -163,6 +170,15 @@ impl Watcher {
             else {
                 continue;
             };
+            if space == EVENTS {
+                let revision = u64::try_from(kv.mod_revision).unwrap_or(0);
+                self.events.send_if_modified(|seen| {
+                    let moved = revision > *seen;
+                    *seen = (*seen).max(revision);
+                    moved
+                });
+                continue;
+            }
             if space == HEARTBEATS || space == KEYS {
                 if EventType::try_from(event.r#type) == Ok(EventType::Put) {
                     self.replica_event(space, name, &kv.value);

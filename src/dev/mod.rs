@@ -141,12 +141,12 @@ fn dev_policy() -> String {
 [[rule]]
 identity = "spiffe://{TRUST_DOMAIN}/admin"
 tenants = ["*"]
-actions = ["deposit", "get", "revoke", "admin"]
+actions = ["deposit", "get", "revoke", "admin", "watch"]
 
 [[rule]]
 identity = "spiffe://{TRUST_DOMAIN}/acme"
 tenants = ["acme"]
-actions = ["deposit", "get", "revoke"]
+actions = ["deposit", "get", "revoke", "watch"]
 "#
     )
 }

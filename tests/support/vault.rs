@@ -59,12 +59,12 @@ const POLICY: &str = r#"
 [[rule]]
 identity = "spiffe://credvault.test/admin"
 tenants = ["*"]
-actions = ["deposit", "get", "revoke", "admin"]
+actions = ["deposit", "get", "revoke", "admin", "watch"]
 
 [[rule]]
 identity = "spiffe://credvault.test/acme"
 tenants = ["acme"]
-actions = ["deposit", "get", "revoke"]
+actions = ["deposit", "get", "revoke", "watch"]
 "#;
 
 /// A vault's on-disk home: certificates, keyring, policy, config, data.

@@ -1,0 +1,444 @@
+//! Credential events (DESIGN §5e), end to end: a real vault (mTLS, its
+//! store), a real provider double, real gRPC streams. Run once per backend
+//! (`CREDVAULT_TEST_BACKEND=etcd` puts every vault on a real etcd cluster).
+
+mod support;
+
+use std::{
+    collections::HashSet,
+    time::{Duration, SystemTime},
+};
+
+use credvault::api::pb::{
+    self, credential_vault_client::CredentialVaultClient, vault_admin_client::VaultAdminClient,
+};
+use support::{
+    provider::{Fault, ProviderDouble},
+    vault::*,
+};
+use tonic::{transport::Channel, Code, Streaming};
+use tonic_types::StatusExt;
+
+const CLIENT_ID: &str = "events-client";
+const CLIENT_SECRET: &str = "events-client-secret-51c3";
+/// The cursor before every event: "from the start of retained history".
+const FROM_THE_START: &str = "00000000000000000000000000000000";
+
+use pb::CredentialEventType as Type;
+
+fn deposit(provider: &ProviderDouble, subject: &str, refresh_token: &str) -> pb::DepositRequest {
+    pb::DepositRequest {
+        credential: reference("acme", subject, "idp"),
+        client: oauth_client(&provider.token_url(), CLIENT_ID, CLIENT_SECRET),
+        grant: refresh_grant(refresh_token, None),
+        labels: [("team".to_string(), "growth".to_string())].into(),
+    }
+}
+
+fn revoke(subject: &str) -> pb::RevokeRequest {
+    pb::RevokeRequest {
+        credential: reference("acme", subject, "idp"),
+    }
+}
+
+fn watch(tenant: &str, after: &str) -> pb::WatchCredentialEventsRequest {
+    pb::WatchCredentialEventsRequest {
+        tenant: tenant.into(),
+        after: after.into(),
+        types: Vec::new(),
+    }
+}
+
+async fn open(
+    client: &mut CredentialVaultClient<Channel>,
+    request: pb::WatchCredentialEventsRequest,
+) -> Streaming<pb::CredentialEvent> {
+    client
+        .watch_credential_events(request)
+        .await
+        .expect("the watch opens")
+        .into_inner()
+}
+
+/// The next `n` events, each within 10 s.
+async fn take(stream: &mut Streaming<pb::CredentialEvent>, n: usize) -> Vec<pb::CredentialEvent> {
+    let mut events = Vec::with_capacity(n);
+    while events.len() < n {
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("no event within 10 s after {events:?}"))
+            .expect("the stream stays open")
+            .expect("the stream does not end");
+        events.push(next);
+    }
+    events
+}
+
+/// Asserts nothing more arrives for a while.
+async fn quiet(stream: &mut Streaming<pb::CredentialEvent>) {
+    if let Ok(next) = tokio::time::timeout(Duration::from_millis(700), stream.message()).await {
+        panic!("expected no more events, got {next:?}");
+    }
+}
+
+fn summary(events: &[pb::CredentialEvent]) -> Vec<(Type, String, u64, String)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                Type::try_from(e.r#type).unwrap(),
+                e.credential.as_ref().unwrap().subject.clone(),
+                e.generation,
+                e.cause.clone(),
+            )
+        })
+        .collect()
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+        .unwrap_or_default()
+}
+
+/// Needs more than the provider's one-hour tokens: always refreshes.
+fn refreshing_get(subject: &str) -> pb::GetAccessTokenRequest {
+    pb::GetAccessTokenRequest {
+        min_valid_for: Some(prost_types::Duration {
+            seconds: 7200,
+            nanos: 0,
+        }),
+        ..get_request("acme", subject, "idp")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credentials_life_is_told_in_order_on_a_live_stream() {
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
+    let dir = VaultDir::new();
+    let vault = TestVault::start(&dir).await;
+    let mut acme = vault.client(&dir, "acme").await;
+    let mut stream = open(&mut acme, watch("", "")).await;
+
+    let first = provider.issue_refresh_token(CLIENT_ID);
+    acme.deposit(deposit(&provider, "alice", &first))
+        .await
+        .unwrap();
+    // The grant dies upstream: the next refresh gets invalid_grant.
+    assert!(provider.revoke_grant(&first));
+    let dead = acme.get_access_token(refreshing_get("alice")).await;
+    assert_eq!(reason(&dead.unwrap_err()), "REAUTH_REQUIRED");
+    let second = provider.issue_refresh_token(CLIENT_ID);
+    acme.deposit(deposit(&provider, "alice", &second))
+        .await
+        .unwrap();
+    acme.revoke(revoke("alice")).await.unwrap();
+
+    let events = take(&mut stream, 4).await;
+    assert_eq!(
+        summary(&events),
+        vec![
+            (Type::Deposited, "alice".into(), 1, String::new()),
+            (
+                Type::ReauthRequired,
+                "alice".into(),
+                1,
+                "invalid_grant".into()
+            ),
+            (Type::Deposited, "alice".into(), 2, String::new()),
+            (Type::Revoked, "alice".into(), 2, String::new()),
+        ]
+    );
+    for event in &events {
+        assert_eq!(event.credential.as_ref().unwrap().tenant, "acme");
+        assert_eq!(event.labels.get("team").map(String::as_str), Some("growth"));
+        let at = SystemTime::try_from(event.at.clone().unwrap()).unwrap();
+        assert!(at.elapsed().unwrap() < Duration::from_secs(60));
+    }
+    let cursors: Vec<&str> = events.iter().map(|e| e.cursor.as_str()).collect();
+    assert!(
+        cursors.windows(2).all(|w| w[0] < w[1]),
+        "cursors increase: {cursors:?}"
+    );
+    // Events carry references, causes and labels, never a token.
+    let printed = format!("{events:?}");
+    for secret in [first.as_str(), second.as_str(), CLIENT_SECRET] {
+        assert!(!printed.contains(secret), "an event carries a secret");
+    }
+    for token in provider.issued_access_tokens() {
+        assert!(
+            !printed.contains(&token),
+            "an event carries an access token"
+        );
+    }
+    quiet(&mut stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reconnects_resumes_from_its_cursor_and_misses_nothing() {
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
+    let dir = VaultDir::new();
+    let vault = TestVault::start(&dir).await;
+    let mut acme = vault.client(&dir, "acme").await;
+    let mut admin = vault.client(&dir, "admin").await;
+
+    let mut stream = open(&mut acme, watch("acme", "")).await;
+    for subject in ["u0", "u1", "u2"] {
+        let token = provider.issue_refresh_token(CLIENT_ID);
+        acme.deposit(deposit(&provider, subject, &token))
+            .await
+            .unwrap();
+    }
+    let seen = take(&mut stream, 2).await;
+    // The client goes away with one event unread; changes go on meanwhile.
+    drop(stream);
+    for subject in ["u3", "u4"] {
+        let token = provider.issue_refresh_token(CLIENT_ID);
+        acme.deposit(deposit(&provider, subject, &token))
+            .await
+            .unwrap();
+    }
+    acme.revoke(revoke("u0")).await.unwrap();
+
+    let mut resumed = open(&mut acme, watch("acme", &seen[1].cursor)).await;
+    let rest = take(&mut resumed, 4).await;
+    let subjects: Vec<(Type, String)> = seen
+        .iter()
+        .chain(&rest)
+        .map(|e| {
+            (
+                Type::try_from(e.r#type).unwrap(),
+                e.credential.as_ref().unwrap().subject.clone(),
+            )
+        })
+        .collect();
+    let expected: Vec<(Type, String)> = ["u0", "u1", "u2", "u3", "u4"]
+        .iter()
+        .map(|s| (Type::Deposited, s.to_string()))
+        .chain([(Type::Revoked, "u0".to_string())])
+        .collect();
+    assert_eq!(subjects, expected, "nothing missed, nothing twice");
+    let unique: HashSet<&str> = seen
+        .iter()
+        .chain(&rest)
+        .map(|e| e.cursor.as_str())
+        .collect();
+    assert_eq!(unique.len(), 6);
+    quiet(&mut resumed).await;
+
+    // The same history from the start, for every tenant, filtered by type.
+    let mut all = open(
+        &mut admin,
+        pb::WatchCredentialEventsRequest {
+            tenant: "*".into(),
+            after: FROM_THE_START.into(),
+            types: vec![Type::Revoked as i32],
+        },
+    )
+    .await;
+    let revoked = take(&mut all, 1).await;
+    assert_eq!(revoked[0].cursor, rest[3].cursor);
+    quiet(&mut all).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_from_its_cursor_across_a_vault_restart() {
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
+    let dir = VaultDir::new();
+    let vault = TestVault::start(&dir).await;
+    let mut acme = vault.client(&dir, "acme").await;
+    let mut stream = open(&mut acme, watch("", "")).await;
+    for subject in ["r0", "r1"] {
+        let token = provider.issue_refresh_token(CLIENT_ID);
+        acme.deposit(deposit(&provider, subject, &token))
+            .await
+            .unwrap();
+    }
+    let seen = take(&mut stream, 1).await;
+    // A change the client never read, then a restart.
+    acme.revoke(revoke("r1")).await.unwrap();
+    drop(stream);
+    vault.stop().await.unwrap();
+
+    let vault = TestVault::start(&dir).await;
+    let mut acme = vault.client(&dir, "acme").await;
+    let token = provider.issue_refresh_token(CLIENT_ID);
+    acme.deposit(deposit(&provider, "r2", &token))
+        .await
+        .unwrap();
+    let mut resumed = open(&mut acme, watch("", &seen[0].cursor)).await;
+    let rest = take(&mut resumed, 3).await;
+    assert_eq!(
+        summary(&rest)
+            .into_iter()
+            .map(|(t, s, g, _)| (t, s, g))
+            .collect::<Vec<_>>(),
+        vec![
+            (Type::Deposited, "r1".into(), 1),
+            (Type::Revoked, "r1".into(), 1),
+            (Type::Deposited, "r2".into(), 1),
+        ]
+    );
+    assert!(seen[0].cursor < rest[0].cursor);
+    quiet(&mut resumed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_down_past_the_threshold_gives_refresh_failing_then_recovered() {
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
+    let dir = VaultDir::custom(
+        "allow_http_loopback = true\nfailure_backoff_after = 1000",
+        "[events]\nfailing_after = \"1s\"\n[tokens]\nforce_refresh_interval = \"0s\"\n",
+    );
+    let vault = TestVault::start(&dir).await;
+    let mut acme = vault.client(&dir, "acme").await;
+    let mut admin = VaultAdminClient::new(
+        vault
+            .channel(Some(&dir.pki.clients["admin"]), dir.pki.ca.ca_cert_pem())
+            .await,
+    );
+    let mut stream = open(&mut acme, watch("", "")).await;
+    let token = provider.issue_refresh_token(CLIENT_ID);
+    acme.deposit(deposit(&provider, "flaky", &token))
+        .await
+        .unwrap();
+    assert_eq!(take(&mut stream, 1).await[0].r#type, Type::Deposited as i32);
+
+    let outage = Fault::Status {
+        status: 503,
+        body: "down".into(),
+        retry_after: None,
+    };
+    provider.fail_next(1000, outage);
+    let first = acme.get_access_token(refreshing_get("flaky")).await;
+    assert_eq!(reason(&first.unwrap_err()), "UPSTREAM_UNAVAILABLE");
+    // Not yet past the threshold: no event.
+    quiet(&mut stream).await;
+    let describe = pb::DescribeCredentialRequest {
+        credential: reference("acme", "flaky", "idp"),
+    };
+    let failing = admin
+        .describe_credential(describe.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(failing.failing_since.is_some(), "the streak shows");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let again = acme.get_access_token(refreshing_get("flaky")).await;
+    assert_eq!(reason(&again.unwrap_err()), "UPSTREAM_UNAVAILABLE");
+    let failing_event = take(&mut stream, 1).await;
+    assert_eq!(
+        summary(&failing_event),
+        vec![(
+            Type::RefreshFailing,
+            "flaky".into(),
+            1,
+            "upstream_unavailable".into()
+        )]
+    );
+    // Still failing: no second REFRESH_FAILING for the same streak.
+    let more = acme.get_access_token(refreshing_get("flaky")).await;
+    assert!(more.is_err());
+    quiet(&mut stream).await;
+    let meta = admin
+        .describe_credential(describe.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(meta.last_event, "REFRESH_FAILING");
+
+    provider.clear_faults();
+    acme.get_access_token(refreshing_get("flaky"))
+        .await
+        .expect("the provider is back");
+    let recovered = take(&mut stream, 1).await;
+    assert_eq!(recovered[0].r#type, Type::Recovered as i32);
+    // A healthy refresh afterwards says nothing.
+    acme.get_access_token(refreshing_get("flaky"))
+        .await
+        .unwrap();
+    quiet(&mut stream).await;
+    let meta = admin
+        .describe_credential(describe)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(meta.last_event, "RECOVERED");
+    assert!(meta.failing_since.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_are_scoped_and_bad_cursors_are_typed() {
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
+    let dir = VaultDir::custom(
+        "allow_http_loopback = true",
+        "[events]\nretention = \"1s\"\ntrim_interval = \"1s\"\n",
+    );
+    let vault = TestVault::start(&dir).await;
+    let mut acme = vault.client(&dir, "acme").await;
+    let mut stranger = vault.client(&dir, "stranger").await;
+
+    let refused =
+        |result: Result<tonic::Response<Streaming<pb::CredentialEvent>>, tonic::Status>| {
+            let status = result.map(|_| ()).unwrap_err();
+            (status.code(), reason(&status))
+        };
+    assert_eq!(
+        refused(acme.watch_credential_events(watch("*", "")).await),
+        (Code::PermissionDenied, "TENANT_NOT_PERMITTED".into())
+    );
+    assert_eq!(
+        refused(acme.watch_credential_events(watch("other", "")).await),
+        (Code::PermissionDenied, "TENANT_NOT_PERMITTED".into())
+    );
+    assert_eq!(
+        refused(stranger.watch_credential_events(watch("acme", "")).await),
+        (Code::PermissionDenied, "ACTION_NOT_PERMITTED".into())
+    );
+    for bad in ["nope", "zz", &"f".repeat(65)] {
+        assert_eq!(
+            refused(acme.watch_credential_events(watch("", bad)).await),
+            (Code::InvalidArgument, "INVALID_FIELD".into()),
+            "{bad}"
+        );
+    }
+    let unknown_type = pb::WatchCredentialEventsRequest {
+        types: vec![99],
+        ..watch("", "")
+    };
+    assert_eq!(
+        refused(acme.watch_credential_events(unknown_type).await),
+        (Code::InvalidArgument, "INVALID_FIELD".into())
+    );
+
+    // A cursor whose history was trimmed: CURSOR_EXPIRED.
+    let mut stream = open(&mut acme, watch("", "")).await;
+    let token = provider.issue_refresh_token(CLIENT_ID);
+    acme.deposit(deposit(&provider, "old", &token))
+        .await
+        .unwrap();
+    let old = take(&mut stream, 1).await.remove(0);
+    let token = provider.issue_refresh_token(CLIENT_ID);
+    acme.deposit(deposit(&provider, "old", &token))
+        .await
+        .unwrap();
+    take(&mut stream, 1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match acme.watch_credential_events(watch("", &old.cursor)).await {
+            Err(status) => {
+                assert_eq!(
+                    (status.code(), reason(&status)),
+                    (Code::OutOfRange, "CURSOR_EXPIRED".into())
+                );
+                break;
+            }
+            Ok(_) => {
+                assert!(tokio::time::Instant::now() < deadline, "the trim never ran");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

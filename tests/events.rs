@@ -154,7 +154,7 @@ async fn a_credentials_life_is_told_in_order_on_a_live_stream() {
     for event in &events {
         assert_eq!(event.credential.as_ref().unwrap().tenant, "acme");
         assert_eq!(event.labels.get("team").map(String::as_str), Some("growth"));
-        let at = SystemTime::try_from(event.at.clone().unwrap()).unwrap();
+        let at = SystemTime::try_from(event.at.unwrap()).unwrap();
         assert!(at.elapsed().unwrap() < Duration::from_secs(60));
     }
     let cursors: Vec<&str> = events.iter().map(|e| e.cursor.as_str()).collect();

@@ -502,6 +502,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "keyring",
     "auth",
     "tokens",
+    "events",
     "upstream",
     "server",
     "log",
@@ -759,6 +760,44 @@ fn scrub(message: &str) -> String {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+
+    /// The environment filter knows every section: serde tells a struct's
+    /// deserializer its field names, so this asks for them.
+    #[test]
+    fn every_top_level_key_can_come_from_the_environment() {
+        struct FieldNames(Vec<&'static str>);
+        impl<'de> serde::Deserializer<'de> for &mut FieldNames {
+            type Error = serde::de::value::Error;
+            fn deserialize_any<V: serde::de::Visitor<'de>>(
+                self,
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                Err(serde::de::Error::custom("only structs"))
+            }
+            fn deserialize_struct<V: serde::de::Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                self.0.extend_from_slice(fields);
+                Err(serde::de::Error::custom("names taken"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+                bytes byte_buf option unit unit_struct newtype_struct seq tuple
+                tuple_struct map enum identifier ignored_any
+            }
+        }
+        let mut names = FieldNames(Vec::new());
+        let _ = Config::deserialize(&mut names);
+        assert!(!names.0.is_empty());
+        let mut fields = names.0.clone();
+        fields.sort_unstable();
+        let mut known = TOP_LEVEL_KEYS.to_vec();
+        known.sort_unstable();
+        assert_eq!(fields, known);
+    }
 
     const MINIMAL: &str = r#"
         data_dir = "data"

@@ -442,3 +442,107 @@ async fn watches_are_scoped_and_bad_cursors_are_typed() {
         }
     }
 }
+
+/// Deposits `n` grants with large labels, `concurrency` at a time: about
+/// 3.5 KiB of event per deposit.
+async fn deposit_load(client: &CredentialVaultClient<Channel>, round: &str, n: usize) {
+    let labels: std::collections::HashMap<String, String> = (0..16)
+        .map(|i| (format!("label-{i:02}"), "x".repeat(200)))
+        .collect();
+    let concurrency = 8;
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let mut client = client.clone();
+        let labels = labels.clone();
+        let round = round.to_owned();
+        tasks.push(tokio::spawn(async move {
+            for i in (worker..n).step_by(concurrency) {
+                client
+                    .deposit(pb::DepositRequest {
+                        credential: reference("acme", &format!("{round}-{}", i % 64), "idp"),
+                        client: oauth_client("http://127.0.0.1:9/token", CLIENT_ID, CLIENT_SECRET),
+                        grant: refresh_grant("rt-load", None),
+                        labels: labels.clone(),
+                    })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_never_read_hold_bounded_memory_and_end_typed() {
+    use support::dev::DevProcess;
+    const PER_PHASE: usize = 4_000;
+    const STUCK: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let dev = DevProcess::start_with_env(
+        dir.path(),
+        &[
+            ("CREDVAULT_EVENTS__STREAM_STALL", "2s"),
+            ("CREDVAULT_EVENTS__STREAM_BUFFER", "16"),
+        ],
+    );
+    let writer = CredentialVaultClient::new(dev.channel(dir.path(), "acme"));
+    // Warm up, then measure what the load alone costs in memory.
+    deposit_load(&writer, "warm", PER_PHASE).await;
+    let before = dev.rss_kib();
+    deposit_load(&writer, "plain", PER_PHASE).await;
+    let alone = dev.rss_kib().saturating_sub(before);
+
+    // The same load again with streams (each on its own connection) that
+    // never read. ~14 MiB of events go past each: held, they would add
+    // ~280 MiB; what flow control lets each hold is about 1 MiB.
+    let mut stuck = Vec::new();
+    for _ in 0..STUCK {
+        let mut reader = CredentialVaultClient::new(dev.channel(dir.path(), "acme"));
+        stuck.push(open(&mut reader, watch("", "")).await);
+    }
+    let before = dev.rss_kib();
+    deposit_load(&writer, "stuck", PER_PHASE).await;
+    // Past the stall bound, every stuck stream has been ended.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let with_stuck = dev.rss_kib().saturating_sub(before);
+    println!(
+        "rss growth over {PER_PHASE} deposits: {alone} KiB alone, {with_stuck} KiB with {STUCK} streams that never read"
+    );
+    assert!(
+        with_stuck < alone + 64 * 1024,
+        "streams that never read grew the vault by {with_stuck} KiB, against {alone} KiB without them"
+    );
+
+    // Reading now: what flow control let through, then a typed end.
+    let mut delivered = 0usize;
+    let mut bytes = 0usize;
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stuck[0].message()).await {
+            Ok(Ok(Some(event))) => {
+                delivered += 1;
+                bytes += prost::Message::encoded_len(&event);
+            }
+            Ok(Ok(None)) => panic!("the stream ended without a status after {delivered} events"),
+            Ok(Err(status)) => break status,
+            Err(_) => panic!("the stuck stream was never ended ({delivered} events read)"),
+        }
+    };
+    println!(
+        "a stuck stream delivered {delivered} events ({} KiB) once read, then {:?}",
+        bytes / 1024,
+        end.code()
+    );
+    assert_eq!(
+        (end.code(), reason(&end)),
+        (Code::Aborted, "CONSUMER_TOO_SLOW".into())
+    );
+    // The client's HTTP/2 stream window (2 MiB), the server's send buffer
+    // (400 KiB) and the stream's 16 events: nothing more was held.
+    assert!(
+        bytes < 3 * 1024 * 1024,
+        "{delivered} events ({bytes} bytes) were held for a reader that never read"
+    );
+    assert!(delivered < PER_PHASE);
+}

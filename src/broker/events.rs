@@ -28,7 +28,7 @@ use super::{
 use crate::store::{EventCursor, LoggedEvent, NewEvent};
 
 /// Events read from the store per round trip.
-const PAGE: usize = 256;
+const PAGE: usize = 64;
 /// How often an idle watcher re-reads the log even without a signal: a
 /// replicated store's watch can break, and this bounds the delay it causes.
 const IDLE_POLL: Duration = Duration::from_secs(1);

@@ -119,6 +119,37 @@ impl DevProcess {
         dev
     }
 
+    /// An mTLS channel to it as the client certificate `name` it wrote
+    /// (`admin` or `acme`), on a connection of its own.
+    pub fn channel(&self, dir: &Path, name: &str) -> tonic::transport::Channel {
+        let read = |file: String| std::fs::read_to_string(dir.join(file)).unwrap();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(
+                "ca.pem".into(),
+            )))
+            .identity(tonic::transport::Identity::from_pem(
+                read(format!("{name}.pem")),
+                read(format!("{name}-key.pem")),
+            ))
+            .domain_name("localhost");
+        tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_lazy()
+    }
+
+    /// The process's resident memory, in KiB (Linux `/proc`).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().unwrap().id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
     /// SIGTERM, then the exit status and everything the process printed.
     pub fn terminate(mut self) -> (ExitStatus, String) {
         let child = self.child.take().unwrap();

@@ -27,6 +27,8 @@
 //! - [`cli`]: the command line, including the VaultAdmin client.
 //! - [`dev`]: `credvault dev` — a throwaway CA, certificates, keyring and
 //!   config for local use and tests.
+//! - `webhooks`: credential events POSTed to HTTP sinks, signed per
+//!   Standard Webhooks, one replica delivering each sink.
 //! - `files`: atomic private writes, secret files, change watching.
 //! - [`secret`]: the redacting, zeroizing wrapper every secret travels in.
 //!
@@ -51,3 +53,4 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 mod upstream;
+mod webhooks;

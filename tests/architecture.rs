@@ -32,6 +32,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     // The OAuth client knows nothing of the lifecycle.
     ("upstream", &["secret"]),
+    // Webhook sinks read events from the broker and post them through the
+    // upstream HTTP client and its endpoint policy.
+    ("webhooks", &["broker", "upstream", "secret", "telemetry"]),
     // The store never reaches the broker (nor anything else).
     ("store", &[]),
     // Crypto never reaches the store.
@@ -56,6 +59,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "store",
             "telemetry",
             "upstream",
+            "webhooks",
         ],
     ),
     // The command line: the assembly's entry point, offline store and

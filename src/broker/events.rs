@@ -290,6 +290,12 @@ impl Broker {
         Ok(self.store.trim_events(millis(cutoff)).await?)
     }
 
+    /// The cursor of the newest event: a reader starting there sees only
+    /// what comes next.
+    pub async fn events_head(&self) -> Result<String, BrokerError> {
+        Ok(self.store.event_horizon().await?.head.encode())
+    }
+
     pub fn event_settings(&self) -> &EventSettings {
         &self.settings.events
     }

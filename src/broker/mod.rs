@@ -14,7 +14,9 @@
 //!
 //! Around it: [`inspect`] (metadata for operators), [`rotation`] (keyring
 //! reload, per-version counts, rewrap), [`fingerprints`] (the guard against
-//! a wrong keyring), [`ahead`] (optional proactive refresh).
+//! a wrong keyring), [`ahead`] (optional proactive refresh), [`events`]
+//! (the credential event log and its watchers), [`jobs`] (work one replica
+//! runs at a time).
 
 pub mod ahead;
 mod cache;
@@ -23,6 +25,7 @@ pub mod events;
 pub mod fingerprints;
 mod flight;
 pub mod inspect;
+pub mod jobs;
 pub mod limits;
 pub mod model;
 pub mod record;

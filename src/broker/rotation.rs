@@ -22,6 +22,7 @@ use futures::TryStreamExt;
 
 use super::{
     fingerprints,
+    jobs::{ClaimSeen, JobClaim},
     model::CredentialId,
     record,
     write::{How, Step},
@@ -29,13 +30,15 @@ use super::{
 };
 use crate::{
     crypto::{self, KeyInfo, KeyVersion, KeyringSource},
-    store::{ClaimOutcome, ClaimToken, Revision, StoreKey, Versioned},
+    store::{StoreKey, Versioned},
 };
 
 /// The states a key's status reports, in the crypto module's words.
 pub use crate::crypto::KeyState;
 
 const CURSOR_META: &str = "rewrap/cursor";
+/// The job claim's name: one replica rewraps at a time.
+const REWRAP_JOB: &str = "rewrap";
 const TARGET_META: &str = "rewrap/target";
 /// Records rewrapped between two durable progress checkpoints.
 const CHECKPOINT_EVERY: u64 = 256;
@@ -123,7 +126,7 @@ pub struct KeyRotation {
     /// Another replica's rewrap claim, and when this one first saw it (on
     /// its own clock): the claim is taken over only once it outlived the
     /// store's bound without being renewed.
-    claim_seen: Arc<Mutex<Option<(Revision, std::time::Instant)>>>,
+    claim_seen: Arc<ClaimSeen>,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
@@ -250,7 +253,7 @@ impl KeyRotation {
         let (broker, progress) = (Arc::clone(&self.broker), Arc::clone(&self.progress));
         let claim_seen = Arc::clone(&self.claim_seen);
         *job = Some(tokio::spawn(async move {
-            let result = match JobClaim::acquire(&broker, &claim_seen).await {
+            let result = match JobClaim::acquire(&broker, REWRAP_JOB, &claim_seen).await {
                 Ok(claim) => {
                     let result = rewrap(&broker, &progress, target, rate, &claim).await;
                     claim.release(&broker).await;
@@ -286,81 +289,6 @@ impl KeyRotation {
 fn sealed_under(versioned: &Versioned) -> Option<KeyVersion> {
     record::unframe(&versioned.value)
         .and_then(|(_, envelope)| crypto::key_version_of(envelope).ok())
-}
-
-/// The rewrap's claim: one replica runs it at a time. It is renewed at
-/// every checkpoint, so a live job's claim never outlives the bound; a dead
-/// replica's does, and the next start elsewhere takes it over and resumes
-/// from the saved cursor.
-struct JobClaim {
-    token: Mutex<Option<ClaimToken>>,
-}
-
-impl JobClaim {
-    fn key() -> StoreKey {
-        // 0xff can never begin a credential's key (a tenant of 65280+ bytes).
-        StoreKey::from_bytes(b"\xffjob/rewrap".to_vec())
-    }
-
-    async fn acquire(
-        broker: &Broker,
-        seen: &Mutex<Option<(Revision, std::time::Instant)>>,
-    ) -> Result<Self, BrokerError> {
-        let store = broker.store.as_ref();
-        let outcome = match store.claim(&Self::key()).await? {
-            ClaimOutcome::Held { revision } => {
-                let outlived = {
-                    let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-                    match *seen {
-                        Some((held, since)) if held == revision => {
-                            since.elapsed() >= store.claim_takeover()
-                        }
-                        _ => {
-                            *seen = Some((revision, std::time::Instant::now()));
-                            false
-                        }
-                    }
-                };
-                if !outlived {
-                    return Err(BrokerError::JobRunningElsewhere);
-                }
-                tracing::warn!("taking over the rewrap of a replica that stopped renewing it");
-                store.take_over(&Self::key(), revision).await?
-            }
-            won => won,
-        };
-        match outcome {
-            ClaimOutcome::Won(token) => Ok(Self {
-                token: Mutex::new(token),
-            }),
-            ClaimOutcome::Held { .. } => Err(BrokerError::JobRunningElsewhere),
-        }
-    }
-
-    /// Re-writes the claim, so waiters restart their clocks.
-    async fn renew(&self, broker: &Broker) -> Result<(), BrokerError> {
-        let Some(current) = self.token.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
-            return Ok(());
-        };
-        match broker
-            .store
-            .take_over(&Self::key(), current.revision)
-            .await?
-        {
-            ClaimOutcome::Won(token) => {
-                *self.token.lock().unwrap_or_else(|e| e.into_inner()) = token;
-                Ok(())
-            }
-            ClaimOutcome::Held { .. } => Err(BrokerError::JobRunningElsewhere),
-        }
-    }
-
-    async fn release(&self, broker: &Broker) {
-        let token = self.token.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(token) = token {
-            let _ = broker.store.release(&Self::key(), &token).await;
-        }
-    }
 }
 
 async fn rewrap(

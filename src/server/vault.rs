@@ -19,7 +19,11 @@ use crate::{
         Authenticator, IdentityRules, Policy,
     },
     broker::{
-        ahead, events::EventSettings, fingerprints, limits::LimitSettings, rotation::KeyRotation,
+        ahead,
+        events::{EventSettings, EventType},
+        fingerprints,
+        limits::LimitSettings,
+        rotation::KeyRotation,
         Broker, BrokerSettings,
     },
     config::{Config, ConfigError, PresetAuthMethod, ProviderPreset, StorageBackend},
@@ -32,6 +36,7 @@ use crate::{
         ClientAuth, ClientConfig, ClientSpec, EndpointPolicy, HttpSettings, Upstream,
         UpstreamSettings,
     },
+    webhooks::{self, SigningKey, WebhookSink},
 };
 
 /// A vault ready to serve: its parts, wired.
@@ -61,6 +66,7 @@ struct Loaded {
     policy: Policy,
     jwt: Option<JwtVerifier>,
     presets: HashMap<String, ClientConfig>,
+    webhooks: Vec<WebhookSink>,
 }
 
 impl Vault {
@@ -88,6 +94,7 @@ impl Vault {
         }
         let auth = Arc::new(authenticator);
         let upstream = upstream(config)?;
+        check_webhooks(&upstream, &loaded.webhooks).await?;
         for (name, preset) in &loaded.presets {
             upstream
                 .check_client(preset)
@@ -97,7 +104,7 @@ impl Vault {
         let broker = Broker::new(
             Arc::clone(&store),
             SharedKeyring::new(keyring),
-            upstream,
+            upstream.clone(),
             BrokerSettings {
                 refresh_skew: config.tokens.refresh_skew,
                 force_refresh_interval: config.tokens.force_refresh_interval,
@@ -136,7 +143,20 @@ impl Vault {
             stopping: tokio::sync::watch::Sender::new(false),
         };
         vault.spawn_background();
+        vault.spawn_webhooks(loaded.webhooks, &upstream);
         Ok(vault)
+    }
+
+    /// Starts one delivery task per webhook sink.
+    fn spawn_webhooks(&mut self, sinks: Vec<WebhookSink>, upstream: &Upstream) {
+        for sink in sinks {
+            self.tasks.spawn(webhooks::run(
+                Arc::clone(&self.broker),
+                upstream.clone(),
+                Arc::clone(&self.metrics),
+                sink,
+            ));
+        }
     }
 
     /// Starts the background tasks: proactive refresh (when on), keyring
@@ -373,7 +393,64 @@ fn load_files(config: &Config) -> Result<Loaded, ServerError> {
         policy,
         jwt,
         presets,
+        webhooks: webhook_sinks(config)?,
     })
+}
+
+/// Webhook URLs pass the endpoint policy like token endpoints (DNS too).
+async fn check_webhooks(upstream: &Upstream, sinks: &[WebhookSink]) -> Result<(), ServerError> {
+    for sink in sinks {
+        upstream
+            .check_endpoint(&sink.url)
+            .await
+            .map_err(|e| invalid(format!("events.webhooks.{}.url", sink.name), e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The configured webhook sinks, their secrets read and their names,
+/// URLs and event types checked.
+fn webhook_sinks(config: &Config) -> Result<Vec<WebhookSink>, ServerError> {
+    let mut sinks = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for (i, hook) in config.events.webhooks.iter().enumerate() {
+        let at = |field: &str| format!("events.webhooks[{i}].{field}");
+        let valid_name = !hook.name.is_empty()
+            && hook.name.len() <= 64
+            && hook
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !valid_name || !names.insert(hook.name.clone()) {
+            return Err(invalid(
+                at("name"),
+                "a unique name of letters, digits, `-`, `_` or `.` (at most 64)",
+            ));
+        }
+        let url = crate::upstream::parse_http_url(&hook.url).map_err(|e| invalid(at("url"), e))?;
+        let types = hook
+            .types
+            .iter()
+            .map(|t| {
+                EventType::parse(t)
+                    .ok_or_else(|| invalid(at("types"), format!("unknown event type `{t}`")))
+            })
+            .collect::<Result<_, _>>()?;
+        let secret = files::read_secret(&hook.secret_file)
+            .map_err(|e| invalid(at("secret_file"), e.to_string()))?;
+        let key = SigningKey::parse(&secret).map_err(|e| invalid(at("secret_file"), e))?;
+        sinks.push(WebhookSink {
+            name: hook.name.clone(),
+            url,
+            tenants: hook.tenants.iter().cloned().collect(),
+            types,
+            key,
+            retry_base: hook.retry_base,
+            retry_max: hook.retry_max.max(hook.retry_base),
+            timeout: hook.timeout,
+        });
+    }
+    Ok(sinks)
 }
 
 /// A provider preset as an OAuth client, under the same rules as a

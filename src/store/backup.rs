@@ -228,16 +228,14 @@ pub async fn import(
             let name = std::str::from_utf8(key).map_err(|_| BackupError::Corrupt("meta name"))?;
             store.put_meta(name, value.to_vec()).await?;
         } else {
-            let key = StoreKey::from_bytes(key.to_vec());
+            // Durable at the flush below, once for the whole import.
+            let write = super::Write {
+                value: Some(value.to_vec()),
+                durable: false,
+                ..super::Write::DURABLE
+            };
             match store
-                .write(
-                    &key,
-                    super::Write {
-                        value: Some(value.to_vec()),
-                        durable: false,
-                        ..super::Write::DURABLE
-                    },
-                )
+                .write(&StoreKey::from_bytes(key.to_vec()), write)
                 .await?
             {
                 CasOutcome::Written(_) => records += 1,

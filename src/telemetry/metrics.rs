@@ -53,6 +53,19 @@ pub struct KeyVersionLabels {
     pub key_version: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// The sink's configured name (operators choose it: bounded).
+    pub webhook: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub webhook: String,
+    /// `delivered` or `failed` (one failed attempt; it is retried).
+    pub outcome: String,
+}
+
 /// Every metric the vault exports.
 pub struct Metrics {
     registry: Registry,
@@ -77,7 +90,40 @@ pub struct Metrics {
     pub records: Family<KeyVersionLabels, Gauge>,
     pub store_bytes: Gauge<u64, AtomicU64>,
     pub overloaded: Counter,
+    pub webhooks: WebhookMetrics,
     providers: Mutex<HashSet<String>>,
+}
+
+/// Webhook delivery, per sink.
+pub struct WebhookMetrics {
+    /// Delivery attempts by outcome.
+    pub deliveries: Family<DeliveryLabels, Counter>,
+    /// Age of the oldest event a sink has not delivered yet (0: caught up).
+    pub lag_seconds: Family<WebhookLabels, Gauge>,
+    /// Times a sink fell behind the retention and lost events.
+    pub events_lost: Family<WebhookLabels, Counter>,
+}
+
+impl WebhookMetrics {
+    fn register(r: &mut Registry) -> Self {
+        Self {
+            deliveries: register(
+                r,
+                "webhook_deliveries",
+                "webhook delivery attempts by sink and outcome",
+            ),
+            lag_seconds: register(
+                r,
+                "webhook_lag_seconds",
+                "age of the oldest event a webhook has not delivered yet",
+            ),
+            events_lost: register(
+                r,
+                "webhook_events_lost",
+                "times a webhook fell behind the event retention and lost events",
+            ),
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -155,6 +201,7 @@ impl Default for Metrics {
                 "overloaded",
                 "calls shed because the vault was at capacity",
             ),
+            webhooks: WebhookMetrics::register(r),
             cache,
             providers: Mutex::new(HashSet::new()),
             registry,

@@ -114,6 +114,31 @@ impl HttpClient {
         builder.body(body).map_err(|_| HttpError::Transport)
     }
 
+    /// POSTs `body` with `headers` and answers the status; the response
+    /// body is read (capped) and dropped.
+    pub async fn post(
+        &self,
+        url: &url::Url,
+        headers: http::HeaderMap,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<u16, HttpError> {
+        let response = self
+            .client
+            .post(url.as_str())
+            .headers(headers)
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await
+            .map_err(classify_reqwest)?;
+        let status = response.status().as_u16();
+        // Drained so the connection can be reused; an oversized answer only
+        // costs the connection.
+        let _ = self.read_capped(response).await;
+        Ok(status)
+    }
+
     async fn read_capped(&self, mut response: reqwest::Response) -> Result<Vec<u8>, HttpError> {
         if response
             .content_length()

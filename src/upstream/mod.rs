@@ -150,6 +150,31 @@ impl Upstream {
         Ok(self.issued(response, &client.scopes))
     }
 
+    /// Checks a notification endpoint against the policy, DNS included.
+    pub async fn check_endpoint(&self, url: &Url) -> Result<(), UpstreamError> {
+        Ok(self.policy.check_resolved(url).await?)
+    }
+
+    /// POSTs a notification (a webhook) through the same hardened client:
+    /// the endpoint policy (DNS included), no redirects, no proxy. Answers
+    /// the HTTP status; a transport failure is `Unavailable`.
+    pub async fn notify(
+        &self,
+        url: &Url,
+        headers: ::http::HeaderMap,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<u16, UpstreamError> {
+        self.policy.check(url)?;
+        self.http
+            .post(url, headers, body, timeout)
+            .await
+            .map_err(|error| UpstreamError::Unavailable {
+                reason: error.to_string(),
+                retry_after: None,
+            })
+    }
+
     /// RFC 7009 revocation of a refresh token. Written by hand rather than
     /// through `oauth2`, whose revocation request insists on https even for
     /// the loopback endpoints the policy explicitly allows.

@@ -546,3 +546,156 @@ async fn streams_that_never_read_hold_bounded_memory_and_end_typed() {
     );
     assert!(delivered < PER_PHASE);
 }
+
+/// A vault whose `[[events.webhooks]]` sink `ops` posts `acme`'s events to
+/// `url`, retrying quickly.
+fn webhook_vault(url: &str, secret: &str) -> VaultDir {
+    let dir = VaultDir::custom(
+        "allow_http_loopback = true",
+        &format!(
+            "[[events.webhooks]]\nname = \"ops\"\nurl = \"{url}\"\ntenants = [\"acme\"]\n\
+             secret_file = \"webhook.secret\"\nretry_base = \"100ms\"\nretry_max = \"400ms\"\n"
+        ),
+    );
+    std::fs::write(dir.path().join("webhook.secret"), secret).unwrap();
+    dir
+}
+
+/// Distinct deliveries (by `webhook-id`) in the order they first arrived,
+/// as (type, subject).
+fn delivered_in_order(received: &[support::webhook::Delivery]) -> Vec<(String, String)> {
+    let mut seen = HashSet::new();
+    received
+        .iter()
+        .filter(|d| seen.insert(d.id.clone()))
+        .map(|d| {
+            let body = d.json();
+            (
+                body["data"]["type"].as_str().unwrap().to_owned(),
+                body["data"]["credential"]["subject"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_receiver_that_was_down_gets_every_event_signed_and_in_order() {
+    use support::webhook::{new_secret, verify, WebhookReceiver};
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
+    // The receiver's port, not listening yet: the first attempts are refused.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (secret, key) = new_secret();
+    let dir = webhook_vault(&format!("http://{addr}/hooks"), &secret);
+    let vault = TestVault::start(&dir).await;
+    let mut acme = vault.client(&dir, "acme").await;
+    let mut admin = vault.client(&dir, "admin").await;
+    for subject in ["w0", "w1"] {
+        let token = provider.issue_refresh_token(CLIENT_ID);
+        acme.deposit(deposit(&provider, subject, &token))
+            .await
+            .unwrap();
+    }
+    // Another tenant's event is not this sink's.
+    let token = provider.issue_refresh_token(CLIENT_ID);
+    admin
+        .deposit(pb::DepositRequest {
+            credential: reference("globex", "g0", "idp"),
+            ..deposit(&provider, "g0", &token)
+        })
+        .await
+        .unwrap();
+    acme.revoke(revoke("w0")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Up, but answering 503 for a while; then healthy.
+    let receiver = WebhookReceiver::start(addr, key.clone()).await;
+    receiver.set_down(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while receiver.refused() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no retry reached the receiver"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    receiver.set_down(false);
+    let received = receiver.wait_for(3, Duration::from_secs(10)).await;
+    assert!(received.iter().all(|d| d.verified), "{received:?}");
+    assert_eq!(
+        delivered_in_order(&received),
+        vec![
+            ("DEPOSITED".to_owned(), "w0".to_owned()),
+            ("DEPOSITED".to_owned(), "w1".to_owned()),
+            ("REVOKED".to_owned(), "w0".to_owned()),
+        ]
+    );
+    let first = &received[0];
+    assert_eq!(first.json()["type"], "credential.deposited");
+    assert_eq!(first.json()["data"]["labels"]["team"], "growth");
+    assert!(first.id.starts_with("evt_"));
+    // A tampered body (or a forged id) fails verification.
+    let mut tampered = first.body.clone();
+    let at = tampered.iter().position(|&b| b == b'w').unwrap();
+    tampered[at] = b'x';
+    assert!(!verify(
+        &key,
+        &first.id,
+        &first.timestamp,
+        &tampered,
+        &first.signature
+    ));
+    assert!(!verify(
+        &key,
+        "evt_forged",
+        &first.timestamp,
+        &first.body,
+        &first.signature
+    ));
+    assert!(verify(
+        &key,
+        &first.id,
+        &first.timestamp,
+        &first.body,
+        &first.signature
+    ));
+    // No secret in any body.
+    for delivery in &received {
+        let body = String::from_utf8_lossy(&delivery.body);
+        assert!(!body.contains(CLIENT_SECRET) && !body.contains("refresh"));
+    }
+
+    // Delivery state is durable: an event logged while the receiver is
+    // down and the vault restarts still arrives, and nothing is resent.
+    receiver.set_down(true);
+    let token = provider.issue_refresh_token(CLIENT_ID);
+    acme.deposit(deposit(&provider, "w2", &token))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    vault.stop().await.unwrap();
+    let vault = TestVault::start(&dir).await;
+    receiver.set_down(false);
+    let received = receiver.wait_for(4, Duration::from_secs(10)).await;
+    assert_eq!(
+        delivered_in_order(&received)[3],
+        ("DEPOSITED".to_owned(), "w2".to_owned())
+    );
+    let accepted: Vec<&str> = received
+        .iter()
+        .filter(|d| d.verified)
+        .map(|d| d.id.as_str())
+        .collect();
+    let distinct: HashSet<&str> = accepted.iter().copied().collect();
+    assert_eq!(
+        accepted.len(),
+        distinct.len(),
+        "an accepted event was sent again"
+    );
+    drop(vault);
+}

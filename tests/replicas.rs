@@ -372,7 +372,7 @@ impl ServeProcess {
         .env("CREDVAULT_OPS_LISTEN", format!("127.0.0.1:{ops}"))
         .env("RUST_LOG", "error")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
         .spawn()
         .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1124,4 +1124,101 @@ async fn a_replica_with_other_key_material_refuses_to_start() {
         Ok(_) => panic!("a replica with different key material started"),
     }
     drop(first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_serves_one_event_stream_and_one_delivers_each_webhook() {
+    use support::webhook::{new_secret, WebhookReceiver};
+    const DELIVERED: &str =
+        "credvault_webhook_deliveries_total{webhook=\"ops\",outcome=\"delivered\"}";
+    let (cluster, provider) = cluster_and_provider().await;
+    let (secret, key) = new_secret();
+    let receiver = WebhookReceiver::start("127.0.0.1:0".parse().unwrap(), key).await;
+    let dir = VaultDir::custom(
+        "allow_http_loopback = true",
+        &format!(
+            "[[events.webhooks]]\nname = \"ops\"\nurl = \"{}\"\nsecret_file = \"webhook.secret\"\n\
+             retry_base = \"100ms\"\nretry_max = \"400ms\"\n{}",
+            receiver.url(),
+            cluster.storage_config("/hooks/", "max_staleness = \"1s\"\nclaim_takeover = \"4s\"")
+        ),
+    );
+    std::fs::write(dir.path().join("webhook.secret"), &secret).unwrap();
+    let mut replicas = vec![ServeProcess::start(&dir), ServeProcess::start(&dir)];
+    let mut clients = Vec::new();
+    for replica in &replicas {
+        clients.push(replica.client(&dir).await);
+    }
+    let mut streams = Vec::new();
+    for client in &mut clients {
+        streams.push(
+            client
+                .watch_credential_events(pb::WatchCredentialEventsRequest {
+                    tenant: "*".into(),
+                    after: "0".repeat(32),
+                    types: Vec::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    for i in 0..10 {
+        clients[i % 2]
+            .deposit(deposit(&provider, &format!("s{i}"), None))
+            .await
+            .unwrap();
+    }
+    // The same stream, in the same order, from either replica.
+    let mut cursors = Vec::new();
+    for stream in &mut streams {
+        let mut seen = Vec::new();
+        while seen.len() < 10 {
+            let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("events reach every replica")
+                .unwrap()
+                .unwrap();
+            seen.push(event.cursor);
+        }
+        cursors.push(seen);
+    }
+    assert_eq!(cursors[0], cursors[1]);
+
+    // One replica delivers: each event exactly once while nothing fails.
+    let received = receiver.wait_for(10, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 10, "an event was delivered twice");
+    assert!(received.iter().all(|d| d.verified));
+    let counts = [
+        metric(replicas[0].ops, DELIVERED).await,
+        metric(replicas[1].ops, DELIVERED).await,
+    ];
+    println!("deliveries per replica: {counts:?}");
+    assert!(
+        counts.contains(&0.0) && counts.contains(&10.0),
+        "{counts:?}"
+    );
+
+    // The delivering replica dies; the other takes the sink over after the
+    // bound and delivers what was logged meanwhile.
+    let deliverer = usize::from(counts[1] > 0.0);
+    let survivor = 1 - deliverer;
+    replicas[deliverer].kill();
+    for i in 10..15 {
+        clients[survivor]
+            .deposit(deposit(&provider, &format!("s{i}"), None))
+            .await
+            .unwrap();
+    }
+    let received = receiver.wait_for(15, Duration::from_secs(20)).await;
+    let mut first_seen = Vec::new();
+    for delivery in &received {
+        if !first_seen.contains(&delivery.id) {
+            first_seen.push(delivery.id.clone());
+        }
+    }
+    let mut in_log_order = first_seen.clone();
+    in_log_order.sort();
+    assert_eq!(first_seen, in_log_order, "delivered out of order");
+    assert!(metric(replicas[survivor].ops, DELIVERED).await >= 5.0);
 }

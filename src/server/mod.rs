@@ -97,6 +97,9 @@ pub async fn run(
     served.and(stopped)
 }
 
+/// How long jobs get at shutdown to give their claims back.
+const JOBS_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves `vault` on `grpc` (and the mesh listener, in mesh mode) until
 /// `shutdown` resolves, then drains, stops its tasks and flushes the store.
 pub async fn serve(
@@ -140,6 +143,12 @@ pub async fn serve(
             }
         }
     };
+    // Jobs saw `stopping` and are releasing their claims.
+    vault.stopping.send_replace(true);
+    let jobs_done = async { while vault.jobs.join_next().await.is_some() {} };
+    if tokio::time::timeout(JOBS_GRACE, jobs_done).await.is_err() {
+        vault.jobs.shutdown().await;
+    }
     vault.tasks.shutdown().await;
     // A rewrap's cursor is durable; the next start resumes it.
     vault.rotation.stop();

@@ -54,8 +54,12 @@ pub struct Vault {
     pub(super) sidecar_secret: Option<Arc<SecretString>>,
     /// Every background task; stopped together at shutdown.
     pub(super) tasks: JoinSet<()>,
-    /// Set when shutdown begins: event streams end so clients resume elsewhere.
+    /// Set when shutdown begins: event streams end so clients resume
+    /// elsewhere, and jobs give their claims back.
     pub(super) stopping: tokio::sync::watch::Sender<bool>,
+    /// Jobs that hold a claim (webhook deliveries): at shutdown they are
+    /// let finish, briefly, so their claims are released, not left to time out.
+    pub(super) jobs: JoinSet<()>,
 }
 
 /// What the file phase of a start reads.
@@ -141,6 +145,7 @@ impl Vault {
             metrics,
             tasks: JoinSet::new(),
             stopping: tokio::sync::watch::Sender::new(false),
+            jobs: JoinSet::new(),
         };
         vault.spawn_background();
         vault.spawn_webhooks(loaded.webhooks, &upstream);
@@ -150,11 +155,12 @@ impl Vault {
     /// Starts one delivery task per webhook sink.
     fn spawn_webhooks(&mut self, sinks: Vec<WebhookSink>, upstream: &Upstream) {
         for sink in sinks {
-            self.tasks.spawn(webhooks::run(
+            self.jobs.spawn(webhooks::run(
                 Arc::clone(&self.broker),
                 upstream.clone(),
                 Arc::clone(&self.metrics),
                 sink,
+                self.stopping.subscribe(),
             ));
         }
     }

@@ -80,12 +80,14 @@ impl WebhookSink {
     }
 }
 
-/// Delivers `sink` for as long as the process runs.
+/// Delivers `sink` until `stopping` turns true; then gives its claim back,
+/// so another replica takes over at once rather than after the bound.
 pub async fn run(
     broker: Arc<Broker>,
     upstream: Upstream,
     metrics: Arc<Metrics>,
     sink: WebhookSink,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
     let delivery = Delivery {
         broker,
@@ -96,7 +98,11 @@ pub async fn run(
     let seen = ClaimSeen::default();
     let job = delivery.sink.job();
     loop {
-        let claim = match JobClaim::acquire(&delivery.broker, &job, &seen).await {
+        let acquired = tokio::select! {
+            acquired = JobClaim::acquire(&delivery.broker, &job, &seen) => acquired,
+            () = stopped(&mut stopping) => return,
+        };
+        let claim = match acquired {
             Ok(claim) => claim,
             Err(BrokerError::JobRunningElsewhere) => {
                 tokio::time::sleep(IDLE_RETRY).await;
@@ -108,13 +114,26 @@ pub async fn run(
                 continue;
             }
         };
-        let result = delivery.while_claimed(&claim).await;
+        // Cut short at shutdown: the bookmark has not moved past an event
+        // whose delivery was interrupted, so it goes again (at least once).
+        let result = tokio::select! {
+            result = delivery.while_claimed(&claim) => result,
+            () = stopped(&mut stopping) => {
+                claim.release(&delivery.broker).await;
+                return;
+            }
+        };
         claim.release(&delivery.broker).await;
         if let Err(error) = result {
             tracing::warn!(webhook = %delivery.sink.name, %error, "webhook delivery paused");
             tokio::time::sleep(IDLE_RETRY).await;
         }
     }
+}
+
+/// Resolves once shutdown began (or the vault is gone).
+async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
 }
 
 struct Delivery {

@@ -6,3 +6,4 @@ pub mod dev;
 pub mod etcd;
 pub mod provider;
 pub mod vault;
+pub mod webhook;

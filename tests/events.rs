@@ -699,3 +699,65 @@ async fn a_webhook_receiver_that_was_down_gets_every_event_signed_and_in_order()
     );
     drop(vault);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_receiver_in_examples_verifies_and_takes_the_vaults_webhooks() {
+    use std::io::{BufRead, BufReader};
+    use support::webhook::new_secret;
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
+    let port = support::dev::free_port();
+    let (secret, _) = new_secret();
+    let mut python = support::dev::without_proxy(&mut std::process::Command::new("python3"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/webhook_receiver.py"
+        ))
+        .arg(port.to_string())
+        .env("WEBHOOK_SECRET", &secret)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs (the README's test command installs the test requirements)");
+    let lines = BufReader::new(python.stdout.take().unwrap()).lines();
+    let dir = webhook_vault(&format!("http://127.0.0.1:{port}/hooks"), &secret);
+    let vault = TestVault::start(&dir).await;
+    let mut acme = vault.client(&dir, "acme").await;
+    let token = provider.issue_refresh_token(CLIENT_ID);
+    acme.deposit(deposit(&provider, "py0", &token))
+        .await
+        .unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        let mut lines = lines;
+        lines.next().map(|line| line.unwrap())
+    });
+    let printed = tokio::time::timeout(Duration::from_secs(15), first)
+        .await
+        .expect("the receiver printed the event")
+        .unwrap();
+    assert_eq!(
+        printed.as_deref(),
+        Some("DEPOSITED acme/py0@idp generation=1 cause=''")
+    );
+    // A forged delivery is refused.
+    let forged = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("http://127.0.0.1:{port}/hooks"))
+        .header("webhook-id", "evt_forged")
+        .header(
+            "webhook-timestamp",
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                .to_string(),
+        )
+        .header("webhook-signature", "v1,bm90IGEgc2lnbmF0dXJl")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 401);
+    let _ = python.kill();
+    let _ = python.wait();
+}

@@ -1,5 +1,8 @@
 //! Scenario 4: durable Deposit through gRPC against a raw sled
-//! `insert` + `flush_async` loop on the same filesystem, interleaved.
+//! `insert` + `flush_async` loop on the same filesystem, interleaved; and
+//! against the same vault with the event log off (`[events] enabled =
+//! false`), which prices writing each Deposit's DEPOSITED event in the same
+//! atomic write.
 //!
 //! sled 0.34.7's `flush_async` deadlocks once about eight calls overlap
 //! (spacejam/sled#1308) and sled's process-wide flush path stays wedged
@@ -29,6 +32,8 @@ use crate::{
 pub struct DepositRow {
     pub concurrency: usize,
     pub vault: Sample,
+    /// The same vault with the event log off.
+    pub vault_no_events: Sample,
     pub raw_async: Sample,
     pub raw_blocking: Sample,
     pub value_bytes: usize,
@@ -42,6 +47,11 @@ impl DepositRow {
         self.vault.rps() / self.raw_async.rps()
     }
 
+    /// The price of the event: Deposit with events vs without.
+    pub fn events_ratio(&self) -> f64 {
+        self.vault.rps() / self.vault_no_events.rps()
+    }
+
     /// Vault vs raw `insert` + blocking `flush`.
     pub fn blocking_ratio(&self) -> f64 {
         self.vault.rps() / self.raw_blocking.rps()
@@ -51,16 +61,23 @@ impl DepositRow {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
     Vault,
+    VaultNoEvents,
     RawAsync,
     RawBlocking,
 }
 
 impl Side {
-    const ALL: [Side; 3] = [Side::Vault, Side::RawAsync, Side::RawBlocking];
+    const ALL: [Side; 4] = [
+        Side::Vault,
+        Side::VaultNoEvents,
+        Side::RawAsync,
+        Side::RawBlocking,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Side::Vault => "vault",
+            Side::VaultNoEvents => "vault-no-events",
             Side::RawAsync => "raw-async",
             Side::RawBlocking => "raw-blocking",
         }
@@ -111,7 +128,7 @@ impl Raw {
 pub async fn run(params: &Params) -> Vec<DepositRow> {
     let mut rows = Vec::new();
     for &concurrency in &params.deposit_concurrency {
-        let mut runs: [Vec<DepositChild>; 3] = Default::default();
+        let mut runs: [Vec<DepositChild>; 4] = Default::default();
         for round in 0..params.deposit_rounds {
             for k in 0..Side::ALL.len() {
                 let at = (k + round) % Side::ALL.len();
@@ -136,18 +153,22 @@ pub async fn run(params: &Params) -> Vec<DepositRow> {
                 runs[at].push(child);
             }
         }
-        let [vault, raw_async, raw_blocking] = runs;
+        let [vault, vault_no_events, raw_async, raw_blocking] = runs;
         let value_bytes = raw_blocking
             .iter()
             .map(|c| c.value_bytes)
             .max()
             .unwrap_or(0);
-        let vault_alive_after = vault.iter().all(|c| c.alive_after == Some(true));
+        let vault_alive_after = vault
+            .iter()
+            .chain(&vault_no_events)
+            .all(|c| c.alive_after == Some(true));
         let merge =
             |children: Vec<DepositChild>| Sample::merge(children.into_iter().map(|c| c.sample));
         let row = DepositRow {
             concurrency,
             vault: merge(vault),
+            vault_no_events: merge(vault_no_events),
             raw_async: merge(raw_async),
             raw_blocking: merge(raw_blocking),
             value_bytes,
@@ -156,9 +177,10 @@ pub async fn run(params: &Params) -> Vec<DepositRow> {
         row.raw_blocking
             .expect_clean("raw sled insert + blocking flush");
         eprintln!(
-            "  c={concurrency:>3}: Deposit {:>6.0}/s {}| raw flush_async {:>6.0}/s {}| raw flush {:>6.0}/s",
+            "  c={concurrency:>3}: Deposit {:>6.0}/s {}| without events {:>6.0}/s | raw flush_async {:>6.0}/s {}| raw flush {:>6.0}/s",
             row.vault.rps(),
             row.vault.failure_note(),
+            row.vault_no_events.rps(),
             row.raw_async.rps(),
             row.raw_async.failure_note(),
             row.raw_blocking.rps()
@@ -174,8 +196,14 @@ pub async fn child(params: &Params, side: Side, concurrency: usize, round: usize
     let token_url = "http://127.0.0.1:9/token";
     let template = deposit_request(token_url, "x", "deposit-refresh-token", far_future());
     match side {
-        Side::Vault => {
-            let vault = Fresh::start(VaultDir::new()).await;
+        Side::Vault | Side::VaultNoEvents => {
+            let dir = match side {
+                Side::VaultNoEvents => {
+                    VaultDir::custom("allow_http_loopback = true", "[events]\nenabled = false\n")
+                }
+                _ => VaultDir::new(),
+            };
+            let vault = Fresh::start(dir).await;
             let value_bytes = sealed_record_len(&vault.dir.keyring(), token_url);
             let connections = crate::hits::connections_for(concurrency);
             let clients = Arc::new(vault_clients(&vault.dir, vault.addr, connections).await);

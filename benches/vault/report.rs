@@ -574,8 +574,12 @@ fn deposit_section(w: &mut String, params: &Params, r: &Results) {
          baseline; it deadlocks once about eight calls overlap, spacejam/sled#1308) \
          or `Db::flush` on tokio's blocking pool after every insert (no coalescing; \
          the vault's store group-commits one such flush for all writes waiting on \
-         it). A call unanswered after 5 s counts as stalled; a side whose process \
-         wedged is not run again at that concurrency.\n",
+         it). Event log off: the same vault with `[events] enabled = false`, so \
+         the ratio with / without prices the DEPOSITED event each Deposit writes \
+         in the same atomic write (a sled transaction over the records and \
+         events trees instead of one compare-and-swap). A call unanswered after \
+         5 s counts as stalled; a side whose process wedged is not run again at \
+         that concurrency.\n",
         params.deposit_rounds,
         params.deposit_measure.as_secs_f64(),
         r.deposit.first().map_or(0, |d| d.value_bytes)
@@ -585,6 +589,7 @@ fn deposit_section(w: &mut String, params: &Params, r: &Results) {
     for row in &r.deposit {
         for (side, sample) in [
             ("vault Deposit", &row.vault),
+            ("vault Deposit, event log off", &row.vault_no_events),
             ("raw sled insert + `flush_async`", &row.raw_async),
             ("raw sled insert + blocking `flush`", &row.raw_blocking),
         ] {
@@ -601,8 +606,9 @@ fn deposit_section(w: &mut String, params: &Params, r: &Results) {
         }
         let _ = writeln!(
             w,
-            "| {} | **ratios** | vault / raw async {}; vault / raw blocking {:.2}x; vault still writes afterwards: {} | | |",
+            "| {} | **ratios** | with events / without {:.2}x; vault / raw async {}; vault / raw blocking {:.2}x; vault still writes afterwards: {} | | |",
             row.concurrency,
+            row.events_ratio(),
             if row.raw_async.errors > 0 {
                 "n/a (baseline stalled)".to_owned()
             } else {

@@ -338,6 +338,15 @@ fn targets(w: &mut String, params: &Params, r: &Results) {
                 verdict(ok)
             );
         }
+        let _ = writeln!(
+            w,
+            "| 4 | the event's cost: Deposit with the event log / without at c={} (issue 15; no numeric target) | {:.2}x ({:.0} vs {:.0}/s){} | reported |",
+            row.concurrency,
+            row.events_ratio(),
+            row.vault.rps(),
+            row.vault_no_events.rps(),
+            stalled_note(&row.vault_no_events),
+        );
         if row.raw_async.errors == 0 {
             let _ = writeln!(
                 w,

@@ -340,8 +340,16 @@ fn describe_line(c: &pb::CredentialMetadata) -> String {
         .access_token_expires_at
         .map(|t| t.to_string())
         .unwrap_or_else(|| "-".to_owned());
+    let mut extra = String::new();
+    if !c.last_event.is_empty() {
+        let at = c.last_event_at.map(|t| t.to_string()).unwrap_or_default();
+        extra.push_str(&format!("  last_event={}@{at}", c.last_event));
+    }
+    if let Some(since) = c.failing_since {
+        extra.push_str(&format!("  failing_since={since}"));
+    }
     format!(
-        "{}/{}/{}  state={}{}  generation={}  key_version={}  expires={}  endpoint={}",
+        "{}/{}/{}  state={}{}  generation={}  key_version={}  expires={}  endpoint={}{extra}",
         reference.tenant,
         reference.subject,
         reference.provider,

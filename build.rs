@@ -16,6 +16,12 @@ const SECRET_BEARING: &[&str] = &[
     ".credvault.v1.RefreshTokenGrant",
     ".credvault.v1.AuthorizationCodeGrant",
     ".credvault.v1.GetAccessTokenResponse",
+    // `state` is a bearer handle: whoever holds it completes the consent.
+    ".credvault.v1.BeginAuthorizationResponse",
+    ".credvault.v1.CompleteAuthorizationRequest",
+    ".credvault.v1.BeginDeviceAuthorizationResponse",
+    ".credvault.v1.GetAuthorizationRequest",
+    ".credvault.v1.Authorization",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -56,6 +56,9 @@ pub struct Config {
     /// Credential events: retention, the failing threshold, webhooks.
     #[serde(default)]
     pub events: EventsConfig,
+    /// The consent flows the vault runs.
+    #[serde(default)]
+    pub authorizations: AuthorizationsConfig,
     #[serde(default)]
     pub upstream: UpstreamConfig,
     #[serde(default)]
@@ -75,6 +78,19 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ProviderPreset {
     pub token_endpoint: String,
+    /// For BeginAuthorization.
+    #[serde(default)]
+    pub authorization_endpoint: Option<String>,
+    /// For BeginDeviceAuthorization (RFC 8628).
+    #[serde(default)]
+    pub device_authorization_endpoint: Option<String>,
+    /// The issuer a redirect's `iss` must match (RFC 9207).
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Where a BeginAuthorization without a `redirect_uri` sends the user
+    /// back.
+    #[serde(default)]
+    pub redirect_uri: Option<String>,
     #[serde(default)]
     pub revocation_endpoint: Option<String>,
     /// `client_secret_basic` (default), `client_secret_post` or `none`.
@@ -351,6 +367,25 @@ impl Default for EventsConfig {
     }
 }
 
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthorizationsConfig {
+    /// How long a begun authorization may be completed.
+    #[serde(with = "humantime_serde")]
+    pub lifetime: Duration,
+    /// Pending authorizations one tenant may have begun on a replica.
+    pub max_pending_per_tenant: usize,
+}
+
+impl Default for AuthorizationsConfig {
+    fn default() -> Self {
+        Self {
+            lifetime: Duration::from_secs(600),
+            max_pending_per_tenant: 1000,
+        }
+    }
+}
+
 /// One webhook sink: events POSTed to `url`, signed per Standard Webhooks.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -503,6 +538,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "auth",
     "tokens",
     "events",
+    "authorizations",
     "upstream",
     "server",
     "log",

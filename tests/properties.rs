@@ -449,6 +449,7 @@ fn call_strategy(token_url: String) -> impl Strategy<Value = Call> {
                         auth_method: auth_method % 5,
                         revocation_endpoint,
                         scopes,
+                        ..Default::default()
                     }
                 },
             ),

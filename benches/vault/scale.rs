@@ -97,6 +97,7 @@ pub fn bench_record(
             auth: ClientAuth::SecretBasic,
             revocation_endpoint: None,
             scopes: Vec::new(),
+            flows: Default::default(),
         },
         preset: None,
         refresh_token: Some(SecretString::from(refresh_token)),

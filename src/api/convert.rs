@@ -14,11 +14,15 @@ use super::{
 };
 use crate::{
     auth::{Action, Caller, Principal},
-    broker::model::{
-        AccessToken, ClientAuth, ClientConfig, CredentialId, DepositCommand, Grant, TokenRequest,
+    broker::{
+        consent::{BeginCommand, Redirect},
+        model::{
+            AccessToken, ClientAuth, ClientConfig, CredentialId, DepositCommand, Grant,
+            TokenRequest,
+        },
     },
     secret::SecretString,
-    upstream::{parse_http_url, ClientSpec},
+    upstream::{parse_http_url, ClientSpec, RESERVED_PARAMS},
 };
 
 const MAX_TENANT: usize = 128;
@@ -211,6 +215,10 @@ fn client(c: pb::OAuthClient, v: &mut Violations) -> Option<ClientConfig> {
         client_secret: SecretString::from(c.client_secret),
         auth,
         scopes: c.scopes,
+        authorization_endpoint: c.authorization_endpoint,
+        device_authorization_endpoint: c.device_authorization_endpoint,
+        issuer: c.issuer,
+        redirect_uri: String::new(),
     };
     match spec.validate() {
         Ok(client) => Some(client),
@@ -340,6 +348,7 @@ fn code_grant(g: pb::AuthorizationCodeGrant, v: &mut Violations) -> Option<Grant
         code: code?,
         redirect_uri: redirect_uri?,
         code_verifier: (!verifier.is_empty()).then_some(verifier),
+        resources: Vec::new(),
     })
 }
 
@@ -373,4 +382,183 @@ fn labels(
         labels.insert(key, value);
     }
     labels
+}
+
+const MAX_STATE: usize = 128;
+const MAX_RESOURCES: usize = 16;
+const MAX_EXTRA_PARAMS: usize = 16;
+const MAX_EXTRA_VALUE: usize = 1024;
+const MAX_FLOW_SCOPES: usize = 64;
+
+/// Validates a BeginAuthorization and scopes it to the caller.
+pub fn begin_authorization(
+    request: pb::BeginAuthorizationRequest,
+    principal: &Principal,
+) -> Result<(Caller, BeginCommand), ApiError> {
+    let mut v = Violations::default();
+    let reference = request.credential.unwrap_or_default();
+    check_reference(&reference, &mut v);
+    let client = request.client.map(|c| client(c, &mut v));
+    let redirect_uri = url_field("redirect_uri", &request.redirect_uri, false, &mut v);
+    flow_scopes(&request.scopes, &mut v);
+    resources(&request.resources, &mut v);
+    extra_params(&request.extra_params, &mut v);
+    let labels = labels(request.labels, &mut v);
+    v.finish()?;
+    let caller = principal.authorize(&reference.tenant, Action::Authorize)?;
+    let id = credential_id(&caller, reference);
+    Ok((
+        caller,
+        BeginCommand {
+            id,
+            client: client.flatten(),
+            redirect_uri,
+            scopes: request.scopes,
+            resources: request.resources,
+            extra_params: request.extra_params.into_iter().collect(),
+            labels,
+        },
+    ))
+}
+
+/// A validated BeginDeviceAuthorization.
+pub struct DeviceCommand {
+    pub id: CredentialId,
+    pub client: Option<ClientConfig>,
+    pub scopes: Vec<String>,
+    pub resources: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Validates a BeginDeviceAuthorization and scopes it to the caller.
+pub fn begin_device_authorization(
+    request: pb::BeginDeviceAuthorizationRequest,
+    principal: &Principal,
+) -> Result<(Caller, DeviceCommand), ApiError> {
+    let mut v = Violations::default();
+    let reference = request.credential.unwrap_or_default();
+    check_reference(&reference, &mut v);
+    let client = request.client.map(|c| client(c, &mut v));
+    flow_scopes(&request.scopes, &mut v);
+    resources(&request.resources, &mut v);
+    let labels = labels(request.labels, &mut v);
+    v.finish()?;
+    let caller = principal.authorize(&reference.tenant, Action::Authorize)?;
+    let id = credential_id(&caller, reference);
+    Ok((
+        caller,
+        DeviceCommand {
+            id,
+            client: client.flatten(),
+            scopes: request.scopes,
+            resources: request.resources,
+            labels,
+        },
+    ))
+}
+
+/// Validates a CompleteAuthorization: the state, and a code or an error.
+pub fn complete_authorization(
+    request: pb::CompleteAuthorizationRequest,
+) -> Result<(SecretString, Redirect), ApiError> {
+    let mut v = Violations::default();
+    let state = state_field(request.state, &mut v);
+    let redirect = if request.error.is_empty() {
+        let code = secret_field("code", request.code, MAX_CODE, true, &mut v);
+        if request.iss.len() > 2048 || request.iss.chars().any(char::is_control) {
+            v.add("iss", "at most 2048 bytes, no control characters");
+        }
+        code.map(|code| Redirect::Code {
+            code,
+            iss: (!request.iss.is_empty()).then_some(request.iss),
+        })
+    } else {
+        if request.error.len() > 128 || request.error.chars().any(char::is_control) {
+            v.add("error", "at most 128 bytes, no control characters");
+        }
+        Some(Redirect::Error {
+            error: request.error,
+        })
+    };
+    v.finish()?;
+    match (state, redirect) {
+        (Some(state), Some(redirect)) => Ok((state, redirect)),
+        _ => Err(ApiError::InvalidFields(vec![])),
+    }
+}
+
+/// Validates a GetAuthorization.
+pub fn get_authorization(request: pb::GetAuthorizationRequest) -> Result<SecretString, ApiError> {
+    let mut v = Violations::default();
+    let state = state_field(request.state, &mut v);
+    v.finish()?;
+    state.ok_or_else(|| ApiError::InvalidFields(vec![]))
+}
+
+fn state_field(raw: String, v: &mut Violations) -> Option<SecretString> {
+    secret_field("state", raw, MAX_STATE, true, v)
+}
+
+fn flow_scopes(scopes: &[String], v: &mut Violations) {
+    if scopes.len() > MAX_FLOW_SCOPES {
+        v.add("scopes", format!("at most {MAX_FLOW_SCOPES} scopes"));
+    }
+    for (i, scope) in scopes.iter().enumerate() {
+        // RFC 6749 §3.3 scope-token.
+        let ok = !scope.is_empty()
+            && scope.len() <= 256
+            && scope
+                .bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
+        if !ok {
+            v.add(format!("scopes[{i}]"), "must be an RFC 6749 scope token");
+        }
+    }
+}
+
+/// RFC 8707 §2: absolute URIs without a fragment.
+fn resources(resources: &[String], v: &mut Violations) {
+    if resources.len() > MAX_RESOURCES {
+        v.add("resources", format!("at most {MAX_RESOURCES} resources"));
+    }
+    for (i, resource) in resources.iter().enumerate() {
+        let ok = resource.len() <= 2048
+            && Url::parse(resource).is_ok_and(|url| url.fragment().is_none());
+        if !ok {
+            v.add(
+                format!("resources[{i}]"),
+                "must be an absolute URI without a fragment (RFC 8707)",
+            );
+        }
+    }
+}
+
+/// A caller's extra authorization parameters: never one the vault sets.
+fn extra_params(params: &std::collections::HashMap<String, String>, v: &mut Violations) {
+    if params.len() > MAX_EXTRA_PARAMS {
+        v.add(
+            "extra_params",
+            format!("at most {MAX_EXTRA_PARAMS} parameters"),
+        );
+    }
+    for (name, value) in params {
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !name_ok {
+            v.add("extra_params", "names are 1-64 of [A-Za-z0-9_.-]");
+        } else if RESERVED_PARAMS.contains(&name.to_ascii_lowercase().as_str()) {
+            v.add(
+                format!("extra_params[{name}]"),
+                "set by the vault; it may not be overridden",
+            );
+        } else if value.len() > MAX_EXTRA_VALUE || value.chars().any(char::is_control) {
+            v.add(
+                format!("extra_params[{name}]"),
+                format!("at most {MAX_EXTRA_VALUE} bytes, no control characters"),
+            );
+        }
+    }
 }

@@ -36,6 +36,12 @@ impl fmt::Debug for OAuthClient {
             .field("auth_method", &self.auth_method)
             .field("revocation_endpoint", &self.revocation_endpoint)
             .field("scopes", &self.scopes)
+            .field("authorization_endpoint", &self.authorization_endpoint)
+            .field(
+                "device_authorization_endpoint",
+                &self.device_authorization_endpoint,
+            )
+            .field("issuer", &self.issuer)
             .finish()
     }
 }
@@ -67,6 +73,61 @@ impl fmt::Debug for GetAccessTokenResponse {
             .field("token_type", &self.token_type)
             .field("expires_at", &self.expires_at)
             .field("scopes", &self.scopes)
+            .finish()
+    }
+}
+
+impl fmt::Debug for BeginAuthorizationResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL carries the state too.
+        f.debug_struct("BeginAuthorizationResponse")
+            .field("authorization_url", &secret(&self.authorization_url))
+            .field("state", &secret(&self.state))
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+impl fmt::Debug for CompleteAuthorizationRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CompleteAuthorizationRequest")
+            .field("state", &secret(&self.state))
+            .field("code", &secret(&self.code))
+            .field("error", &self.error)
+            .field("iss", &self.iss)
+            .finish()
+    }
+}
+
+impl fmt::Debug for BeginDeviceAuthorizationResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BeginDeviceAuthorizationResponse")
+            .field("state", &secret(&self.state))
+            .field("user_code", &self.user_code)
+            .field("verification_uri", &self.verification_uri)
+            .field("verification_uri_complete", &self.verification_uri_complete)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+impl fmt::Debug for GetAuthorizationRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GetAuthorizationRequest")
+            .field("state", &secret(&self.state))
+            .finish()
+    }
+}
+
+impl fmt::Debug for Authorization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authorization")
+            .field("state", &secret(&self.state))
+            .field("status", &self.status)
+            .field("credential", &self.credential)
+            .field("generation", &self.generation)
+            .field("error", &self.error)
+            .field("expires_at", &self.expires_at)
             .finish()
     }
 }

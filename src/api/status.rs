@@ -31,6 +31,8 @@ pub mod reason {
     pub const RECORD_UNREADABLE: &str = "RECORD_UNREADABLE";
     pub const INTERNAL: &str = "INTERNAL";
     pub const CURSOR_EXPIRED: &str = "CURSOR_EXPIRED";
+    pub const AUTHORIZATION_NOT_FOUND: &str = "AUTHORIZATION_NOT_FOUND";
+    pub const AUTHORIZATION_DENIED: &str = "AUTHORIZATION_DENIED";
     /// A watcher read too slowly and its stream was ended; it resumes
     /// after the last cursor it received.
     pub const CONSUMER_TOO_SLOW: &str = "CONSUMER_TOO_SLOW";
@@ -274,6 +276,18 @@ fn broker_wire(error: &BrokerError) -> Wire {
         BrokerError::InvalidCursor => Wire::new(Code::InvalidArgument, INVALID_FIELD, message)
             .violation("after", "not a cursor this vault handed out"),
         BrokerError::CursorExpired => Wire::new(Code::OutOfRange, CURSOR_EXPIRED, message),
+        BrokerError::FieldRequired(field) => {
+            Wire::new(Code::InvalidArgument, INVALID_FIELD, message).violation(*field, "required")
+        }
+        BrokerError::AuthorizationNotFound => {
+            Wire::new(Code::NotFound, AUTHORIZATION_NOT_FOUND, message)
+        }
+        BrokerError::AuthorizationDenied { oauth_error } => {
+            Wire::new(Code::FailedPrecondition, AUTHORIZATION_DENIED, message)
+                .meta("oauth_error", oauth_error.clone())
+        }
+        BrokerError::IssuerMismatch => Wire::new(Code::InvalidArgument, INVALID_FIELD, message)
+            .violation("iss", "does not match the client's issuer (RFC 9207)"),
         BrokerError::Overloaded(_) => Wire::new(Code::ResourceExhausted, OVERLOADED, message),
         BrokerError::QuotaExceeded { quota } => {
             Wire::new(Code::ResourceExhausted, QUOTA_EXCEEDED, message)

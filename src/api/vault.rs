@@ -12,9 +12,13 @@ use super::{
     events::{self, EventStream, Watch, Watching},
     pb::{self, credential_vault_server::CredentialVault},
 };
-use crate::broker::{
-    model::{self, UpstreamRevocation},
-    Broker,
+use crate::{
+    auth::{Action, Principal},
+    broker::{
+        consent::{AuthorizationView, FlowStatus},
+        model::{self, CredentialId, UpstreamRevocation},
+        Broker,
+    },
 };
 
 /// The CredentialVault service.
@@ -109,6 +113,109 @@ impl CredentialVault for VaultService {
         self.calls.handle("Revoke", request, admit, run).await
     }
 
+    async fn begin_authorization(
+        &self,
+        request: Request<pb::BeginAuthorizationRequest>,
+    ) -> Result<Response<pb::BeginAuthorizationResponse>, Status> {
+        let admit = |principal, request: pb::BeginAuthorizationRequest, entry: &mut AuditEntry| {
+            entry.requested(request.credential.as_ref());
+            let (caller, command) = convert::begin_authorization(request, &principal)?;
+            entry.authorized(&caller);
+            Ok(command)
+        };
+        let run = |command| async {
+            let begun = self.broker.begin_authorization(command).await?;
+            Ok(pb::BeginAuthorizationResponse {
+                // The other place a secret leaves the vault: the state, to
+                // the caller that began the flow.
+                authorization_url: begun.authorization_url.expose().to_owned(),
+                state: begun.state.expose().to_owned(),
+                expires_at: timestamp(begun.expires_at),
+            })
+        };
+        self.calls
+            .handle("BeginAuthorization", request, admit, run)
+            .await
+    }
+
+    async fn complete_authorization(
+        &self,
+        request: Request<pb::CompleteAuthorizationRequest>,
+    ) -> Result<Response<pb::CompleteAuthorizationResponse>, Status> {
+        let admit = |principal: Principal, request, _entry: &mut AuditEntry| {
+            let (state, redirect) = convert::complete_authorization(request)?;
+            Ok((principal, state, redirect))
+        };
+        let run = |(principal, state, redirect): (Principal, _, _)| async move {
+            let completed = self
+                .broker
+                .complete_authorization(&state, redirect, &may_authorize(&principal))
+                .await?;
+            Ok(pb::CompleteAuthorizationResponse {
+                credential: Some(reference(completed.id)),
+                generation: completed.generation,
+                key_version: completed.key_version,
+            })
+        };
+        self.calls
+            .handle("CompleteAuthorization", request, admit, run)
+            .await
+    }
+
+    async fn begin_device_authorization(
+        &self,
+        request: Request<pb::BeginDeviceAuthorizationRequest>,
+    ) -> Result<Response<pb::BeginDeviceAuthorizationResponse>, Status> {
+        let admit =
+            |principal, request: pb::BeginDeviceAuthorizationRequest, entry: &mut AuditEntry| {
+                entry.requested(request.credential.as_ref());
+                let (caller, command) = convert::begin_device_authorization(request, &principal)?;
+                entry.authorized(&caller);
+                Ok(command)
+            };
+        let run = |command: convert::DeviceCommand| async {
+            let begun = self
+                .broker
+                .begin_device_authorization(
+                    command.id,
+                    command.client,
+                    command.scopes,
+                    command.resources,
+                    command.labels,
+                )
+                .await?;
+            Ok(pb::BeginDeviceAuthorizationResponse {
+                state: begun.state.expose().to_owned(),
+                user_code: begun.user_code,
+                verification_uri: begun.verification_uri,
+                verification_uri_complete: begun.verification_uri_complete,
+                expires_at: timestamp(begun.expires_at),
+            })
+        };
+        self.calls
+            .handle("BeginDeviceAuthorization", request, admit, run)
+            .await
+    }
+
+    async fn get_authorization(
+        &self,
+        request: Request<pb::GetAuthorizationRequest>,
+    ) -> Result<Response<pb::Authorization>, Status> {
+        let admit = |principal: Principal, request, _entry: &mut AuditEntry| {
+            Ok((principal, convert::get_authorization(request)?))
+        };
+        let run = |(principal, state): (Principal, crate::secret::SecretString)| async move {
+            let view = self
+                .broker
+                .authorization(&state, &may_authorize(&principal))
+                .await?;
+            Ok(authorization(state.expose().to_owned(), view))
+        };
+        self.calls
+            .handle("GetAuthorization", request, admit, run)
+            .await
+    }
+
     type WatchCredentialEventsStream = EventStream;
 
     async fn watch_credential_events(
@@ -130,6 +237,40 @@ impl CredentialVault for VaultService {
         self.calls
             .handle("WatchCredentialEvents", request, admit, run)
             .await
+    }
+}
+
+/// Whether `principal` may run consent flows for `tenant`.
+fn may_authorize(principal: &Principal) -> impl Fn(&str) -> bool + Sync + '_ {
+    move |tenant| principal.authorize(tenant, Action::Authorize).is_ok()
+}
+
+fn reference(id: CredentialId) -> pb::CredentialRef {
+    pb::CredentialRef {
+        tenant: id.tenant,
+        subject: id.subject,
+        provider: id.provider,
+    }
+}
+
+fn timestamp(at: std::time::SystemTime) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp::from(at))
+}
+
+fn authorization(state: String, view: AuthorizationView) -> pb::Authorization {
+    pb::Authorization {
+        state,
+        status: match view.status {
+            FlowStatus::Pending => pb::AuthorizationStatus::Pending,
+            FlowStatus::Completed => pb::AuthorizationStatus::Completed,
+            FlowStatus::Denied => pb::AuthorizationStatus::Denied,
+            FlowStatus::Expired => pb::AuthorizationStatus::Expired,
+            FlowStatus::Failed => pb::AuthorizationStatus::Failed,
+        } as i32,
+        credential: Some(reference(view.id)),
+        generation: view.generation,
+        error: view.error,
+        expires_at: timestamp(view.expires_at),
     }
 }
 

@@ -33,6 +33,8 @@ pub enum Action {
     Admin,
     /// WatchCredentialEvents.
     Watch,
+    /// The four authorization RPCs (the consent flows).
+    Authorize,
 }
 
 impl Action {
@@ -43,6 +45,7 @@ impl Action {
             Self::Revoke => "revoke",
             Self::Admin => "admin",
             Self::Watch => "watch",
+            Self::Authorize => "authorize",
         }
     }
 }

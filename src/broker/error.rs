@@ -58,6 +58,18 @@ pub enum BrokerError {
     /// The events after this cursor were trimmed: the reader missed some.
     #[error("the event cursor is older than the retained history")]
     CursorExpired,
+    /// A request needs this field (no preset or client supplies it).
+    #[error("`{0}` is required")]
+    FieldRequired(&'static str),
+    /// The `state` is unknown, used, expired, or not the caller's.
+    #[error("no pending authorization for this state")]
+    AuthorizationNotFound,
+    /// The user or the provider declined.
+    #[error("the authorization was declined: {oauth_error}")]
+    AuthorizationDenied { oauth_error: String },
+    /// The redirect's `iss` names another authorization server (RFC 9207).
+    #[error("the redirect's issuer does not match the client's")]
+    IssuerMismatch,
     #[error("internal error: {0}")]
     Internal(&'static str),
 }

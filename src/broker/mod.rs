@@ -20,6 +20,7 @@
 
 pub mod ahead;
 mod cache;
+pub mod consent;
 pub mod error;
 pub mod events;
 pub mod fingerprints;
@@ -78,6 +79,8 @@ pub struct BrokerSettings {
     pub limits: LimitSettings,
     /// The event log: on or off, retention, the failing threshold.
     pub events: events::EventSettings,
+    /// The consent flows: lifetime, bounds.
+    pub consent: consent::ConsentSettings,
 }
 
 impl Default for BrokerSettings {
@@ -88,6 +91,7 @@ impl Default for BrokerSettings {
             presets: HashMap::new(),
             limits: LimitSettings::default(),
             events: events::EventSettings::default(),
+            consent: consent::ConsentSettings::default(),
         }
     }
 }
@@ -140,6 +144,7 @@ pub struct Broker {
     lock_hasher: RandomState,
     limits: Limits,
     metrics: Arc<Metrics>,
+    consent_counts: consent::PendingCounts,
 }
 
 impl Broker {
@@ -162,6 +167,7 @@ impl Broker {
             flights: SingleFlight::default(),
             write_locks: (0..WRITE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             lock_hasher: RandomState::new(),
+            consent_counts: consent::PendingCounts::default(),
         });
         // Other replicas write too: their changes drop stale cache entries.
         if let Some(changes) = changes {
@@ -284,9 +290,16 @@ impl Broker {
                 code,
                 redirect_uri,
                 code_verifier,
+                resources,
             } => (
                 self.upstream
-                    .exchange_code(client, &code, &redirect_uri, code_verifier.as_ref())
+                    .exchange_code(
+                        client,
+                        &code,
+                        &redirect_uri,
+                        code_verifier.as_ref(),
+                        &resources,
+                    )
                     .await,
                 false,
             ),

@@ -49,6 +49,8 @@ pub enum Grant {
         code: SecretString,
         redirect_uri: Url,
         code_verifier: Option<SecretString>,
+        /// RFC 8707 resources the authorization asked for.
+        resources: Vec<String>,
     },
     ClientCredentials,
 }

@@ -199,6 +199,7 @@ pub fn decode(bytes: &[u8]) -> Result<CredentialRecord, RecordDecodeError> {
             .transpose()
             .map_err(|_| RecordDecodeError::Field("client.revocation_endpoint"))?,
         scopes: std::mem::take(&mut client.scopes),
+        flows: Default::default(),
     };
     let access_token = payload.access_token.take().map(|mut t| AccessToken {
         token: SecretString::from(std::mem::take(&mut t.token)),
@@ -274,6 +275,7 @@ mod tests {
                 auth: ClientAuth::SecretPost,
                 revocation_endpoint: None,
                 scopes: vec!["read".into()],
+                flows: Default::default(),
             },
             refresh_token: Some("rt-1".into()),
             access_token: Some(AccessToken {

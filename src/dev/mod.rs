@@ -141,12 +141,12 @@ fn dev_policy() -> String {
 [[rule]]
 identity = "spiffe://{TRUST_DOMAIN}/admin"
 tenants = ["*"]
-actions = ["deposit", "get", "revoke", "admin", "watch"]
+actions = ["deposit", "get", "revoke", "admin", "watch", "authorize"]
 
 [[rule]]
 identity = "spiffe://{TRUST_DOMAIN}/acme"
 tenants = ["acme"]
-actions = ["deposit", "get", "revoke", "watch"]
+actions = ["deposit", "get", "revoke", "watch", "authorize"]
 "#
     )
 }

@@ -20,6 +20,7 @@ use crate::{
     },
     broker::{
         ahead,
+        consent::{self, ConsentSettings},
         events::{EventSettings, EventType},
         fingerprints,
         limits::LimitSettings,
@@ -118,6 +119,10 @@ impl Vault {
                     enabled: config.events.enabled,
                     retention: config.events.retention,
                     failing_after: config.events.failing_after,
+                },
+                consent: ConsentSettings {
+                    lifetime: config.authorizations.lifetime,
+                    max_pending_per_tenant: config.authorizations.max_pending_per_tenant,
                 },
             },
             Arc::clone(&metrics),
@@ -230,6 +235,7 @@ impl Vault {
                 }
             },
         ));
+        self.tasks.spawn(consent::run(Arc::clone(&self.broker)));
         self.tasks.spawn(trim_events(
             Arc::clone(&self.broker),
             self.config.events.trim_interval,
@@ -483,6 +489,13 @@ fn preset_client(name: &str, preset: &ProviderPreset) -> Result<ClientConfig, Se
             PresetAuthMethod::None => ClientAuth::None,
         }),
         scopes: preset.scopes.clone(),
+        authorization_endpoint: preset.authorization_endpoint.clone().unwrap_or_default(),
+        device_authorization_endpoint: preset
+            .device_authorization_endpoint
+            .clone()
+            .unwrap_or_default(),
+        issuer: preset.issuer.clone().unwrap_or_default(),
+        redirect_uri: preset.redirect_uri.clone().unwrap_or_default(),
     }
     .validate()
     .map_err(|problems| {

@@ -103,6 +103,13 @@ impl StoreKey {
         &self.0
     }
 
+    /// Keys starting with 0xff belong to the vault's own bookkeeping
+    /// (claims, pending authorizations): no credential's key can, since it
+    /// would need a tenant of 65,280 bytes or more.
+    pub fn is_internal(&self) -> bool {
+        self.0.first() == Some(&0xff)
+    }
+
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
         Self(bytes)
     }
@@ -424,7 +431,9 @@ impl dyn CredentialStore {
                     Some((last, _)) if page.len() == SCAN_PAGE => Some(Some(last.clone())),
                     _ => None,
                 };
-                Ok(Some((stream::iter(page.into_iter().map(Ok)), next)))
+                // Internal entries (pending authorizations) are no records.
+                let records = page.into_iter().filter(|(key, _)| !key.is_internal());
+                Ok(Some((stream::iter(records.map(Ok)), next)))
             }
         })
         .try_flatten()

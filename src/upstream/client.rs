@@ -30,6 +30,24 @@ pub struct ClientConfig {
     pub auth: ClientAuth,
     pub revocation_endpoint: Option<Url>,
     pub scopes: Vec<String>,
+    /// Where consent happens: for the flows the vault runs (DESIGN §5f).
+    pub flows: FlowEndpoints,
+}
+
+/// The endpoints of the consent flows; a client that only refreshes needs
+/// none of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowEndpoints {
+    /// RFC 6749 §4.1: where the user's browser goes.
+    pub authorization: Option<Url>,
+    /// RFC 8628 §3.1.
+    pub device_authorization: Option<Url>,
+    /// The authorization server's issuer identifier: the `iss` a redirect
+    /// must carry when it carries one (RFC 9207).
+    pub issuer: Option<Url>,
+    /// The redirect URI registered for this client, used when a begin call
+    /// names none (presets).
+    pub redirect_uri: Option<Url>,
 }
 
 /// An OAuth client as given, before any check: the fields of the proto
@@ -45,6 +63,11 @@ pub struct ClientSpec {
     /// `None` when the given method was not recognised (already reported).
     pub auth: Option<ClientAuth>,
     pub scopes: Vec<String>,
+    /// Empty: not given.
+    pub authorization_endpoint: String,
+    pub device_authorization_endpoint: String,
+    pub issuer: String,
+    pub redirect_uri: String,
 }
 
 /// One field of a [`ClientSpec`] that breaks the rules.
@@ -71,6 +94,22 @@ impl ClientSpec {
             false,
             &mut problem,
         );
+        let flows = FlowEndpoints {
+            authorization: url(
+                "authorization_endpoint",
+                &self.authorization_endpoint,
+                false,
+                &mut problem,
+            ),
+            device_authorization: url(
+                "device_authorization_endpoint",
+                &self.device_authorization_endpoint,
+                false,
+                &mut problem,
+            ),
+            issuer: url("issuer", &self.issuer, false, &mut problem),
+            redirect_uri: url("redirect_uri", &self.redirect_uri, false, &mut problem),
+        };
         if self.client_id.is_empty() {
             problem("client_id".into(), "required".into());
         } else if self.client_id.len() > MAX_CLIENT_ID {
@@ -91,6 +130,7 @@ impl ClientSpec {
                 auth,
                 revocation_endpoint,
                 scopes: self.scopes,
+                flows,
             }),
             _ => Err(problems),
         }

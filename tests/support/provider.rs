@@ -144,6 +144,16 @@ struct State {
     last_token_request: Option<HashMap<String, String>>,
     last_revocation_request: Option<HashMap<String, String>>,
     last_client_auth: Option<ClientAuthSeen>,
+    /// `/authorize` redirects with `error=access_denied` while set.
+    deny_authorizations: bool,
+    /// The query of every `/authorize` request.
+    authorize_requests: Vec<HashMap<String, String>>,
+    /// Device codes and the answers their polls get, in order (`approve`
+    /// issues tokens; anything else is the RFC 8628 error to answer).
+    devices: HashMap<String, (String, VecDeque<String>)>,
+    device_script: Vec<String>,
+    /// When each device poll arrived.
+    device_polls: Vec<std::time::Instant>,
 }
 
 impl State {
@@ -256,6 +266,11 @@ impl ProviderDouble {
             last_token_request: None,
             last_revocation_request: None,
             last_client_auth: None,
+            deny_authorizations: false,
+            authorize_requests: Vec::new(),
+            devices: HashMap::new(),
+            device_script: Vec::new(),
+            device_polls: Vec::new(),
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -266,6 +281,8 @@ impl ProviderDouble {
         let app = Router::new()
             .route("/token", any(token_endpoint))
             .route("/revoke", any(revoke_endpoint))
+            .route("/authorize", any(authorize_endpoint))
+            .route("/device_authorization", any(device_authorization_endpoint))
             .fallback(|| async {
                 oauth_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
             })
@@ -293,6 +310,32 @@ impl ProviderDouble {
     /// `http://127.0.0.1:PORT` (no trailing slash).
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+    /// The issuer identifier the double puts in its redirects' `iss`.
+    pub fn issuer(&self) -> String {
+        self.base_url()
+    }
+    pub fn authorization_url(&self) -> String {
+        format!("{}/authorize", self.base_url())
+    }
+    pub fn device_authorization_url(&self) -> String {
+        format!("{}/device_authorization", self.base_url())
+    }
+    /// While set, the user declines at `/authorize`.
+    pub fn set_deny_authorizations(&self, deny: bool) {
+        self.shared.lock().deny_authorizations = deny;
+    }
+    /// The query parameters of every `/authorize` request so far.
+    pub fn authorize_requests(&self) -> Vec<HashMap<String, String>> {
+        self.shared.lock().authorize_requests.clone()
+    }
+    /// What the polls of the next device authorization get, in order.
+    pub fn set_device_script(&self, answers: &[&str]) {
+        self.shared.lock().device_script = answers.iter().map(|a| a.to_string()).collect();
+    }
+    /// When each device poll arrived.
+    pub fn device_polls(&self) -> Vec<std::time::Instant> {
+        self.shared.lock().device_polls.clone()
     }
     pub fn token_url(&self) -> String {
         format!("{}/token", self.base_url())
@@ -778,6 +821,28 @@ fn handle_token(st: &mut State, headers: &HeaderMap, params: &Params) -> Respons
             Ok((f, rt)) => (Some(f), Some(rt), requested_scope),
             Err(resp) => return resp,
         },
+        "urn:ietf:params:oauth:grant-type:device_code" => {
+            st.device_polls.push(std::time::Instant::now());
+            let code = param(params, "device_code").unwrap_or_default().to_owned();
+            let Some((owner, script)) = st.devices.get_mut(&code) else {
+                return bad_request("invalid_grant", "unknown device_code");
+            };
+            if *owner != client_id {
+                return bad_request("invalid_grant", "device_code of another client");
+            }
+            match script.pop_front().as_deref() {
+                Some("approve") => {
+                    st.devices.remove(&code);
+                    let (family, rt) = st.new_family(&client_id, requested_scope.clone());
+                    (Some(family), Some(rt), requested_scope)
+                }
+                Some(error) => {
+                    let error = error.to_owned();
+                    return bad_request(&error, "device flow");
+                }
+                None => return bad_request("authorization_pending", "device flow"),
+            }
+        }
         "client_credentials" => {
             if st.clients.get(&client_id).is_some_and(Option::is_none) {
                 return bad_request(
@@ -990,4 +1055,95 @@ async fn revoke_endpoint(
         at.revoked = true;
     }
     json_response(StatusCode::OK, "{}".into())
+}
+
+/// RFC 6749 §4.1.1: the user approves (or, while denied, declines) at once;
+/// the answer is a 302 to the redirect URI with `code`, `state` and `iss`
+/// (RFC 9207).
+async fn authorize_endpoint(
+    AxState(shared): AxState<Arc<Shared>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let query: HashMap<String, String> =
+        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let mut st = shared.lock();
+    st.authorize_requests.push(query.clone());
+    let get = |name: &str| query.get(name).cloned().unwrap_or_default();
+    let client_id = get("client_id");
+    if !st.clients.contains_key(&client_id) || get("response_type") != "code" {
+        return bad_request("invalid_request", "unknown client or response_type");
+    }
+    if get("code_challenge_method") != "S256" || get("code_challenge").is_empty() {
+        return bad_request("invalid_request", "PKCE S256 required");
+    }
+    let Ok(mut redirect) = url::Url::parse(&get("redirect_uri")) else {
+        return bad_request("invalid_request", "redirect_uri");
+    };
+    let iss = format!("http://{host}");
+    {
+        let mut pairs = redirect.query_pairs_mut();
+        if st.deny_authorizations {
+            pairs.append_pair("error", "access_denied");
+        } else {
+            let code = st.next("code");
+            let record = CodeRecord {
+                client_id: client_id.clone(),
+                redirect_uri: get("redirect_uri"),
+                challenge: Some(get("code_challenge")),
+                used: false,
+                family: None,
+            };
+            st.codes.insert(code.clone(), record);
+            pairs.append_pair("code", &code);
+        }
+        pairs.append_pair("state", &get("state"));
+        pairs.append_pair("iss", &iss);
+    }
+    Response::builder()
+        .status(StatusCode::FOUND)
+        .header(header::LOCATION, redirect.as_str())
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// RFC 8628 §3.1-3.2.
+async fn device_authorization_endpoint(
+    AxState(shared): AxState<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let params = match read_form(&headers, body).await {
+        Ok(p) => p,
+        Err(e) => return bad_request("invalid_request", &e),
+    };
+    let mut st = shared.lock();
+    let client_id = match authenticate(&mut st, &headers, &params) {
+        Ok(id) => id,
+        Err(resp) => return resp,
+    };
+    let device_code = st.next("device");
+    let user_code = format!("USER-{}", st.next_id);
+    let script: VecDeque<String> = st.device_script.drain(..).collect();
+    st.devices.insert(device_code.clone(), (client_id, script));
+    let body = json!({
+        "device_code": device_code,
+        "user_code": user_code,
+        "verification_uri": "http://127.0.0.1/device",
+        "verification_uri_complete": format!("http://127.0.0.1/device?user_code={user_code}"),
+        "expires_in": 600,
+        "interval": 1,
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
 }

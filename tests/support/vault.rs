@@ -59,12 +59,12 @@ const POLICY: &str = r#"
 [[rule]]
 identity = "spiffe://credvault.test/admin"
 tenants = ["*"]
-actions = ["deposit", "get", "revoke", "admin", "watch"]
+actions = ["deposit", "get", "revoke", "admin", "watch", "authorize"]
 
 [[rule]]
 identity = "spiffe://credvault.test/acme"
 tenants = ["acme"]
-actions = ["deposit", "get", "revoke", "watch"]
+actions = ["deposit", "get", "revoke", "watch", "authorize"]
 "#;
 
 /// A vault's on-disk home: certificates, keyring, policy, config, data.
@@ -309,6 +309,7 @@ pub fn oauth_client(token_url: &str, client_id: &str, secret: &str) -> Option<pb
         auth_method: pb::ClientAuthMethod::ClientSecretBasic as i32,
         revocation_endpoint: String::new(),
         scopes: vec![],
+        ..Default::default()
     })
 }
 

@@ -329,7 +329,10 @@ async fn bad_begin_requests_get_typed_errors_and_floods_are_bounded() {
         (Code::InvalidArgument, "ENDPOINT_NOT_ALLOWED".into())
     );
     let mut no_endpoint = begin(&provider, "", "x");
-    no_endpoint.client.as_mut().unwrap().authorization_endpoint = String::new();
+    // Neither an endpoint nor an issuer to discover it from.
+    let no_endpoint_client = no_endpoint.client.as_mut().unwrap();
+    no_endpoint_client.authorization_endpoint = String::new();
+    no_endpoint_client.issuer = String::new();
     assert_eq!(
         refused(acme.begin_authorization(no_endpoint).await),
         (Code::InvalidArgument, "INVALID_FIELD".into())
@@ -410,4 +413,65 @@ async fn the_vault_polls_device_authorizations_through_pending_slow_down_and_app
         .into_inner();
     let view = settle(expired.state).await;
     assert_eq!(view.status, pb::AuthorizationStatus::Expired as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_alone_is_enough_and_a_mismatched_issuer_is_refused() {
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
+    let dir = VaultDir::new();
+    let vault = TestVault::start(&dir).await;
+    let mut acme = vault.client(&dir, "acme").await;
+    // Only the issuer: every endpoint comes from its RFC 8414 metadata.
+    let issuer_only = || pb::OAuthClient {
+        client_id: CLIENT_ID.into(),
+        client_secret: CLIENT_SECRET.into(),
+        issuer: provider.issuer(),
+        ..Default::default()
+    };
+    let request = pb::BeginAuthorizationRequest {
+        client: Some(issuer_only()),
+        ..begin(&provider, "", "discovered")
+    };
+    let begun = acme
+        .begin_authorization(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(begun
+        .authorization_url
+        .starts_with(&provider.authorization_url()));
+    let redirect = browse(&begun.authorization_url).await;
+    acme.complete_authorization(redirect).await.unwrap();
+    acme.get_access_token(get_request("acme", "discovered", "idp"))
+        .await
+        .unwrap();
+    // Cached: a second begin does not fetch it again.
+    acme.begin_authorization(request).await.unwrap();
+    assert_eq!(provider.metadata_requests(), 1);
+
+    // Metadata naming another issuer: refused, nothing stored or cached.
+    let other = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
+    other.set_metadata_issuer("https://evil.example");
+    let mismatched = pb::DepositRequest {
+        credential: reference("acme", "mixup", "idp"),
+        client: Some(pb::OAuthClient {
+            issuer: other.issuer(),
+            ..issuer_only()
+        }),
+        grant: refresh_grant("rt", None),
+        labels: Default::default(),
+    };
+    let refused = acme.deposit(mismatched.clone()).await.unwrap_err();
+    assert_eq!(
+        reason(&refused),
+        (Code::FailedPrecondition, "PROVIDER_REJECTED_CLIENT".into())
+    );
+    let info = refused.get_error_details().error_info().unwrap().clone();
+    assert_eq!(info.metadata["oauth_error"], "discovery_issuer_mismatch");
+    acme.deposit(mismatched).await.unwrap_err();
+    assert_eq!(
+        other.metadata_requests(),
+        2,
+        "a refused answer is not cached"
+    );
 }

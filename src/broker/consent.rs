@@ -370,6 +370,11 @@ impl Broker {
     /// and answers the URL to send the user's browser to.
     pub async fn begin_authorization(&self, cmd: BeginCommand) -> Result<Begun, BrokerError> {
         let (client, preset) = self.resolve_client(cmd.client, &cmd.id)?;
+        let client = self
+            .upstream
+            .with_discovered(client)
+            .await
+            .map_err(|e| super::upstream_error(e, &cmd.id))?;
         if client.flows.authorization.is_none() {
             return Err(BrokerError::FieldRequired("client.authorization_endpoint"));
         }
@@ -424,6 +429,11 @@ impl Broker {
         labels: BTreeMap<String, String>,
     ) -> Result<DeviceBegun, BrokerError> {
         let (client, preset) = self.resolve_client(client, &id)?;
+        let client = self
+            .upstream
+            .with_discovered(client)
+            .await
+            .map_err(|e| super::upstream_error(e, &id))?;
         if client.flows.device_authorization.is_none() {
             return Err(BrokerError::FieldRequired(
                 "client.device_authorization_endpoint",

@@ -186,6 +186,11 @@ impl Broker {
             labels,
         } = cmd;
         let (client, preset) = self.resolve_client(client, &id)?;
+        let client = self
+            .upstream
+            .with_discovered(client)
+            .await
+            .map_err(|e| upstream_error(e, &id))?;
         self.upstream
             .check_client(&client)
             .await

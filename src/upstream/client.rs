@@ -48,6 +48,9 @@ pub struct FlowEndpoints {
     /// The redirect URI registered for this client, used when a begin call
     /// names none (presets).
     pub redirect_uri: Option<Url>,
+    /// The token endpoint was left empty for the issuer's metadata to name
+    /// (`token_endpoint` holds the issuer until then).
+    pub discover_token_endpoint: bool,
 }
 
 /// An OAuth client as given, before any check: the fields of the proto
@@ -87,7 +90,13 @@ impl ClientSpec {
         let mut problem = |field: String, description: String| {
             problems.push(ClientProblem { field, description });
         };
-        let token_endpoint = url("token_endpoint", &self.token_endpoint, true, &mut problem);
+        // With an issuer, an empty token endpoint is discovered.
+        let discover_token_endpoint = self.token_endpoint.is_empty() && !self.issuer.is_empty();
+        let token_endpoint = if discover_token_endpoint {
+            url("issuer", &self.issuer, true, &mut problem)
+        } else {
+            url("token_endpoint", &self.token_endpoint, true, &mut problem)
+        };
         let revocation_endpoint = url(
             "revocation_endpoint",
             &self.revocation_endpoint,
@@ -109,6 +118,7 @@ impl ClientSpec {
             ),
             issuer: url("issuer", &self.issuer, false, &mut problem),
             redirect_uri: url("redirect_uri", &self.redirect_uri, false, &mut problem),
+            discover_token_endpoint,
         };
         if self.client_id.is_empty() {
             problem("client_id".into(), "required".into());

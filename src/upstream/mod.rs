@@ -8,6 +8,7 @@
 
 mod client;
 mod consent;
+mod discovery;
 mod http;
 mod policy;
 mod token;
@@ -72,6 +73,7 @@ pub struct Upstream {
     http: HttpClient,
     policy: EndpointPolicy,
     default_token_lifetime: Duration,
+    discovery: std::sync::Arc<discovery::DiscoveryCache>,
 }
 
 type ConfiguredClient = BasicClient<
@@ -88,6 +90,7 @@ impl Upstream {
             http: HttpClient::new(&settings.http, PolicyResolver::new(settings.policy.clone()))?,
             policy: settings.policy,
             default_token_lifetime: settings.default_token_lifetime,
+            discovery: std::sync::Arc::default(),
         })
     }
 

@@ -154,6 +154,9 @@ struct State {
     device_script: Vec<String>,
     /// When each device poll arrived.
     device_polls: Vec<std::time::Instant>,
+    /// The `issuer` its RFC 8414 metadata claims (default: its own URL).
+    metadata_issuer: Option<String>,
+    metadata_requests: usize,
 }
 
 impl State {
@@ -271,6 +274,8 @@ impl ProviderDouble {
             devices: HashMap::new(),
             device_script: Vec::new(),
             device_polls: Vec::new(),
+            metadata_issuer: None,
+            metadata_requests: 0,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -283,6 +288,10 @@ impl ProviderDouble {
             .route("/revoke", any(revoke_endpoint))
             .route("/authorize", any(authorize_endpoint))
             .route("/device_authorization", any(device_authorization_endpoint))
+            .route(
+                "/.well-known/oauth-authorization-server",
+                any(metadata_endpoint),
+            )
             .fallback(|| async {
                 oauth_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
             })
@@ -332,6 +341,14 @@ impl ProviderDouble {
     /// What the polls of the next device authorization get, in order.
     pub fn set_device_script(&self, answers: &[&str]) {
         self.shared.lock().device_script = answers.iter().map(|a| a.to_string()).collect();
+    }
+    /// Makes the RFC 8414 metadata claim another issuer (a mix-up).
+    pub fn set_metadata_issuer(&self, issuer: &str) {
+        self.shared.lock().metadata_issuer = Some(issuer.to_owned());
+    }
+    /// Requests for its metadata so far.
+    pub fn metadata_requests(&self) -> usize {
+        self.shared.lock().metadata_requests
     }
     /// When each device poll arrived.
     pub fn device_polls(&self) -> Vec<std::time::Instant> {
@@ -1140,6 +1157,32 @@ async fn device_authorization_endpoint(
         "verification_uri_complete": format!("http://127.0.0.1/device?user_code={user_code}"),
         "expires_in": 600,
         "interval": 1,
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+/// RFC 8414 §3: the server's metadata, naming every endpoint it has.
+async fn metadata_endpoint(AxState(shared): AxState<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let base = format!("http://{host}");
+    let mut st = shared.lock();
+    st.metadata_requests += 1;
+    let issuer = st.metadata_issuer.clone().unwrap_or_else(|| base.clone());
+    let body = json!({
+        "issuer": issuer,
+        "authorization_endpoint": format!("{base}/authorize"),
+        "token_endpoint": format!("{base}/token"),
+        "revocation_endpoint": format!("{base}/revoke"),
+        "device_authorization_endpoint": format!("{base}/device_authorization"),
+        "code_challenge_methods_supported": ["S256"],
     });
     Response::builder()
         .status(StatusCode::OK)

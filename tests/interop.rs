@@ -115,6 +115,12 @@ fn python_client_generated_from_the_proto_speaks_the_whole_contract() {
         "{}",
         text(&output)
     );
+    // The example redirect handler in examples/ ran against this vault too.
+    assert!(
+        report.contains("ConsentExampleTest.test_the_redirect_handler_completes_once_and_reports_a_decline) ... ok"),
+        "{}",
+        text(&output)
+    );
 }
 
 #[test]

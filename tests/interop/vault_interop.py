@@ -22,6 +22,7 @@ Needs grpcio, grpcio-tools, grpcio-status (tests/requirements.txt) and a running
 
 import argparse
 import base64
+import hashlib
 import http.server
 import importlib.resources
 import json
@@ -115,6 +116,7 @@ class Provider:
         self.requests = []  # (path, form, authorization header)
         self.current = {}  # NAME -> the refresh token the provider accepts next
         self.issued = {}  # NAME -> how many token pairs were issued
+        self.codes = {}  # NAME -> (authorization code, PKCE S256 challenge)
         provider = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -144,6 +146,11 @@ class Provider:
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def expect_code(self, name: str, code: str, challenge: str):
+        """The code /ok/NAME/token exchanges next, for this PKCE challenge."""
+        with self.lock:
+            self.codes[name] = (code, challenge)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -175,6 +182,16 @@ class Provider:
             return 503, {"error": "temporarily_unavailable"}, {"Retry-After": "7"}
         if kind == "ok" and endpoint == "revoke":
             return 200, None, {}
+        if kind == "ok" and endpoint == "token" and form.get("grant_type") == "authorization_code":
+            code, challenge = self.codes.pop(name, (None, None))
+            verifier = form.get("code_verifier", "")
+            digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+            if code is None or form.get("code") != code or digest != challenge:
+                return 400, {"error": "invalid_grant"}, {}
+            self.current[name] = f"{name}-refresh-0"
+            self.issued[name] = 0
+            return 200, {"access_token": f"{name}-access-0", "token_type": "Bearer",
+                         "expires_in": 3600, "refresh_token": f"{name}-refresh-0"}, {}
         if kind == "ok" and endpoint == "token":
             if form.get("grant_type") != "refresh_token":
                 return 400, {"error": "unsupported_grant_type"}, {}
@@ -566,6 +583,56 @@ def main():
     parser.add_argument("--server-name", default="localhost", help="name to verify in the server certificate")
     ARGS, rest = parser.parse_known_args()
     unittest.main(argv=[sys.argv[0], *rest], verbosity=2)
+
+
+class ConsentExampleTest(unittest.TestCase):
+    """examples/redirect_handler.py finishing authorizations the vault began."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.channel = channel_for("acme")
+        cls.acme = pb_grpc.CredentialVaultStub(cls.channel)
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "examples"))
+        import redirect_handler  # noqa: E402 (needs the generated modules first)
+
+        cls.handler = redirect_handler
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.channel.close()
+
+    def begin(self, subject):
+        begun = self.acme.BeginAuthorization(
+            pb.BeginAuthorizationRequest(
+                credential=ref(subject, "consent"),
+                client=pb.OAuthClient(
+                    token_endpoint=PROVIDER.url("/ok/consent/token"),
+                    authorization_endpoint=PROVIDER.url("/ok/consent/authorize"),
+                    client_id="interop-client",
+                    client_secret="interop-client-secret",
+                ),
+                redirect_uri="https://app.example/callback",
+            ),
+            timeout=RPC_TIMEOUT,
+        )
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(begun.authorization_url).query)
+        self.assertEqual(query["code_challenge_method"], ["S256"])
+        return begun, query["code_challenge"][0]
+
+    def test_the_redirect_handler_completes_once_and_reports_a_decline(self):
+        begun, challenge = self.begin("carol")
+        PROVIDER.expect_code("consent", "code-carol", challenge)
+        redirect = {"state": [begun.state], "code": ["code-carol"]}
+        status, page = self.handler.complete(self.acme, redirect)
+        self.assertEqual((status, page), (200, "Connected consent (generation 1)."))
+        token = self.acme.GetAccessToken(
+            pb.GetAccessTokenRequest(credential=ref("carol", "consent")), timeout=RPC_TIMEOUT)
+        self.assertEqual(token.access_token, "consent-access-0")
+        # The same redirect again (a reload, a replay): refused.
+        self.assertEqual(self.handler.complete(self.acme, redirect)[0], 400)
+        declined, _ = self.begin("dave")
+        status, page = self.handler.complete(self.acme, {"state": [declined.state], "error": ["access_denied"]})
+        self.assertEqual((status, page), (200, "You declined; nothing was connected."))
 
 
 if __name__ == "__main__":

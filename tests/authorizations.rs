@@ -475,3 +475,42 @@ async fn an_issuer_alone_is_enough_and_a_mismatched_issuer_is_refused() {
         "a refused answer is not cached"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_preset_a_begin_call_needs_only_the_reference() {
+    let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
+    let dir = VaultDir::custom(
+        "allow_http_loopback = true",
+        &format!(
+            "[providers.idp]\ntoken_endpoint = \"{}\"\nauthorization_endpoint = \"{}\"\n\
+             issuer = \"{}\"\nredirect_uri = \"{REDIRECT}\"\nclient_id = \"{CLIENT_ID}\"\n\
+             client_secret = \"{CLIENT_SECRET}\"\nscopes = [\"read\", \"write\"]\n",
+            provider.token_url(),
+            provider.authorization_url(),
+            provider.issuer(),
+        ),
+    );
+    let vault = TestVault::start(&dir).await;
+    let mut acme = vault.client(&dir, "acme").await;
+    let begun = acme
+        .begin_authorization(pb::BeginAuthorizationRequest {
+            credential: reference("", "preset-user", "idp"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let redirect = browse(&begun.authorization_url).await;
+    let query = provider.authorize_requests().remove(0);
+    assert_eq!(query["scope"], "read write", "the preset's default scopes");
+    assert_eq!(query["redirect_uri"], REDIRECT, "the preset's redirect URI");
+    let completed = acme
+        .complete_authorization(redirect)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(completed.generation, 1);
+    acme.get_access_token(get_request("acme", "preset-user", "idp"))
+        .await
+        .unwrap();
+}

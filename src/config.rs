@@ -102,6 +102,15 @@ pub struct ProviderPreset {
     pub client_secret: Option<SecretString>,
     #[serde(default)]
     pub client_secret_file: Option<PathBuf>,
+    /// `private_key_jwt`: the client's PEM private key.
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    /// `ES256` (default) or `RS256`.
+    #[serde(default)]
+    pub signing_alg: Option<String>,
+    /// The `kid` header of the assertions, if the provider wants one.
+    #[serde(default)]
+    pub key_id: Option<String>,
     #[serde(default)]
     pub scopes: Vec<String>,
 }
@@ -113,6 +122,8 @@ pub enum PresetAuthMethod {
     ClientSecretBasic,
     ClientSecretPost,
     None,
+    /// RFC 7523 §2.2: a JWT signed with `private_key_file`.
+    PrivateKeyJwt,
 }
 
 /// `[storage]`: the embedded store (default) or etcd for N replicas.
@@ -690,8 +701,11 @@ impl Config {
             fix(secret);
         }
         for preset in self.providers.values_mut() {
-            if let Some(p) = preset.client_secret_file.as_mut() {
-                fix(p);
+            for path in [&mut preset.client_secret_file, &mut preset.private_key_file]
+                .into_iter()
+                .flatten()
+            {
+                fix(path);
             }
         }
         for webhook in &mut self.events.webhooks {

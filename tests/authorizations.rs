@@ -514,3 +514,52 @@ async fn with_a_preset_a_begin_call_needs_only_the_reference() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_key_jwt_preset_signs_a_fresh_assertion_for_every_request() {
+    let provider = ProviderDouble::start().await;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    provider.register_jwt_client("jwt-client", &key.public_key_pem());
+    let dir = VaultDir::custom(
+        "allow_http_loopback = true",
+        &format!(
+            "[providers.idp]\ntoken_endpoint = \"{}\"\nauthorization_endpoint = \"{}\"\n\
+             redirect_uri = \"{REDIRECT}\"\nclient_id = \"jwt-client\"\n\
+             auth_method = \"private_key_jwt\"\nprivate_key_file = \"client-key.pem\"\n",
+            provider.token_url(),
+            provider.authorization_url(),
+        ),
+    );
+    std::fs::write(dir.path().join("client-key.pem"), key.serialize_pem()).unwrap();
+    let vault = TestVault::start(&dir).await;
+    let mut acme = vault.client(&dir, "acme").await;
+    // The code exchange authenticates with an assertion…
+    let begun = acme
+        .begin_authorization(pb::BeginAuthorizationRequest {
+            credential: reference("", "signed", "idp"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let redirect = browse(&begun.authorization_url).await;
+    acme.complete_authorization(redirect).await.unwrap();
+    assert_eq!(provider.accepted_assertions(), 1);
+    let exchange = provider.last_token_request().unwrap();
+    assert!(!exchange.contains_key("client_secret"));
+    // …and so does every refresh, each with a new jti (the double refuses
+    // a replayed one).
+    for _ in 0..2 {
+        acme.get_access_token(pb::GetAccessTokenRequest {
+            min_valid_for: Some(prost_types::Duration {
+                seconds: 7200,
+                nanos: 0,
+            }),
+            force_refresh: true,
+            ..get_request("acme", "signed", "idp")
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(provider.accepted_assertions(), 3);
+}

@@ -98,6 +98,7 @@ pub fn bench_record(
             revocation_endpoint: None,
             scopes: Vec::new(),
             flows: Default::default(),
+            assertion_key: None,
         },
         preset: None,
         refresh_token: Some(SecretString::from(refresh_token)),

@@ -219,6 +219,7 @@ fn client(c: pb::OAuthClient, v: &mut Violations) -> Option<ClientConfig> {
         device_authorization_endpoint: c.device_authorization_endpoint,
         issuer: c.issuer,
         redirect_uri: String::new(),
+        assertion_key: None,
     };
     match spec.validate() {
         Ok(client) => Some(client),

@@ -243,6 +243,7 @@ impl PendingPayload {
             auth: match self.auth {
                 1 => ClientAuth::SecretBasic,
                 2 => ClientAuth::SecretPost,
+                4 => ClientAuth::PrivateKeyJwt,
                 _ => ClientAuth::None,
             },
             revocation_endpoint: self
@@ -261,6 +262,8 @@ impl PendingPayload {
                     .map_err(|_| unreadable())?,
                 ..Default::default()
             },
+            // A preset's key is never stored; its current client is used.
+            assertion_key: None,
         })
     }
 
@@ -300,6 +303,7 @@ fn new_payload(
             ClientAuth::SecretBasic => 1,
             ClientAuth::SecretPost => 2,
             ClientAuth::None => 3,
+            ClientAuth::PrivateKeyJwt => 4,
         },
         revocation_endpoint: client.revocation_endpoint.as_ref().map(Url::to_string),
         client_scopes: client.scopes.clone(),
@@ -766,7 +770,11 @@ impl Broker {
         mut pending: PendingPayload,
     ) -> Result<(), BrokerError> {
         let id = pending.id();
-        let client = pending.client()?;
+        // A preset's current client: its signing key is never stored.
+        let client = match pending.preset {
+            true => self.resolve_client(None, &id)?.0,
+            false => pending.client()?,
+        };
         let device_code = SecretString::from(pending.secret.clone());
         let polled = self.upstream.poll_device(&client, &device_code).await;
         let now = SystemTime::now();

@@ -136,6 +136,7 @@ pub fn encode(record: &CredentialRecord) -> Zeroizing<Vec<u8>> {
                 ClientAuth::SecretBasic => 1,
                 ClientAuth::SecretPost => 2,
                 ClientAuth::None => 3,
+                ClientAuth::PrivateKeyJwt => 4,
             },
             revocation_endpoint: record
                 .client
@@ -190,6 +191,8 @@ pub fn decode(bytes: &[u8]) -> Result<CredentialRecord, RecordDecodeError> {
             1 => ClientAuth::SecretBasic,
             2 => ClientAuth::SecretPost,
             3 => ClientAuth::None,
+            // Its key lives in the preset, which a refresh uses.
+            4 => ClientAuth::PrivateKeyJwt,
             _ => return Err(RecordDecodeError::Field("client.auth")),
         },
         revocation_endpoint: client
@@ -200,6 +203,7 @@ pub fn decode(bytes: &[u8]) -> Result<CredentialRecord, RecordDecodeError> {
             .map_err(|_| RecordDecodeError::Field("client.revocation_endpoint"))?,
         scopes: std::mem::take(&mut client.scopes),
         flows: Default::default(),
+        assertion_key: None,
     };
     let access_token = payload.access_token.take().map(|mut t| AccessToken {
         token: SecretString::from(std::mem::take(&mut t.token)),
@@ -276,6 +280,7 @@ mod tests {
                 revocation_endpoint: None,
                 scopes: vec!["read".into()],
                 flows: Default::default(),
+                assertion_key: None,
             },
             refresh_token: Some("rt-1".into()),
             access_token: Some(AccessToken {

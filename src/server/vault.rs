@@ -34,7 +34,7 @@ use crate::{
     store::{self, CredentialStore, EtcdSettings, StoreSettings},
     telemetry::Metrics,
     upstream::{
-        ClientAuth, ClientConfig, ClientSpec, EndpointPolicy, HttpSettings, Upstream,
+        AssertionKey, ClientAuth, ClientConfig, ClientSpec, EndpointPolicy, HttpSettings, Upstream,
         UpstreamSettings,
     },
     webhooks::{self, SigningKey, WebhookSink},
@@ -478,6 +478,21 @@ fn preset_client(name: &str, preset: &ProviderPreset) -> Result<ClientConfig, Se
         })?,
         (None, None) => SecretString::default(),
     };
+    let assertion_key = match &preset.private_key_file {
+        Some(path) => Some(Arc::new(
+            files::read_secret(path)
+                .map_err(|e| invalid(format!("providers.{name}.private_key_file"), e.to_string()))
+                .and_then(|pem| {
+                    AssertionKey::from_pem(
+                        pem.expose().as_bytes(),
+                        preset.signing_alg.as_deref().unwrap_or("ES256"),
+                        preset.key_id.clone(),
+                    )
+                    .map_err(|e| invalid(format!("providers.{name}.private_key_file"), e))
+                })?,
+        )),
+        None => None,
+    };
     ClientSpec {
         token_endpoint: preset.token_endpoint.clone(),
         revocation_endpoint: preset.revocation_endpoint.clone().unwrap_or_default(),
@@ -487,6 +502,7 @@ fn preset_client(name: &str, preset: &ProviderPreset) -> Result<ClientConfig, Se
             PresetAuthMethod::ClientSecretBasic => ClientAuth::SecretBasic,
             PresetAuthMethod::ClientSecretPost => ClientAuth::SecretPost,
             PresetAuthMethod::None => ClientAuth::None,
+            PresetAuthMethod::PrivateKeyJwt => ClientAuth::PrivateKeyJwt,
         }),
         scopes: preset.scopes.clone(),
         authorization_endpoint: preset.authorization_endpoint.clone().unwrap_or_default(),
@@ -496,6 +512,7 @@ fn preset_client(name: &str, preset: &ProviderPreset) -> Result<ClientConfig, Se
             .unwrap_or_default(),
         issuer: preset.issuer.clone().unwrap_or_default(),
         redirect_uri: preset.redirect_uri.clone().unwrap_or_default(),
+        assertion_key,
     }
     .validate()
     .map_err(|problems| {

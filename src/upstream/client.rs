@@ -19,6 +19,8 @@ pub enum ClientAuth {
     SecretPost,
     /// Public client: only `client_id` is sent.
     None,
+    /// RFC 7523 §2.2: a JWT signed with the client's key (presets only).
+    PrivateKeyJwt,
 }
 
 /// The OAuth client the vault uses on a credential's behalf.
@@ -32,6 +34,8 @@ pub struct ClientConfig {
     pub scopes: Vec<String>,
     /// Where consent happens: for the flows the vault runs (DESIGN §5f).
     pub flows: FlowEndpoints,
+    /// The signing key of a `private_key_jwt` client.
+    pub assertion_key: Option<std::sync::Arc<super::assertion::AssertionKey>>,
 }
 
 /// The endpoints of the consent flows; a client that only refreshes needs
@@ -71,6 +75,8 @@ pub struct ClientSpec {
     pub device_authorization_endpoint: String,
     pub issuer: String,
     pub redirect_uri: String,
+    /// Required with `private_key_jwt`.
+    pub assertion_key: Option<std::sync::Arc<super::assertion::AssertionKey>>,
 }
 
 /// One field of a [`ClientSpec`] that breaks the rules.
@@ -131,6 +137,12 @@ impl ClientSpec {
             );
         }
         check_secret(self.auth, &self.client_secret, &mut problem);
+        if self.auth == Some(ClientAuth::PrivateKeyJwt) && self.assertion_key.is_none() {
+            problem(
+                "private_key_file".into(),
+                "required for private_key_jwt".into(),
+            );
+        }
         check_scopes(&self.scopes, &mut problem);
         match (token_endpoint, self.auth) {
             (Some(token_endpoint), Some(auth)) if problems.is_empty() => Ok(ClientConfig {
@@ -141,6 +153,7 @@ impl ClientSpec {
                 revocation_endpoint,
                 scopes: self.scopes,
                 flows,
+                assertion_key: self.assertion_key,
             }),
             _ => Err(problems),
         }
@@ -183,9 +196,10 @@ fn check_secret(
 ) {
     let field = || "client_secret".to_owned();
     match auth {
-        Some(ClientAuth::None) if !secret.is_empty() => {
-            problem(field(), "must be empty when the auth method is none".into())
-        }
+        Some(ClientAuth::None | ClientAuth::PrivateKeyJwt) if !secret.is_empty() => problem(
+            field(),
+            "must be empty when the auth method is none or private_key_jwt".into(),
+        ),
         Some(ClientAuth::SecretBasic | ClientAuth::SecretPost) if secret.is_empty() => problem(
             field(),
             "required for client_secret_basic and client_secret_post".into(),

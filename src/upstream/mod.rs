@@ -6,6 +6,7 @@
 //! a rejected client, or an unavailable provider. The broker decides what to
 //! persist; this module only says what the provider meant.
 
+mod assertion;
 mod client;
 mod consent;
 mod discovery;
@@ -23,6 +24,7 @@ use oauth2::{
 use url::Url;
 
 pub use self::{
+    assertion::AssertionKey,
     client::{parse_http_url, ClientAuth, ClientConfig, ClientSpec, FlowEndpoints},
     consent::{AuthorizationRequest, DevicePoll, RESERVED_PARAMS},
     http::HttpSettings,
@@ -111,12 +113,13 @@ impl Upstream {
     ) -> Result<IssuedTokens, UpstreamError> {
         let oauth = self.oauth_client(client)?;
         let token = RefreshToken::new(refresh_token.expose().to_owned());
-        let response = oauth
+        let mut request = oauth
             .exchange_refresh_token(&token)
-            .add_scopes(client.scopes.iter().cloned().map(Scope::new))
-            .request_async(&self.http)
-            .await
-            .map_err(classify)?;
+            .add_scopes(client.scopes.iter().cloned().map(Scope::new));
+        for (name, value) in assertion_params(client)? {
+            request = request.add_extra_param(name, value);
+        }
+        let response = request.request_async(&self.http).await.map_err(classify)?;
         Ok(self.issued(response, &client.scopes))
     }
 
@@ -137,6 +140,9 @@ impl Upstream {
         for resource in resources {
             request = request.add_extra_param("resource", resource.clone());
         }
+        for (name, value) in assertion_params(client)? {
+            request = request.add_extra_param(name, value);
+        }
         if let Some(verifier) = code_verifier {
             request =
                 request.set_pkce_verifier(PkceCodeVerifier::new(verifier.expose().to_owned()));
@@ -151,12 +157,13 @@ impl Upstream {
         client: &ClientConfig,
     ) -> Result<IssuedTokens, UpstreamError> {
         let oauth = self.oauth_client(client)?;
-        let response = oauth
+        let mut request = oauth
             .exchange_client_credentials()
-            .add_scopes(client.scopes.iter().cloned().map(Scope::new))
-            .request_async(&self.http)
-            .await
-            .map_err(classify)?;
+            .add_scopes(client.scopes.iter().cloned().map(Scope::new));
+        for (name, value) in assertion_params(client)? {
+            request = request.add_extra_param(name, value);
+        }
+        let response = request.request_async(&self.http).await.map_err(classify)?;
         Ok(self.issued(response, &client.scopes))
     }
 
@@ -249,6 +256,9 @@ impl Upstream {
                 }
                 _ => {
                     form.append_pair("client_id", &client.client_id);
+                    for (name, value) in assertion_params(client)? {
+                        form.append_pair(name, &value);
+                    }
                 }
             }
             zeroize::Zeroizing::new(form.finish())
@@ -288,9 +298,12 @@ impl Upstream {
             .set_token_uri(TokenUrl::from_url(client.token_endpoint.clone()))
             .set_auth_type(match client.auth {
                 ClientAuth::SecretBasic => AuthType::BasicAuth,
-                ClientAuth::SecretPost | ClientAuth::None => AuthType::RequestBody,
+                ClientAuth::SecretPost | ClientAuth::None | ClientAuth::PrivateKeyJwt => {
+                    AuthType::RequestBody
+                }
             });
-        if let (Some(secret), false) = (&client.client_secret, client.auth == ClientAuth::None) {
+        let secretless = matches!(client.auth, ClientAuth::None | ClientAuth::PrivateKeyJwt);
+        if let (Some(secret), false) = (&client.client_secret, secretless) {
             oauth = oauth.set_client_secret(ClientSecret::new(secret.expose().to_owned()));
         }
         Ok(oauth)
@@ -383,6 +396,28 @@ fn classify(
 
 /// Extension error codes are provider-chosen text; keep them short and to the
 /// RFC 6749 §5.2 character set so they are safe in metadata and logs.
+/// The `client_assertion` parameters of a `private_key_jwt` client: a fresh
+/// assertion per request, its audience the token endpoint. None for others.
+fn assertion_params(client: &ClientConfig) -> Result<Vec<(&'static str, String)>, UpstreamError> {
+    if client.auth != ClientAuth::PrivateKeyJwt {
+        return Ok(Vec::new());
+    }
+    let assertion = client
+        .assertion_key
+        .as_ref()
+        .and_then(|key| key.assertion(&client.client_id, &client.token_endpoint))
+        .ok_or_else(|| UpstreamError::ClientRejected {
+            oauth_error: "client_assertion_unavailable".into(),
+        })?;
+    Ok(vec![
+        (
+            "client_assertion_type",
+            assertion::ASSERTION_TYPE.to_owned(),
+        ),
+        ("client_assertion", assertion),
+    ])
+}
+
 pub(crate) fn sanitize_code(code: &str) -> String {
     code.chars()
         .filter(|c| (' '..='~').contains(c) && *c != '"' && *c != '\\')

@@ -68,6 +68,8 @@ pub enum ClientAuthMethod {
     Post,
     /// `client_id` form field only (public client).
     None,
+    /// RFC 7523 `client_assertion` (`private_key_jwt`), verified.
+    PrivateKeyJwt,
 }
 
 /// What client authentication the last token/revocation request presented (even if it failed).
@@ -157,6 +159,12 @@ struct State {
     /// The `issuer` its RFC 8414 metadata claims (default: its own URL).
     metadata_issuer: Option<String>,
     metadata_requests: usize,
+    /// `private_key_jwt` clients: their public keys (SPKI PEM).
+    jwt_clients: HashMap<String, String>,
+    /// Every assertion `jti` accepted: a second use is refused.
+    seen_jti: std::collections::HashSet<String>,
+    /// What an assertion's `aud` must be.
+    own_token_url: String,
 }
 
 impl State {
@@ -276,6 +284,9 @@ impl ProviderDouble {
             device_polls: Vec::new(),
             metadata_issuer: None,
             metadata_requests: 0,
+            jwt_clients: HashMap::new(),
+            seen_jti: Default::default(),
+            own_token_url: format!("http://{addr}/token"),
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -341,6 +352,17 @@ impl ProviderDouble {
     /// What the polls of the next device authorization get, in order.
     pub fn set_device_script(&self, answers: &[&str]) {
         self.shared.lock().device_script = answers.iter().map(|a| a.to_string()).collect();
+    }
+    /// Registers a `private_key_jwt` client by its ES256 public key (PEM).
+    pub fn register_jwt_client(&self, client_id: &str, public_key_pem: &str) {
+        let mut st = self.shared.lock();
+        st.clients.insert(client_id.to_owned(), None);
+        st.jwt_clients
+            .insert(client_id.to_owned(), public_key_pem.to_owned());
+    }
+    /// Assertions accepted so far (each `jti` once).
+    pub fn accepted_assertions(&self) -> usize {
+        self.shared.lock().seen_jti.len()
     }
     /// Makes the RFC 8414 metadata claim another issuer (a mix-up).
     pub fn set_metadata_issuer(&self, issuer: &str) {
@@ -700,6 +722,9 @@ fn duplicate_param(params: &Params) -> Option<&str> {
 /// Authenticates the client (RFC 6749 §2.3); records what was presented.
 fn authenticate(st: &mut State, headers: &HeaderMap, params: &Params) -> Result<String, Response> {
     let unauthorized = |d: &str| oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", d);
+    if let Some(assertion) = param(params, "client_assertion") {
+        return verify_assertion(st, params, assertion).map_err(|d| unauthorized(&d));
+    }
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -1189,4 +1214,45 @@ async fn metadata_endpoint(AxState(shared): AxState<Arc<Shared>>, headers: Heade
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(body.to_string()))
         .unwrap()
+}
+
+/// RFC 7523 §3: the signature under the client's registered key, `iss` and
+/// `sub` the client, `aud` this token endpoint, unexpired, `jti` unused.
+fn verify_assertion(st: &mut State, params: &Params, assertion: &str) -> Result<String, String> {
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        iss: String,
+        sub: String,
+        jti: String,
+    }
+    if param(params, "client_assertion_type")
+        != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+    {
+        return Err("wrong client_assertion_type".into());
+    }
+    let client_id = param(params, "client_id")
+        .ok_or("client_id is required with an assertion here")?
+        .to_owned();
+    let pem = st
+        .jwt_clients
+        .get(&client_id)
+        .ok_or("unknown assertion client")?
+        .clone();
+    let key = jsonwebtoken::DecodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_audience(&[st.own_token_url.clone()]);
+    validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+    let verified = jsonwebtoken::decode::<Claims>(assertion, &key, &validation)
+        .map_err(|e| format!("assertion rejected: {e}"))?;
+    if verified.claims.sub != client_id || verified.claims.iss != client_id {
+        return Err("iss and sub must be the client".into());
+    }
+    if !st.seen_jti.insert(verified.claims.jti) {
+        return Err("assertion jti replayed".into());
+    }
+    st.last_client_auth = Some(ClientAuthSeen {
+        method: ClientAuthMethod::PrivateKeyJwt,
+        client_id: client_id.clone(),
+    });
+    Ok(client_id)
 }

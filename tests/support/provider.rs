@@ -1240,7 +1240,7 @@ fn verify_assertion(st: &mut State, params: &Params, assertion: &str) -> Result<
         .clone();
     let key = jsonwebtoken::DecodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
-    validation.set_audience(&[st.own_token_url.clone()]);
+    validation.set_audience(std::slice::from_ref(&st.own_token_url));
     validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
     let verified = jsonwebtoken::decode::<Claims>(assertion, &key, &validation)
         .map_err(|e| format!("assertion rejected: {e}"))?;

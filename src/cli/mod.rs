@@ -64,6 +64,10 @@ enum Command {
         /// `--dir`, with different listeners, then form one vault.
         #[arg(long, value_delimiter = ',')]
         etcd: Vec<String>,
+        /// The demo OAuth provider's listener (loopback; the `demo` preset
+        /// points at it).
+        #[arg(long, default_value = "127.0.0.1:50052")]
+        demo_listen: SocketAddr,
     },
     /// Manage the sealed keyring file (offline; a running vault picks up changes).
     #[command(subcommand)]
@@ -119,7 +123,8 @@ pub fn main() -> ExitCode {
                 listen,
                 ops_listen,
                 etcd,
-            } => run_dev(&dir, listen, ops_listen, etcd).await,
+                demo_listen,
+            } => run_dev(&dir, listen, ops_listen, etcd, demo_listen).await,
             Command::Keyring(command) => tokio::task::spawn_blocking(move || keyring::run(command))
                 .await
                 .unwrap_or_else(|_| Err("the keyring task failed".into())),
@@ -152,6 +157,29 @@ struct DevOverrides {
     listen: SocketAddr,
     ops_listen: SocketAddr,
     etcd: Vec<String>,
+    /// The demo provider's base URL: the `demo` preset points at it.
+    demo: String,
+}
+
+/// The preset of the demo provider `dev` serves: a public client (PKCE),
+/// every endpoint, the provider's own callback page as redirect URI.
+fn demo_preset(base: &str) -> crate::config::ProviderPreset {
+    crate::config::ProviderPreset {
+        token_endpoint: format!("{base}/token"),
+        authorization_endpoint: Some(format!("{base}/authorize")),
+        device_authorization_endpoint: Some(format!("{base}/device_authorization")),
+        issuer: Some(base.to_owned()),
+        redirect_uri: Some(format!("{base}/callback")),
+        revocation_endpoint: Some(format!("{base}/revoke")),
+        auth_method: crate::config::PresetAuthMethod::None,
+        client_id: dev::provider::CLIENT_ID.to_owned(),
+        client_secret: None,
+        client_secret_file: None,
+        private_key_file: None,
+        signing_alg: None,
+        key_id: None,
+        scopes: vec!["profile".to_owned()],
+    }
 }
 
 async fn serve(path: &Path, dev: Option<DevOverrides>) -> Result<(), String> {
@@ -166,6 +194,10 @@ async fn serve(path: &Path, dev: Option<DevOverrides>) -> Result<(), String> {
         if !dev.etcd.is_empty() {
             config.storage = crate::config::StorageConfig::etcd(dev.etcd);
         }
+        config
+            .providers
+            .entry("demo".to_owned())
+            .or_insert_with(|| demo_preset(&dev.demo));
     }
     telemetry::init_logging(&config.log.filter, config.log.format);
     let listeners = Listeners::bind(&config).await.map_err(|e| {
@@ -184,19 +216,44 @@ async fn run_dev(
     listen: SocketAddr,
     ops_listen: SocketAddr,
     etcd: Vec<String>,
+    demo_listen: SocketAddr,
 ) -> Result<(), String> {
+    if !demo_listen.ip().is_loopback() {
+        return Err("--demo-listen must be a loopback address".into());
+    }
+    // A second dev process (several on one etcd form one vault) takes any
+    // free port rather than fail: the demo provider is a convenience.
+    let demo_listener = match tokio::net::TcpListener::bind(demo_listen).await {
+        Ok(listener) => listener,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            tokio::net::TcpListener::bind((demo_listen.ip(), 0))
+                .await
+                .map_err(|e| format!("cannot start the demo provider: {e}"))?
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot listen on {demo_listen} (--demo-listen): {e}"
+            ))
+        }
+    };
+    let demo = dev::provider::start(demo_listener)
+        .map_err(|e| format!("the demo provider did not start: {e}"))?;
     let owned = dir.to_owned();
     let prepared = tokio::task::spawn_blocking(move || dev::prepare(&owned))
         .await
         .map_err(|_| "the dev set-up task failed".to_owned())?
         .map_err(|e| e.to_string())?;
-    println!("{}", dev::instructions(&prepared.dir, listen, ops_listen));
+    println!(
+        "{}",
+        dev::instructions(&prepared.dir, listen, ops_listen, &demo)
+    );
     serve(
         &prepared.config,
         Some(DevOverrides {
             listen,
             ops_listen,
             etcd,
+            demo,
         }),
     )
     .await

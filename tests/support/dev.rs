@@ -52,6 +52,8 @@ pub struct DevProcess {
     child: Option<Child>,
     pub port: u16,
     pub ops: u16,
+    /// The demo OAuth provider's port.
+    pub demo: u16,
 }
 
 impl DevProcess {
@@ -81,7 +83,7 @@ impl DevProcess {
     }
 
     fn spawn_with(dir: &Path, capture: bool, env: &[(&str, &str)], args: &[&str]) -> Self {
-        let (port, ops) = (free_port(), free_port());
+        let (port, ops, demo) = (free_port(), free_port(), free_port());
         let output = || {
             if capture {
                 Stdio::piped()
@@ -94,6 +96,7 @@ impl DevProcess {
             .arg(dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--ops-listen", &format!("127.0.0.1:{ops}")])
+            .args(["--demo-listen", &format!("127.0.0.1:{demo}")])
             .args(args)
             .envs(env.iter().copied())
             .stdout(output())
@@ -104,6 +107,7 @@ impl DevProcess {
             child: Some(child),
             port,
             ops,
+            demo,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while !ops_ready(ops) {

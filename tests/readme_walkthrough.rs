@@ -258,13 +258,24 @@ fn readme_grpcurl_walkthrough_runs_as_written() {
     assert_eq!(ran, steps.len(), "{report}");
     for expected in [
         "\"generation\": \"1\"",
-        "demo-access-token",
         "TENANT_NOT_PERMITTED",
         "\"existed\": true",
+        "UPSTREAM_REVOCATION_REVOKED",
     ] {
         assert!(
             all_output.contains(expected),
             "no `{expected}` in\n{report}"
         );
     }
+    // The second GetAccessToken refreshed: two different demo access tokens.
+    let mut tokens: Vec<&str> = all_output
+        .split("\"demo-at-")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    tokens.dedup();
+    assert!(
+        tokens.len() >= 2,
+        "no refresh in the walkthrough:\n{report}"
+    );
 }

@@ -396,6 +396,42 @@ async fn the_vault_polls_device_authorizations_through_pending_slow_down_and_app
     assert!(polls[1] - polls[0] >= Duration::from_millis(950));
     assert!(polls[2] - polls[1] >= Duration::from_millis(5900));
 
+    // A restart while the user has not approved yet: polling goes on.
+    provider.set_device_script(&["authorization_pending", "authorization_pending", "approve"]);
+    let across = acme
+        .begin_device_authorization(device("restart"))
+        .await
+        .unwrap()
+        .into_inner();
+    drop(vault);
+    let vault = TestVault::start(&dir).await;
+    let mut acme = vault.client(&dir, "acme").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while status_of(&mut acme, &across.state).await.status
+        != pb::AuthorizationStatus::Completed as i32
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no completion after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let watcher = acme.clone();
+    let settle = |state: String| {
+        let mut acme = watcher.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let view = status_of(&mut acme, &state).await;
+                if view.status != pb::AuthorizationStatus::Pending as i32 {
+                    return view;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "still pending");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
     provider.set_device_script(&["access_denied"]);
     let denied = acme
         .begin_device_authorization(device("no"))

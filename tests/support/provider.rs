@@ -158,6 +158,8 @@ struct State {
     device_polls: Vec<std::time::Instant>,
     /// The `issuer` its RFC 8414 metadata claims (default: its own URL).
     metadata_issuer: Option<String>,
+    /// Replaces the metadata document (garbage, an oversized body).
+    metadata_body: Option<String>,
     metadata_requests: usize,
     /// `private_key_jwt` clients: their public keys (SPKI PEM).
     jwt_clients: HashMap<String, String>,
@@ -283,6 +285,7 @@ impl ProviderDouble {
             device_script: Vec::new(),
             device_polls: Vec::new(),
             metadata_issuer: None,
+            metadata_body: None,
             metadata_requests: 0,
             jwt_clients: HashMap::new(),
             seen_jti: Default::default(),
@@ -367,6 +370,10 @@ impl ProviderDouble {
     /// Makes the RFC 8414 metadata claim another issuer (a mix-up).
     pub fn set_metadata_issuer(&self, issuer: &str) {
         self.shared.lock().metadata_issuer = Some(issuer.to_owned());
+    }
+    /// Serves `body` as its metadata document instead.
+    pub fn set_metadata_body(&self, body: &str) {
+        self.shared.lock().metadata_body = Some(body.to_owned());
     }
     /// Requests for its metadata so far.
     pub fn metadata_requests(&self) -> usize {
@@ -1200,6 +1207,13 @@ async fn metadata_endpoint(AxState(shared): AxState<Arc<Shared>>, headers: Heade
     let base = format!("http://{host}");
     let mut st = shared.lock();
     st.metadata_requests += 1;
+    if let Some(body) = st.metadata_body.clone() {
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap();
+    }
     let issuer = st.metadata_issuer.clone().unwrap_or_else(|| base.clone());
     let body = json!({
         "issuer": issuer,

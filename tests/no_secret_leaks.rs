@@ -174,6 +174,56 @@ async fn secrets_never_reach_logs_or_error_messages() {
     bad.credential.as_mut().unwrap().subject.clear();
     messages.push(client.deposit(bad).await.unwrap_err());
 
+    // The consent flow: the state, the code and the PKCE verifier are secrets.
+    let mut consent_client = oauth(false).unwrap();
+    consent_client.authorization_endpoint = provider.authorization_url();
+    let begun = client
+        .begin_authorization(pb::BeginAuthorizationRequest {
+            credential: reference("acme", "erin", "idp"),
+            client: Some(consent_client),
+            redirect_uri: "https://app.example/cb".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .unwrap();
+    let location = browser
+        .get(&begun.authorization_url)
+        .send()
+        .await
+        .unwrap()
+        .headers()["location"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let redirect = url::Url::parse(&location).unwrap();
+    let query = |name: &str| {
+        redirect
+            .query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+            .unwrap()
+    };
+    let completion = pb::CompleteAuthorizationRequest {
+        state: query("state"),
+        code: query("code"),
+        error: String::new(),
+        iss: query("iss"),
+    };
+    client
+        .complete_authorization(completion.clone())
+        .await
+        .unwrap();
+    secrets.extend([begun.state.clone(), completion.code.clone()]);
+    secrets.push(provider.last_token_request().unwrap()["code_verifier"].clone());
+    // A replayed completion: the error must echo neither.
+    messages.push(client.complete_authorization(completion).await.unwrap_err());
+
     // Revocation, upstream included.
     let revoked = client
         .revoke(pb::RevokeRequest {
@@ -244,6 +294,29 @@ fn secret_bearing_messages_debug_print_redacted() {
         grant: Some(grant),
         ..Default::default()
     });
+    // The consent flows: `state` is a bearer handle, the URL carries it.
+    let begun = pb::BeginAuthorizationResponse {
+        authorization_url: format!("https://idp.example/authorize?state={SECRET}"),
+        state: SECRET.into(),
+        expires_at: None,
+    };
+    let completion = pb::CompleteAuthorizationRequest {
+        state: SECRET.into(),
+        code: SECRET.into(),
+        ..Default::default()
+    };
+    let device = pb::BeginDeviceAuthorizationResponse {
+        state: SECRET.into(),
+        user_code: "USER-1".into(),
+        ..Default::default()
+    };
+    let asked = pb::GetAuthorizationRequest {
+        state: SECRET.into(),
+    };
+    let status = pb::Authorization {
+        state: SECRET.into(),
+        ..Default::default()
+    };
     let printed = [
         format!("{client:?}"),
         format!("{refresh:?}"),
@@ -251,6 +324,11 @@ fn secret_bearing_messages_debug_print_redacted() {
         format!("{response:?}"),
         format!("{:#?}", deposits[0]),
         format!("{:?}", deposits[1]),
+        format!("{begun:?}"),
+        format!("{completion:?}"),
+        format!("{device:?}"),
+        format!("{asked:?}"),
+        format!("{status:?}"),
     ];
     for text in &printed {
         assert!(!text.contains(SECRET), "a secret printed: {text}");

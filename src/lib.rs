@@ -15,9 +15,12 @@
 //!   file, tenant and action checks.
 //! - [`api`]: tonic services; proto <-> domain; the one error-to-status table.
 //! - [`broker`]: the token lifecycle — cache, single-flight refresh, the one
-//!   write path, reauth state, revocation, key rotation, backups.
+//!   write path, reauth state, revocation, key rotation, backups; the
+//!   credential event log and its watchers; the consent flows the vault
+//!   runs; jobs that one replica runs at a time.
 //! - `upstream`: the OAuth client (refresh, code exchange, client
-//!   credentials, revocation), its own types, and the endpoint policy.
+//!   credentials, revocation, the consent flows' requests, discovery,
+//!   `private_key_jwt`), its own types, and the endpoint policy.
 //! - [`crypto`]: the versioned keyring, its sealed file and source, the
 //!   record envelope.
 //! - [`store`]: the storage trait, its one scan, [`store::open`], and the
@@ -26,7 +29,7 @@
 //! - [`telemetry`]: logging, Prometheus metrics, the audit trail.
 //! - [`cli`]: the command line, including the VaultAdmin client.
 //! - [`dev`]: `credvault dev` — a throwaway CA, certificates, keyring and
-//!   config for local use and tests.
+//!   config for local use and tests, and a demo OAuth provider on loopback.
 //! - `webhooks`: credential events POSTed to HTTP sinks, signed per
 //!   Standard Webhooks, one replica delivering each sink.
 //! - `files`: atomic private writes, secret files, change watching.

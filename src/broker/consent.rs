@@ -55,6 +55,8 @@ const KEY_PREFIX: &[u8] = b"\xffauthz/";
 const SEAL_TENANT: &str = "";
 /// How often the device poller and the sweep look at pending work.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often a replica that does not run the sweep asks for it.
+const CLAIM_RETRY: Duration = Duration::from_secs(5);
 /// Finished authorizations stay answerable by GetAuthorization this long.
 const KEEP_FINISHED: Duration = Duration::from_secs(3600);
 /// RFC 8628 §3.5: `slow_down` adds five seconds to the interval.
@@ -839,24 +841,31 @@ impl Broker {
 }
 
 /// Polls device authorizations and sweeps finished ones, on one replica at
-/// a time, until the process ends.
+/// a time, until the process ends. Quiet on a replicated store: a replica
+/// that does not hold the job asks for it every [`CLAIM_RETRY`], and the
+/// holder renews its claim only as often as the takeover bound needs.
 pub async fn run(broker: Arc<Broker>) {
     let seen = ClaimSeen::default();
-    let mut ticks = tokio::time::interval(SWEEP_EVERY);
     loop {
-        ticks.tick().await;
         let claim = match JobClaim::acquire(&broker, "authorizations", &seen).await {
             Ok(claim) => claim,
-            Err(_) => continue,
+            Err(_) => {
+                tokio::time::sleep(CLAIM_RETRY).await;
+                continue;
+            }
         };
-        // Held while this replica sweeps; renewed each pass.
+        let mut renewed = tokio::time::Instant::now();
+        let renew_every = JobClaim::renew_every(&broker);
         loop {
             if let Err(error) = broker.sweep_authorizations().await {
                 tracing::warn!(%error, "authorization sweep failed");
             }
-            ticks.tick().await;
-            if claim.renew(&broker).await.is_err() {
-                break;
+            tokio::time::sleep(SWEEP_EVERY).await;
+            if renew_every.is_some_and(|every| renewed.elapsed() >= every) {
+                if claim.renew(&broker).await.is_err() {
+                    break;
+                }
+                renewed = tokio::time::Instant::now();
             }
         }
     }

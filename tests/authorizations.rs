@@ -403,7 +403,7 @@ async fn the_vault_polls_device_authorizations_through_pending_slow_down_and_app
         .await
         .unwrap()
         .into_inner();
-    drop(vault);
+    vault.stop().await.unwrap();
     let vault = TestVault::start(&dir).await;
     let mut acme = vault.client(&dir, "acme").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

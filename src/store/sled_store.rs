@@ -173,8 +173,11 @@ impl SledStore {
             .map_err(|_| StoreError::Io("open: the opening task failed".into()))?;
             match attempt {
                 Ok(db) => return Self::with_db(db),
+                // sled 0.34 reports a held lock as `ErrorKind::Other` with
+                // the OS error in its message, not as `WouldBlock`.
                 Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock
+                    if (e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.to_string().contains("could not acquire lock"))
                         && tokio::time::Instant::now() < deadline =>
                 {
                     tokio::time::sleep(LOCK_POLL).await;

@@ -700,28 +700,7 @@ async fn every_call_leaves_one_audit_event_without_secrets() {
         dir.path(),
         &[("RUST_LOG", "warn,credvault::audit=info")],
     );
-    let grpc = dev.port;
-    let d = dir.path();
-    let ca = std::fs::read_to_string(d.join("ca.pem")).unwrap();
-    let cert = CertifiedKey {
-        cert_pem: std::fs::read_to_string(d.join("acme.pem")).unwrap(),
-        key_pem: std::fs::read_to_string(d.join("acme-key.pem")).unwrap(),
-    };
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://localhost:{grpc}"))
-        .unwrap()
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(&ca))
-                .identity(tonic::transport::Identity::from_pem(
-                    &cert.cert_pem,
-                    &cert.key_pem,
-                ))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = dev.channel(dir.path(), "acme");
     let mut client = CredentialVaultClient::new(channel);
     client
         .get_access_token(get_request("acme", "alice@example.com", "google"))

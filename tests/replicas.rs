@@ -409,23 +409,7 @@ impl ServeProcess {
     }
 
     async fn client(&self, dir: &VaultDir) -> CredentialVaultClient<Channel> {
-        let cert = &dir.pki.clients["admin"];
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(
-                dir.pki.ca.ca_cert_pem(),
-            ))
-            .identity(tonic::transport::Identity::from_pem(
-                &cert.cert_pem,
-                &cert.key_pem,
-            ))
-            .domain_name("localhost");
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
-                .unwrap()
-                .tls_config(tls)
-                .unwrap()
-                .connect_lazy();
-        CredentialVaultClient::new(channel)
+        CredentialVaultClient::new(self.channel(dir))
     }
 
     fn kill(&mut self) {
@@ -550,30 +534,13 @@ async fn dev_processes_on_one_dir_and_one_etcd_form_one_vault() {
     let endpoints = cluster.endpoints().join(",");
     let first = DevProcess::start_with_args(dir.path(), &["--etcd", &endpoints]);
     let second = DevProcess::start_with_args(dir.path(), &["--etcd", &endpoints]);
-    let client = |port: u16| {
-        let d = dir.path();
-        let read = |name: &str| std::fs::read_to_string(d.join(name)).unwrap();
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
-            .identity(tonic::transport::Identity::from_pem(
-                read("admin.pem"),
-                read("admin-key.pem"),
-            ))
-            .domain_name("localhost");
-        CredentialVaultClient::new(
-            tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
-                .unwrap()
-                .tls_config(tls)
-                .unwrap()
-                .connect_lazy(),
-        )
-    };
+    let client = |dev: &DevProcess| CredentialVaultClient::new(dev.channel(dir.path(), "admin"));
     let valid = SystemTime::now() + Duration::from_secs(3600);
-    client(first.port)
+    client(&first)
         .deposit(deposit(&provider, "alice", Some(valid)))
         .await
         .unwrap();
-    let token = client(second.port)
+    let token = client(&second)
         .get_access_token(get_request("acme", "alice", "idp"))
         .await
         .expect("the second process serves what the first stored")

@@ -317,11 +317,7 @@ fn metadata(info: CredentialInfo) -> pb::CredentialMetadata {
         InfoStatus::Unreadable(reason) => (pb::CredentialState::Unreadable, "", reason.clone()),
     };
     pb::CredentialMetadata {
-        credential: Some(pb::CredentialRef {
-            tenant: info.id.tenant,
-            subject: info.id.subject,
-            provider: info.id.provider,
-        }),
+        credential: Some(super::convert::credential_ref(info.id)),
         state: state as i32,
         reauth_cause: reauth_cause.to_owned(),
         generation: info.generation,

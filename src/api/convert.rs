@@ -22,7 +22,7 @@ use crate::{
         },
     },
     secret::SecretString,
-    upstream::{parse_http_url, ClientSpec, RESERVED_PARAMS},
+    upstream::{check_scopes, parse_http_url, ClientSpec, RESERVED_PARAMS},
 };
 
 const MAX_TENANT: usize = 128;
@@ -144,6 +144,15 @@ pub fn revoke(
     let caller = principal.authorize(&reference.tenant, Action::Revoke)?;
     let id = credential_id(&caller, reference);
     Ok((caller, id))
+}
+
+/// A credential's reference on the wire.
+pub fn credential_ref(id: CredentialId) -> pb::CredentialRef {
+    pb::CredentialRef {
+        tenant: id.tenant,
+        subject: id.subject,
+        provider: id.provider,
+    }
 }
 
 fn credential_id(caller: &Caller, reference: pb::CredentialRef) -> CredentialId {
@@ -389,7 +398,6 @@ const MAX_STATE: usize = 128;
 const MAX_RESOURCES: usize = 16;
 const MAX_EXTRA_PARAMS: usize = 16;
 const MAX_EXTRA_VALUE: usize = 1024;
-const MAX_FLOW_SCOPES: usize = 64;
 
 /// Validates a BeginAuthorization and scopes it to the caller.
 pub fn begin_authorization(
@@ -501,20 +509,7 @@ fn state_field(raw: String, v: &mut Violations) -> Option<SecretString> {
 }
 
 fn flow_scopes(scopes: &[String], v: &mut Violations) {
-    if scopes.len() > MAX_FLOW_SCOPES {
-        v.add("scopes", format!("at most {MAX_FLOW_SCOPES} scopes"));
-    }
-    for (i, scope) in scopes.iter().enumerate() {
-        // RFC 6749 §3.3 scope-token.
-        let ok = !scope.is_empty()
-            && scope.len() <= 256
-            && scope
-                .bytes()
-                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
-        if !ok {
-            v.add(format!("scopes[{i}]"), "must be an RFC 6749 scope token");
-        }
-    }
+    check_scopes(scopes, &mut |field, description| v.add(field, description));
 }
 
 /// RFC 8707 §2: absolute URIs without a fragment.

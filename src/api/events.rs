@@ -192,11 +192,7 @@ fn event_proto(event: CredentialEvent) -> pb::CredentialEvent {
     pb::CredentialEvent {
         cursor: event.cursor,
         r#type: wire_type(event.kind) as i32,
-        credential: Some(pb::CredentialRef {
-            tenant: event.id.tenant,
-            subject: event.id.subject,
-            provider: event.id.provider,
-        }),
+        credential: Some(super::convert::credential_ref(event.id)),
         at: Some(prost_types::Timestamp::from(event.at)),
         generation: event.generation,
         cause: event.cause,

@@ -16,7 +16,7 @@ use crate::{
     auth::{Action, Principal},
     broker::{
         consent::{AuthorizationView, FlowStatus},
-        model::{self, CredentialId, UpstreamRevocation},
+        model::{self, UpstreamRevocation},
         Broker,
     },
 };
@@ -152,7 +152,7 @@ impl CredentialVault for VaultService {
                 .complete_authorization(&state, redirect, &may_authorize(&principal))
                 .await?;
             Ok(pb::CompleteAuthorizationResponse {
-                credential: Some(reference(completed.id)),
+                credential: Some(convert::credential_ref(completed.id)),
                 generation: completed.generation,
                 key_version: completed.key_version,
             })
@@ -245,14 +245,6 @@ fn may_authorize(principal: &Principal) -> impl Fn(&str) -> bool + Sync + '_ {
     move |tenant| principal.authorize(tenant, Action::Authorize).is_ok()
 }
 
-fn reference(id: CredentialId) -> pb::CredentialRef {
-    pb::CredentialRef {
-        tenant: id.tenant,
-        subject: id.subject,
-        provider: id.provider,
-    }
-}
-
 fn timestamp(at: std::time::SystemTime) -> Option<prost_types::Timestamp> {
     Some(prost_types::Timestamp::from(at))
 }
@@ -267,7 +259,7 @@ fn authorization(state: String, view: AuthorizationView) -> pb::Authorization {
             FlowStatus::Expired => pb::AuthorizationStatus::Expired,
             FlowStatus::Failed => pb::AuthorizationStatus::Failed,
         } as i32,
-        credential: Some(reference(view.id)),
+        credential: Some(convert::credential_ref(view.id)),
         generation: view.generation,
         error: view.error,
         expires_at: timestamp(view.expires_at),

@@ -37,6 +37,7 @@ use url::Url;
 use zeroize::Zeroize;
 
 use super::{
+    events::millis,
     jobs::{ClaimSeen, JobClaim},
     model::{ClientAuth, ClientConfig, CredentialId, DepositCommand, Grant},
     Broker, BrokerError,
@@ -167,8 +168,10 @@ const KIND_CODE: u32 = 1;
 const KIND_DEVICE: u32 = 2;
 
 /// The sealed form of a pending authorization. Holds secrets (the client
-/// secret, the verifier, the device code): wiped on drop.
+/// secret, the verifier, the device code): wiped on drop, and its `Debug`
+/// names the authorization only.
 #[derive(Clone, PartialEq, Message)]
+#[prost(skip_debug)]
 struct PendingPayload {
     #[prost(uint32, tag = "1")]
     kind: u32,
@@ -216,6 +219,17 @@ struct PendingPayload {
     interval_ms: u64,
     #[prost(uint64, tag = "22")]
     next_poll_ms: u64,
+}
+
+impl std::fmt::Debug for PendingPayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingPayload")
+            .field("kind", &self.kind)
+            .field("status", &self.status)
+            .field("tenant", &self.tenant)
+            .field("provider", &self.provider)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for PendingPayload {
@@ -323,11 +337,6 @@ fn new_payload(
     }
 }
 
-fn millis(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 fn from_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
@@ -411,7 +420,7 @@ impl Broker {
             )
             .map_err(|e| super::upstream_error(e, &cmd.id))?;
         // Counted only once it is valid: a refused begin holds no place.
-        let expires_at = self.admit_pending(&cmd.id.tenant)?;
+        let expires_at = self.admit_pending(&cmd.id.tenant, self.settings.consent.lifetime)?;
         let mut pending = new_payload(KIND_CODE, &cmd.id, &client, preset.is_some(), expires_at);
         pending.redirect_uri = redirect_uri.to_string();
         pending.resources = cmd.resources;
@@ -455,16 +464,10 @@ impl Broker {
             .start_device(&client, &scopes, &resources)
             .await
             .map_err(|e| super::upstream_error(e, &id))?;
-        let expires_at = SystemTime::now() + started.expires_in.min(self.settings.consent.lifetime);
-        if !self.consent_counts.admit(
+        let expires_at = self.admit_pending(
             &id.tenant,
-            self.settings.consent.max_pending_per_tenant,
-            expires_at,
-        ) {
-            return Err(BrokerError::Overloaded(
-                "too many pending authorizations for this tenant",
-            ));
-        }
+            started.expires_in.min(self.settings.consent.lifetime),
+        )?;
         let state = random_token();
         let mut pending = new_payload(KIND_DEVICE, &id, &client, preset.is_some(), expires_at);
         pending.resources = resources;
@@ -482,8 +485,9 @@ impl Broker {
         })
     }
 
-    fn admit_pending(&self, tenant: &str) -> Result<SystemTime, BrokerError> {
-        let expires_at = SystemTime::now() + self.settings.consent.lifetime;
+    /// Counts one more pending authorization of `tenant`, living `lifetime`.
+    fn admit_pending(&self, tenant: &str, lifetime: Duration) -> Result<SystemTime, BrokerError> {
+        let expires_at = SystemTime::now() + lifetime;
         if self.consent_counts.admit(
             tenant,
             self.settings.consent.max_pending_per_tenant,

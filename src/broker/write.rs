@@ -105,6 +105,8 @@ impl Broker {
             (Known::Nothing, None) => self.store.get(&key).await?,
         };
         for _ in 0..CAS_ATTEMPTS {
+            // One instant for the record's last event and the event itself.
+            let now = std::time::SystemTime::now();
             let (value, written, noted, answer) = match decide(current.as_ref())? {
                 Step::Leave(answer) => {
                     return Ok(Wrote {
@@ -115,7 +117,7 @@ impl Broker {
                 Step::Delete(noted, answer) => (None, None, noted, answer),
                 Step::Put(mut record, noted, answer) => {
                     if let (Some(noted), true) = (&noted, self.settings.events.enabled) {
-                        record.last_event = Some((noted.kind, std::time::SystemTime::now()));
+                        record.last_event = Some((noted.kind, now));
                     }
                     let (value, key_version) = self.seal(id, &record, how.key)?;
                     (Some(value), Some((*record, key_version)), noted, answer)
@@ -123,7 +125,7 @@ impl Broker {
             };
             let event = noted
                 .filter(|_| self.settings.events.enabled)
-                .map(|noted| noted.logged(id, std::time::SystemTime::now()));
+                .map(|noted| noted.logged(id, now));
             let write = Write {
                 expected: current.as_ref().map(|v| v.revision),
                 value,

@@ -211,7 +211,9 @@ fn check_secret(
     }
 }
 
-fn check_scopes(scopes: &[String], problem: &mut impl FnMut(String, String)) {
+/// RFC 6749 §3.3 scope tokens, at most [`MAX_SCOPES`] of them: the rule for a
+/// client's scopes and for the scopes a consent flow asks for.
+pub fn check_scopes(scopes: &[String], problem: &mut impl FnMut(String, String)) {
     if scopes.len() > MAX_SCOPES {
         problem("scopes".into(), format!("at most {MAX_SCOPES} scopes"));
     }

@@ -1,15 +1,19 @@
-//! Scenario 4: durable Deposit through gRPC against a raw sled
-//! `insert` + `flush_async` loop on the same filesystem, interleaved; and
-//! against the same vault with the event log off (`[events] enabled =
-//! false`), which prices writing each Deposit's DEPOSITED event in the same
-//! atomic write.
+//! Scenario 4: durable Deposit through gRPC against the least any durable
+//! RPC can cost (issue 17), interleaved:
 //!
-//! sled 0.34.7's `flush_async` deadlocks once about eight calls overlap
-//! (spacejam/sled#1308) and sled's process-wide flush path stays wedged
-//! after that (the vault's store avoids it with a group-commit `Db::flush`
-//! on the blocking pool), so every round of every side runs in a fresh
-//! process ([`crate::child`]), and a second raw loop runs beside the one the
-//! issue names: `Db::flush` on tokio's blocking pool after every insert.
+//! - the **durable echo**: a bare tonic server behind the vault's own TLS
+//!   configuration and accept loop whose one handler inserts a record-sized
+//!   value into sled and flushes it (`Db::flush` on tokio's blocking pool,
+//!   one flush per call: what a service without group commit does);
+//! - the same vault with the event log off (`[events] enabled = false`),
+//!   which prices writing each Deposit's DEPOSITED event in the same write;
+//! - for context, the raw loop without any RPC: insert + blocking flush.
+//!
+//! Every round of every side runs in a fresh process ([`crate::child`]):
+//! sled keeps per-process state (its flusher, page cache) that one side
+//! must not leave to the next. sled 0.34.7's `flush_async`, the baseline of
+//! an earlier issue, is no longer measured: it deadlocks once about eight
+//! calls overlap (spacejam/sled#1308; see the notes in BENCHMARKS.md).
 
 use std::sync::Arc;
 
@@ -20,9 +24,17 @@ use credvault::{
 };
 
 use serde::{Deserialize, Serialize};
+use tonic_health::pb::{
+    health_check_response,
+    health_server::{Health, HealthServer},
+    HealthCheckRequest, HealthCheckResponse,
+};
 
 use crate::{
-    fixture::{bounded, deposit_request, far_future, vault_clients, PROVIDER, STALL, TENANT},
+    fixture::{
+        bounded, deposit_request, far_future, health_clients, serve_bare, vault_clients, PROVIDER,
+        STALL, TENANT,
+    },
     load::{closed_loop, Sample},
     refresh::Fresh,
     support::vault::VaultDir,
@@ -34,7 +46,9 @@ pub struct DepositRow {
     pub vault: Sample,
     /// The same vault with the event log off.
     pub vault_no_events: Sample,
-    pub raw_async: Sample,
+    /// tonic RPC + raw sled insert + flush per call.
+    pub durable_echo: Sample,
+    /// Raw sled insert + flush per call, no RPC.
     pub raw_blocking: Sample,
     pub value_bytes: usize,
     /// After the run, did one more Deposit to the shipped vault get through?
@@ -42,9 +56,9 @@ pub struct DepositRow {
 }
 
 impl DepositRow {
-    /// The issue's ratio: shipped vault vs raw `insert` + `flush_async`.
+    /// The issue's ratio: shipped vault vs the durable echo.
     pub fn ratio(&self) -> f64 {
-        self.vault.rps() / self.raw_async.rps()
+        self.vault.rps() / self.durable_echo.rps()
     }
 
     /// The price of the event: Deposit with events vs without.
@@ -62,7 +76,7 @@ impl DepositRow {
 pub enum Side {
     Vault,
     VaultNoEvents,
-    RawAsync,
+    DurableEcho,
     RawBlocking,
 }
 
@@ -70,7 +84,7 @@ impl Side {
     const ALL: [Side; 4] = [
         Side::Vault,
         Side::VaultNoEvents,
-        Side::RawAsync,
+        Side::DurableEcho,
         Side::RawBlocking,
     ];
 
@@ -78,7 +92,7 @@ impl Side {
         match self {
             Side::Vault => "vault",
             Side::VaultNoEvents => "vault-no-events",
-            Side::RawAsync => "raw-async",
+            Side::DurableEcho => "durable-echo",
             Side::RawBlocking => "raw-blocking",
         }
     }
@@ -153,7 +167,7 @@ pub async fn run(params: &Params) -> Vec<DepositRow> {
                 runs[at].push(child);
             }
         }
-        let [vault, vault_no_events, raw_async, raw_blocking] = runs;
+        let [vault, vault_no_events, durable_echo, raw_blocking] = runs;
         let value_bytes = raw_blocking
             .iter()
             .map(|c| c.value_bytes)
@@ -169,21 +183,22 @@ pub async fn run(params: &Params) -> Vec<DepositRow> {
             concurrency,
             vault: merge(vault),
             vault_no_events: merge(vault_no_events),
-            raw_async: merge(raw_async),
+            durable_echo: merge(durable_echo),
             raw_blocking: merge(raw_blocking),
             value_bytes,
             vault_alive_after,
         };
         row.raw_blocking
             .expect_clean("raw sled insert + blocking flush");
+        row.durable_echo.expect_clean("durable echo");
         eprintln!(
-            "  c={concurrency:>3}: Deposit {:>6.0}/s {}| without events {:>6.0}/s | raw flush_async {:>6.0}/s {}| raw flush {:>6.0}/s",
+            "  c={concurrency:>3}: Deposit {:>6.0}/s {}| without events {:>6.0}/s | durable echo {:>6.0}/s | raw flush {:>6.0}/s | {:.2}x",
             row.vault.rps(),
             row.vault.failure_note(),
             row.vault_no_events.rps(),
-            row.raw_async.rps(),
-            row.raw_async.failure_note(),
-            row.raw_blocking.rps()
+            row.durable_echo.rps(),
+            row.raw_blocking.rps(),
+            row.ratio(),
         );
         rows.push(row);
     }
@@ -232,10 +247,41 @@ pub async fn child(params: &Params, side: Side, concurrency: usize, round: usize
                 alive_after: Some(alive),
             }
         }
-        Side::RawAsync | Side::RawBlocking => {
+        Side::DurableEcho => {
+            let value_bytes = sealed_record_len(&Keyring::generate(), token_url);
+            let dir = VaultDir::new();
+            let raw = Raw::open();
+            let echo = DurableEcho {
+                db: raw.db.clone(),
+                tree: raw.tree.clone(),
+                value: vec![0x5a; value_bytes].into(),
+            };
+            let (addr, _stop) = serve_bare(&dir, HealthServer::new(echo)).await;
+            let clients = Arc::new(
+                health_clients(&dir, addr, crate::hits::connections_for(concurrency)).await,
+            );
+            let sample = closed_loop(
+                concurrency,
+                params.warmup,
+                params.deposit_measure,
+                move |w, seq| {
+                    let mut client = clients[w % clients.len()].clone();
+                    let request = HealthCheckRequest {
+                        service: format!("{round}/{w}/{seq}"),
+                    };
+                    async move { bounded(client.check(request)).await.map(|_| ()) }
+                },
+            )
+            .await;
+            DepositChild {
+                sample,
+                value_bytes,
+                alive_after: None,
+            }
+        }
+        Side::RawBlocking => {
             let value_bytes = sealed_record_len(&Keyring::generate(), token_url);
             let value: Arc<[u8]> = vec![0x5a; value_bytes].into();
-            let blocking = side == Side::RawBlocking;
             let raw = Raw::open();
             let (db, tree) = (raw.db.clone(), raw.tree.clone());
             let sample = closed_loop(
@@ -246,22 +292,15 @@ pub async fn child(params: &Params, side: Side, concurrency: usize, round: usize
                     let (db, tree, value) = (db.clone(), tree.clone(), value.clone());
                     async move {
                         let key = format!("{round}/{w}/{seq}");
-                        tree.insert(key.as_bytes(), &*value)
-                            .map_err(|e| e.to_string())?;
-                        let flushed = if blocking {
-                            tokio::time::timeout(
-                                STALL,
-                                tokio::task::spawn_blocking(move || db.flush()),
-                            )
-                            .await
-                            .map(|joined| joined.expect("flush task").map(|_| ()))
-                        } else {
-                            tokio::time::timeout(STALL, db.flush_async())
-                                .await
-                                .map(|r| r.map(|_| ()))
-                        };
-                        match flushed {
-                            Ok(result) => result.map_err(|e| e.to_string()),
+                        let write = tokio::task::spawn_blocking(move || {
+                            tree.insert(key.as_bytes(), &*value)?;
+                            db.flush()
+                        });
+                        match tokio::time::timeout(STALL, write).await {
+                            Ok(joined) => joined
+                                .expect("write task")
+                                .map(|_| ())
+                                .map_err(|e| e.to_string()),
                             Err(_) => Err(format!(
                                 "stalled: flush did not complete within {} s",
                                 STALL.as_secs()
@@ -277,6 +316,48 @@ pub async fn child(params: &Params, side: Side, concurrency: usize, round: usize
                 alive_after: None,
             }
         }
+    }
+}
+
+/// The durable echo's one handler: `Check { service }` inserts a
+/// record-sized value under `service` and answers once a flush covers it.
+/// Both run on the blocking pool, as any sled call must (a sled write can
+/// wait on disk), in one hop.
+struct DurableEcho {
+    db: sled::Db,
+    tree: sled::Tree,
+    value: Arc<[u8]>,
+}
+
+#[tonic::async_trait]
+impl Health for DurableEcho {
+    async fn check(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        let key = request.into_inner().service;
+        let (db, tree, value) = (self.db.clone(), self.tree.clone(), self.value.clone());
+        tokio::task::spawn_blocking(move || {
+            tree.insert(key.as_bytes(), &*value)?;
+            db.flush()
+        })
+        .await
+        .map_err(|_| tonic::Status::internal("write task failed"))?
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        Ok(tonic::Response::new(HealthCheckResponse {
+            status: health_check_response::ServingStatus::Serving as i32,
+        }))
+    }
+
+    type WatchStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send>,
+    >;
+
+    async fn watch(
+        &self,
+        _request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("the durable echo only checks"))
     }
 }
 

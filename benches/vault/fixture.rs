@@ -16,7 +16,10 @@ use credvault::{
 };
 use tokio::{net::TcpListener, sync::oneshot};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server};
-use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{
+    health_client::HealthClient,
+    health_server::{Health, HealthServer},
+};
 
 use crate::support::{
     provider::ProviderDouble,
@@ -73,14 +76,7 @@ impl Bench {
 
     /// `n` Health clients of the echo server, each on its own connection.
     pub async fn echo_clients(&self, n: usize) -> Vec<HealthClient<Channel>> {
-        let (ca, cert, key) = admin(&self.dir);
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            out.push(HealthClient::new(
-                connect(self.echo_addr, ca, cert, key).await,
-            ));
-        }
-        out
+        health_clients(&self.dir, self.echo_addr, n).await
     }
 
     /// A Deposit of a refresh-token grant at the provider double, with an
@@ -138,6 +134,21 @@ pub async fn vault_clients(
     out
 }
 
+/// `n` Health clients of a bare server at `addr` (whose PKI is `dir`'s),
+/// each on its own mTLS connection.
+pub async fn health_clients(
+    dir: &VaultDir,
+    addr: SocketAddr,
+    n: usize,
+) -> Vec<HealthClient<Channel>> {
+    let (ca, cert, key) = admin(dir);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(HealthClient::new(connect(addr, ca, cert, key).await));
+    }
+    out
+}
+
 /// How long a call may take before the harness calls it stalled. Far above
 /// any healthy latency here; well below the server's 30 s request timeout.
 pub const STALL: Duration = Duration::from_secs(5);
@@ -190,6 +201,18 @@ async fn start_echo(
     tonic_health::server::HealthReporter,
     oneshot::Sender<()>,
 ) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let (addr, stop) = serve_bare(dir, health).await;
+    (addr, reporter, stop)
+}
+
+/// Serves one `grpc.health.v1.Health` implementation on a bare tonic server
+/// behind the vault's TLS configuration and accept loop (see
+/// [`start_echo`]); dropping the sender stops it.
+pub async fn serve_bare<H: Health>(
+    dir: &VaultDir,
+    service: HealthServer<H>,
+) -> (SocketAddr, oneshot::Sender<()>) {
     let config = dir.config();
     let tls_config = tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca)
         .expect("echo tls config");
@@ -212,14 +235,13 @@ async fn start_echo(
             concurrent: config.server.max_handshakes,
         },
     );
-    let (reporter, health) = tonic_health::server::health_reporter();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(
         Server::builder()
-            .add_service(health)
+            .add_service(service)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stopped.await;
             }),
     );
-    (addr, reporter, stop)
+    (addr, stop)
 }

@@ -205,7 +205,7 @@ pub struct IdentityRateLimiter {
     /// Tokens per second; 0 turns the limiter off.
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<HashMap<Identity, Bucket>>,
 }
 
 struct Bucket {
@@ -233,7 +233,8 @@ impl IdentityRateLimiter {
             let refill_time = self.burst / self.rate;
             buckets.retain(|_, b| now.duration_since(b.at).as_secs_f64() < refill_time);
         }
-        let bucket = buckets.entry(identity.to_string()).or_insert(Bucket {
+        // An identity's clone is a reference count.
+        let bucket = buckets.entry(identity.clone()).or_insert(Bucket {
             tokens: self.burst,
             at: now,
         });
@@ -256,7 +257,7 @@ mod tests {
     use super::*;
 
     fn identity(n: usize) -> Identity {
-        Identity::CommonName(format!("caller-{n}"))
+        Identity::CommonName(format!("caller-{n}").into())
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use std::{future::Future, sync::Arc, time::Instant};
 
+use http::HeaderName;
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -13,7 +14,9 @@ use super::{
     status::ApiError,
 };
 use crate::{
-    auth::{self, Authenticator, Caller, Forwarded, Peer, Principal, SIDECAR_SECRET_HEADER},
+    auth::{
+        self, Authenticator, Caller, Forwarded, Identity, Peer, Principal, SIDECAR_SECRET_HEADER,
+    },
     telemetry::{audit, Metrics},
 };
 
@@ -33,22 +36,26 @@ impl Gate {
         request: &Request<T>,
         entry: &mut AuditEntry,
     ) -> Result<Principal, ApiError> {
-        let header = |name: &str| {
+        // Names made once: a `&str` name is parsed again on every lookup.
+        const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+        const SIDECAR_SECRET: HeaderName = HeaderName::from_static(SIDECAR_SECRET_HEADER);
+        let header = |name: &HeaderName| {
             request
                 .metadata()
+                .as_ref()
                 .get(name)
                 .map(|v| v.to_str().map_err(|_| ()))
         };
-        let identity = self.auth.request_identity(
+        let (identity, memo) = self.auth.request_identity(
             request.extensions().get::<Peer>(),
             Forwarded {
-                xfcc: header("x-forwarded-client-cert"),
-                sidecar_secret: header(SIDECAR_SECRET_HEADER),
+                xfcc: header(&XFCC),
+                sidecar_secret: header(&SIDECAR_SECRET),
             },
         )?;
-        entry.identity = identity.to_string();
-        let bearer = auth::bearer(header("authorization"))?;
-        let principal = self.auth.principal(identity, bearer)?;
+        entry.identity = Some(identity.clone());
+        let bearer = auth::bearer(header(&http::header::AUTHORIZATION))?;
+        let principal = self.auth.principal(identity, bearer, memo)?;
         // Buckets only for identities the policy knows: a stranger cannot
         // grow the limiter's state.
         if !principal.grants.actions.is_empty() {
@@ -61,9 +68,13 @@ impl Gate {
 /// Who made a call, for which tenant and about which credential, for the
 /// audit event: filled in as each is learned, so a refused call still says
 /// who was refused and what they asked for.
+///
+/// The subject's keyed hash is the one costly part (an HMAC); it is needed
+/// only for the audit line, so it is computed only when that line is
+/// written.
 #[derive(Default)]
 pub(crate) struct AuditEntry {
-    identity: String,
+    identity: Option<Identity>,
     tenant: String,
     provider: String,
     subject_hash: String,
@@ -75,7 +86,7 @@ impl AuditEntry {
         if let Some(reference) = reference {
             self.tenant.clone_from(&reference.tenant);
             self.provider.clone_from(&reference.provider);
-            if !reference.subject.is_empty() {
+            if !reference.subject.is_empty() && audit::enabled() {
                 self.subject_hash = audit::subject_hash(&reference.subject);
             }
         }
@@ -91,6 +102,18 @@ impl AuditEntry {
     /// requested; authorizing does not change it.
     pub(crate) fn authorized(&mut self, caller: &Caller) {
         self.tenant.clone_from(&caller.tenant);
+    }
+}
+
+/// An identity for a log line, or nothing when the call had none.
+struct Who<'a>(Option<&'a Identity>);
+
+impl std::fmt::Display for Who<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(identity) => identity.fmt(f),
+            None => Ok(()),
+        }
     }
 }
 
@@ -144,7 +167,8 @@ impl Calls {
         result: Result<T, ApiError>,
     ) -> Result<Response<T>, Status> {
         let elapsed = started.elapsed().as_secs_f64();
-        let identity = entry.identity.as_str();
+        // Printed only if a line is written.
+        let identity = Who(entry.identity.as_ref());
         let tenant = entry.tenant.as_str();
         let provider = entry.provider.as_str();
         let subject = entry.subject_hash.as_str();

@@ -15,7 +15,7 @@
 //! Identities are not secrets; they appear in logs and policy files, so the
 //! values accepted here are restricted to printable characters.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
@@ -72,12 +72,16 @@ pub enum IdentityError {
 
 /// A SPIFFE ID, e.g. `spiffe://credvault.dev/ns/prod/sa/worker`.
 ///
-/// Always valid by construction (see [`SpiffeId::parse`]).
+/// Always valid by construction (see [`SpiffeId::parse`]). Kept as its one
+/// string, shared: an identity is cloned into every call on a connection
+/// and printed in every audit line, so a clone is a reference count and
+/// printing is one copy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    trust_domain: String,
-    /// Empty, or `/seg(/seg)*`.
-    path: String,
+    /// `spiffe://td` then the path: empty, or `/seg(/seg)*`.
+    uri: Arc<str>,
+    /// Where the trust domain ends (and the path begins) in `uri`.
+    path_at: usize,
 }
 
 impl SpiffeId {
@@ -128,25 +132,30 @@ impl SpiffeId {
         }
 
         Ok(SpiffeId {
-            trust_domain: td.to_owned(),
-            path: path.to_owned(),
+            uri: format!("{SPIFFE_PREFIX}{td}{path}").into(),
+            path_at: SPIFFE_PREFIX.len() + td.len(),
         })
     }
 
     /// The trust domain, e.g. `credvault.dev`.
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        &self.uri[SPIFFE_PREFIX.len()..self.path_at]
     }
 
     /// The path including its leading `/`, or `""` for a trust-domain ID.
     pub fn path(&self) -> &str {
-        &self.path
+        &self.uri[self.path_at..]
+    }
+
+    /// The whole ID, `spiffe://td/path`.
+    pub fn as_str(&self) -> &str {
+        &self.uri
     }
 }
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{SPIFFE_PREFIX}{}{}", self.trust_domain, self.path)
+        f.write_str(&self.uri)
     }
 }
 
@@ -196,7 +205,7 @@ pub enum Identity {
     /// From the certificate's single SPIFFE URI SAN.
     Spiffe(SpiffeId),
     /// From the subject CN (only when allowed by [`IdentityRules`]).
-    CommonName(String),
+    CommonName(Arc<str>),
 }
 
 impl fmt::Display for Identity {
@@ -328,7 +337,7 @@ fn common_name_identity(
             "contains control characters",
         ));
     }
-    Ok(Identity::CommonName(cn.to_owned()))
+    Ok(Identity::CommonName(cn.into()))
 }
 
 /// Escape and truncate an untrusted value before it goes into an error message.

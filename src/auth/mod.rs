@@ -17,11 +17,11 @@ pub mod mesh;
 mod peer;
 pub mod policy;
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 pub use self::identity::{Identity, IdentityError, IdentityRules};
 pub use self::jwt::{JwtVerifier, TokenError};
-pub use self::peer::{bearer, Forwarded, Peer, SIDECAR_SECRET_HEADER};
+pub use self::peer::{bearer, Forwarded, Peer, TlsPeer, SIDECAR_SECRET_HEADER};
 pub use self::policy::{Action, Grants, Policy, PolicyError, Tenants};
 
 /// Why a call is refused. Messages name identities and tenants (not secrets).
@@ -53,7 +53,29 @@ pub enum AuthError {
 #[derive(Clone, Debug)]
 pub struct Principal {
     pub identity: Identity,
-    pub grants: Grants,
+    /// Shared with the connection's memo unless a bearer token narrowed it.
+    pub grants: Arc<Grants>,
+}
+
+/// What one policy granted one identity, kept for the connection that
+/// identity came in on. Valid while that policy is the one in force: the
+/// `Weak` keeps the old policy's allocation, so a pointer match cannot be
+/// a new policy at a reused address.
+#[derive(Debug, Default)]
+pub struct GrantsMemo(Mutex<Option<(Weak<Policy>, Arc<Grants>)>>);
+
+impl GrantsMemo {
+    fn get_or_resolve(&self, policy: &Arc<Policy>, identity: &Identity) -> Arc<Grants> {
+        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((of, grants)) = memo.as_ref() {
+            if std::ptr::eq(of.as_ptr(), Arc::as_ptr(policy)) {
+                return Arc::clone(grants);
+            }
+        }
+        let grants = Arc::new(policy.grants_for(identity));
+        *memo = Some((Arc::downgrade(policy), Arc::clone(&grants)));
+        grants
+    }
 }
 
 /// An authorized caller, scoped to one tenant and one action.
@@ -195,17 +217,25 @@ impl Authenticator {
     /// The principal for an already identified peer, narrowed by the
     /// tenants of its bearer token when JWTs are configured: a call may act
     /// for a tenant only if the certificate's policy AND the token allow it.
+    ///
+    /// `memo` is the connection's memo of its grants, when the identity is
+    /// the connection's own (mTLS).
     pub fn principal(
         &self,
         identity: Identity,
         bearer: Option<&str>,
+        memo: Option<&GrantsMemo>,
     ) -> Result<Principal, AuthError> {
         let policy = Arc::clone(&self.policy.read().unwrap_or_else(|e| e.into_inner()));
-        let mut grants = policy.grants_for(&identity);
+        let mut grants = match memo {
+            Some(memo) => memo.get_or_resolve(&policy, &identity),
+            None => Arc::new(policy.grants_for(&identity)),
+        };
         match (&self.jwt, bearer) {
             (Some(verifier), Some(token)) => {
                 let claimed = verifier.verify(token)?;
-                grants.tenants = grants.tenants.intersect(&claimed);
+                let narrowed = grants.tenants.intersect(&claimed);
+                Arc::make_mut(&mut grants).tenants = narrowed;
             }
             // Fails closed, also when the policy demands a token but no
             // verifier is configured.

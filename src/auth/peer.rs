@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
 
-use super::{mesh, AuthError, Authenticator, Identity, TokenError};
+use super::{mesh, AuthError, Authenticator, GrantsMemo, Identity, TokenError};
 use crate::secret::SecretString;
 
 /// The connection a request came in on, attached by the transport. A TLS
@@ -20,7 +20,7 @@ use crate::secret::SecretString;
 #[derive(Clone, Debug)]
 pub enum Peer {
     /// An mTLS connection and the identity of its certificate.
-    Tls(Result<Identity, AuthError>),
+    Tls(Arc<TlsPeer>),
     /// A mesh-mode connection from the local sidecar: callers' identities come
     /// from `x-forwarded-client-cert` elements added for `vault_identity`,
     /// on requests that carry the sidecar's shared secret when one is set.
@@ -28,6 +28,26 @@ pub enum Peer {
         vault_identity: Arc<str>,
         sidecar_secret: Option<Arc<SecretString>>,
     },
+}
+
+/// An mTLS connection: one identity for every call on it, so what the
+/// policy grants it is resolved on its first call and again only after the
+/// policy is replaced (calls on a connection are the hot path; a policy
+/// match walks every rule).
+#[derive(Debug)]
+pub struct TlsPeer {
+    identity: Result<Identity, AuthError>,
+    grants: GrantsMemo,
+}
+
+impl Peer {
+    /// An mTLS connection whose certificate named `identity` (or did not).
+    pub fn tls(identity: Result<Identity, AuthError>) -> Self {
+        Peer::Tls(Arc::new(TlsPeer {
+            identity,
+            grants: GrantsMemo::default(),
+        }))
+    }
 }
 
 /// The header a mesh sidecar adds to prove it is the sidecar: anything else
@@ -44,20 +64,21 @@ pub struct Forwarded<'a> {
 }
 
 impl Authenticator {
-    /// The identity behind one request: its connection's, or on a mesh
-    /// connection the one the sidecar forwarded.
-    pub fn request_identity(
+    /// The identity behind one request: its connection's (with the
+    /// connection's memo of its grants), or on a mesh connection the one
+    /// the sidecar forwarded.
+    pub fn request_identity<'p>(
         &self,
-        peer: Option<&Peer>,
+        peer: Option<&'p Peer>,
         forwarded: Forwarded<'_>,
-    ) -> Result<Identity, AuthError> {
+    ) -> Result<(Identity, Option<&'p GrantsMemo>), AuthError> {
         match peer {
             // Only a sidecar in mesh mode may speak for a client; on the mTLS
             // port the header is an impersonation attempt.
             Some(Peer::Tls(_)) if forwarded.xfcc.is_some() => {
                 Err(AuthError::ForwardedIdentityRefused)
             }
-            Some(Peer::Tls(identity)) => identity.clone(),
+            Some(Peer::Tls(tls)) => Ok((tls.identity.clone()?, Some(&tls.grants))),
             Some(Peer::Mesh {
                 vault_identity,
                 sidecar_secret,
@@ -69,11 +90,12 @@ impl Authenticator {
                         return Err(mesh::MeshError::SidecarSecret.into());
                     }
                 }
-                Ok(mesh::identity_from_xfcc(
+                let identity = mesh::identity_from_xfcc(
                     forwarded.xfcc.and_then(Result::ok),
                     vault_identity,
                     self.identity_rules(),
-                )?)
+                )?;
+                Ok((identity, None))
             }
             None => Err(AuthError::NoCertificate),
         }

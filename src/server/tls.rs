@@ -380,5 +380,5 @@ fn identify(
     if let Err(error) = &identity {
         tracing::info!(%remote, %error, "peer certificate names no usable identity");
     }
-    Peer::Tls(identity)
+    Peer::tls(identity)
 }

@@ -26,6 +26,12 @@ fn key() -> &'static [u8; 32] {
     })
 }
 
+/// Whether audit lines are being written (a subscriber takes the target at
+/// INFO): work done only for the line can be skipped when they are not.
+pub fn enabled() -> bool {
+    tracing::enabled!(target: TARGET, tracing::Level::INFO)
+}
+
 /// 16 hex characters identifying `subject` within this process's logs.
 pub fn subject_hash(subject: &str) -> String {
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key()) else {

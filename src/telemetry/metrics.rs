@@ -76,6 +76,9 @@ pub struct Metrics {
     /// label strings or take the family's lock.
     cache_hits: Counter,
     cache_misses: Counter,
+    /// Per method, its OK counter and its latency histogram, resolved on
+    /// the method's first call for the same reason.
+    answered: std::sync::RwLock<std::collections::HashMap<&'static str, (Counter, Histogram)>>,
     pub refreshes: Family<RefreshLabels, Counter>,
     pub coalesced_waiters: Counter,
     pub reauth_transitions: Family<CauseLabels, Counter>,
@@ -158,6 +161,7 @@ impl Default for Metrics {
             call_seconds,
             cache_hits,
             cache_misses,
+            answered: Default::default(),
             refreshes: register(r, "refreshes", "upstream refreshes by provider and outcome"),
             coalesced_waiters: register(
                 r,
@@ -228,7 +232,23 @@ impl Metrics {
         out
     }
 
-    pub fn call(&self, method: &str, reason: &str, seconds: f64) {
+    pub fn call(&self, method: &'static str, reason: &str, seconds: f64) {
+        if reason == "OK" {
+            if let Some((ok, latency)) = self
+                .answered
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(method)
+            {
+                ok.inc();
+                latency.observe(seconds);
+                return;
+            }
+            let (ok, latency) = self.answered(method);
+            ok.inc();
+            latency.observe(seconds);
+            return;
+        }
         self.calls
             .get_or_create(&CallLabels {
                 method: method.to_owned(),
@@ -240,6 +260,28 @@ impl Metrics {
                 method: method.to_owned(),
             })
             .observe(seconds);
+    }
+
+    /// Resolves `method`'s OK counter and latency histogram.
+    fn answered(&self, method: &'static str) -> (Counter, Histogram) {
+        let handles = (
+            self.calls
+                .get_or_create(&CallLabels {
+                    method: method.to_owned(),
+                    reason: "OK".to_owned(),
+                })
+                .clone(),
+            self.call_seconds
+                .get_or_create(&MethodLabels {
+                    method: method.to_owned(),
+                })
+                .clone(),
+        );
+        self.answered
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(method, handles.clone());
+        handles
     }
 
     pub fn cache(&self, hit: bool) {

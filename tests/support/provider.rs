@@ -141,6 +141,9 @@ struct State {
     token_faults: VecDeque<Fault>,
     revocation_faults: VecDeque<Fault>,
     token_calls: usize,
+    /// Token requests being answered now, and the most at once.
+    token_in_flight: usize,
+    token_in_flight_max: usize,
     revocation_calls: usize,
     calls_by_grant: HashMap<String, usize>,
     last_token_request: Option<HashMap<String, String>>,
@@ -274,6 +277,8 @@ impl ProviderDouble {
             token_faults: VecDeque::new(),
             revocation_faults: VecDeque::new(),
             token_calls: 0,
+            token_in_flight: 0,
+            token_in_flight_max: 0,
             revocation_calls: 0,
             calls_by_grant: HashMap::new(),
             last_token_request: None,
@@ -524,6 +529,11 @@ impl ProviderDouble {
     pub fn refresh_calls(&self) -> usize {
         self.calls_by_grant_type("refresh_token")
     }
+    /// The most token requests the double was answering at once.
+    pub fn max_token_calls_in_flight(&self) -> usize {
+        self.shared.lock().token_in_flight_max
+    }
+
     pub fn calls_by_grant_type(&self, grant_type: &str) -> usize {
         self.shared
             .lock()
@@ -796,6 +806,24 @@ fn authenticate(st: &mut State, headers: &HeaderMap, params: &Params) -> Result<
     }
 }
 
+/// Counts a token request as in flight until it is answered (or dropped).
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(shared: &'a Shared) -> Self {
+        let mut st = shared.lock();
+        st.token_in_flight += 1;
+        st.token_in_flight_max = st.token_in_flight_max.max(st.token_in_flight);
+        Self(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.lock().token_in_flight -= 1;
+    }
+}
+
 /// `POST /token`: count, record, pick a fault (arrival order), hold, latency, then process.
 async fn token_endpoint(
     AxState(shared): AxState<Arc<Shared>>,
@@ -811,6 +839,7 @@ async fn token_endpoint(
         );
     }
     let form = read_form(&headers, body).await;
+    let _in_flight = InFlight::enter(&shared);
     let (fault, latency) = {
         let mut st = shared.lock();
         st.token_calls += 1;

@@ -47,6 +47,14 @@ use crate::{
 const RECORDS_TREE: &str = "credentials.v1";
 /// Spreads the sampled credentials over the whole key space.
 const STRIDE: usize = 7919;
+/// The vault process once every stored credential has been served (and so
+/// cached) once.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AllCached {
+    pub credentials: usize,
+    pub rss_kib: u64,
+}
+
 /// Concurrency of the warm-up pass that fills the token cache.
 const WARM_CONCURRENCY: usize = 32;
 
@@ -67,6 +75,8 @@ pub struct ChildResult {
     pub rss_base_kib: u64,
     pub rss_cold_kib: u64,
     pub rss_final_kib: u64,
+    /// The largest level only: RSS once every credential was served once.
+    pub all: Option<AllCached>,
     pub miss_ns: Vec<u64>,
     pub warm_ns: Vec<u64>,
     pub warm_secs: f64,
@@ -174,6 +184,9 @@ pub async fn run(params: &Params) -> Vec<ScaleRow> {
             params.scale_misses.to_string(),
             params.scale_warm.to_string(),
             params.hit_measure.as_millis().to_string(),
+            // The largest level also caches every credential once, for the
+            // memory a fully cached store takes.
+            (n == *params.scale_levels.iter().max().unwrap_or(&n)).to_string(),
         ])
         .await;
         let row = ScaleRow {
@@ -307,10 +320,18 @@ pub async fn child(args: &[String]) -> ChildResult {
     let misses: usize = arg(2).parse().expect("misses");
     let warm: usize = arg(3).parse().expect("warm");
     let hit = Duration::from_millis(arg(4).parse().expect("hit ms"));
-    measure(dir, n, misses, warm, hit).await
+    let cache_all = arg(5) == "true";
+    measure(dir, n, misses, warm, hit, cache_all).await
 }
 
-async fn measure(dir: PathBuf, n: usize, misses: usize, warm: usize, hit: Duration) -> ChildResult {
+async fn measure(
+    dir: PathBuf,
+    n: usize,
+    misses: usize,
+    warm: usize,
+    hit: Duration,
+    cache_all: bool,
+) -> ChildResult {
     tls::install_crypto_provider();
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect("read pem");
     let (ca, cert, key) = (read("ca.pem"), read("admin.pem"), read("admin-key.pem"));
@@ -393,6 +414,30 @@ async fn measure(dir: PathBuf, n: usize, misses: usize, warm: usize, hit: Durati
     hits.expect_clean("cache hits");
     let rss_final_kib = rss_kib();
 
+    // Every credential not asked for yet, once: then all of them are cached.
+    let all = if cache_all && cached < n {
+        let client = client.clone();
+        let rest = fan_out(n - cached, WARM_CONCURRENCY, 1, move |j| {
+            let mut client = client.clone();
+            let request = get_request(TENANT, &subject(pick(cached + j, n)), PROVIDER);
+            async move {
+                client
+                    .get_access_token(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.to_string())
+            }
+        })
+        .await;
+        rest.expect_clean_or_empty("caching every credential");
+        Some(AllCached {
+            credentials: n,
+            rss_kib: rss_kib(),
+        })
+    } else {
+        None
+    };
+
     let _ = stop.send(());
     let _ = server.await;
     ChildResult {
@@ -401,6 +446,7 @@ async fn measure(dir: PathBuf, n: usize, misses: usize, warm: usize, hit: Durati
         rss_base_kib,
         rss_cold_kib,
         rss_final_kib,
+        all,
         miss_ns,
         warm_ns: warm_sample.lat_ns,
         warm_secs: warm_sample.secs,

@@ -118,6 +118,7 @@ pub fn main(args: &[String]) -> ! {
                 refresh::ThroughputChild {
                     sample: wedged(limit.as_secs_f64()),
                     upstream_calls: 0,
+                    direct: Sample::from_latencies(Vec::new(), 0.0),
                 },
             );
             emit(&runtime.block_on(refresh::throughput_child(&params)));

@@ -185,6 +185,9 @@ pub struct ThroughputResult {
     pub provider_latency: Duration,
     pub sample: Sample,
     pub upstream_calls: usize,
+    /// The same number of callers refreshing straight at the double (no
+    /// vault): what the double and its timer allow.
+    pub direct: Sample,
 }
 
 impl ThroughputResult {
@@ -195,6 +198,11 @@ impl ThroughputResult {
     pub fn ratio(&self) -> f64 {
         self.sample.rps() / self.ideal()
     }
+
+    /// The vault against refreshing straight at the double.
+    pub fn direct_ratio(&self) -> f64 {
+        self.sample.rps() / self.direct.rps()
+    }
 }
 
 /// What one child measured.
@@ -202,6 +210,7 @@ impl ThroughputResult {
 pub struct ThroughputChild {
     pub sample: Sample,
     pub upstream_calls: usize,
+    pub direct: Sample,
 }
 
 /// Runs in a fresh process, so the numbers are the vault's alone.
@@ -215,11 +224,14 @@ pub async fn throughput(params: &Params) -> ThroughputResult {
         provider_latency: params.refresh_latency,
         sample: child.sample,
         upstream_calls: child.upstream_calls,
+        direct: child.direct,
     };
     eprintln!(
-        "  {:.0} refreshes/s ({:.2}x ideal), {} of {} answered {}",
+        "  {:.0} refreshes/s ({:.2}x ideal, {:.2}x the double alone at {:.0}/s), {} of {} answered {}",
         row.sample.rps(),
         row.ratio(),
+        row.direct_ratio(),
+        row.direct.rps(),
         row.sample.count(),
         row.credentials,
         row.sample.failure_note()
@@ -272,8 +284,40 @@ pub async fn throughput_child(params: &Params) -> ThroughputChild {
             "each expired credential must cost exactly one upstream refresh"
         );
     }
+    // The double alone: as many callers POSTing refresh grants straight at
+    // it (plain HTTP/1.1, pooled), for a quarter as many refreshes.
+    let direct = {
+        let http = reqwest::Client::builder().build().expect("reqwest client");
+        let tokens: Arc<Vec<String>> = Arc::new(
+            (0..n / 4)
+                .map(|_| provider.issue_refresh_token(CLIENT_ID))
+                .collect(),
+        );
+        let url = provider.token_url();
+        fan_out(n / 4, concurrency, concurrency, move |i| {
+            let (http, url) = (http.clone(), url.clone());
+            let body = format!("grant_type=refresh_token&refresh_token={}", tokens[i]);
+            async move {
+                let response = http
+                    .post(url)
+                    .basic_auth(CLIENT_ID, Some(CLIENT_SECRET))
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !response.status().is_success() {
+                    return Err(format!("direct refresh: {}", response.status()));
+                }
+                response.bytes().await.map(|_| ()).map_err(|e| e.to_string())
+            }
+        })
+        .await
+    };
+    direct.expect_clean("direct refreshes at the double");
     ThroughputChild {
         sample,
         upstream_calls,
+        direct,
     }
 }

@@ -129,85 +129,36 @@ impl EventLog {
     }
 }
 
-/// Group commit: one flush makes every write before it durable, so at most
-/// one flush runs at a time and writes that land while it runs share the
-/// next one.
+/// Group commit: one flush makes every write before it durable, so callers
+/// that arrive while a flush runs wait for the next one and share it.
 ///
-/// - A writer finding no flush running flushes on the blocking thread its
-///   write already runs on (no hand-off: at low concurrency a write costs
-///   one flush and one hop, as a flush per call would).
-/// - A writer finding a flush running does not wait on a thread: it awaits
-///   [`GroupCommit::flushed`] until a flush that began after its write is
-///   published. The flush that ends first sees the writes it did not cover
-///   and starts the next one at once, on a blocking task that keeps
-///   flushing back to back while writes keep arriving, so under load every
-///   flush covers everything written during the one before it.
+/// A write rides the flush in flight when that flush began after the write
+/// (its `covers` includes the write): the writer finds `flushed` past its
+/// own count once it gets the turn, and returns without flushing. Only a
+/// write that landed after the running flush read `written` needs another.
+/// Waiters queue on the turn in order; the first one not covered runs the
+/// next flush. That small hand-over is also what batches: a variant that
+/// started the next flush the moment one ended (waiters parked on a watch)
+/// flushed more often with fewer writes each, and lost 10-20 % of Deposit
+/// throughput at c=16 and c=64 (BENCHMARKS.md, notes of issue 17).
 ///
-/// Flushes are sled's blocking `Db::flush`: sled 0.34's `flush_async`
-/// deadlocks when several run concurrently (spacejam/sled#1308, fixed only
-/// on an unreleased branch).
+/// It also avoids sled 0.34's `flush_async`, which deadlocks when several
+/// flushes run concurrently (spacejam/sled#1308, fixed only on an unreleased
+/// branch): flushes here are the blocking `flush`, one at a time, on the
+/// blocking pool.
+#[derive(Default)]
 struct GroupCommit {
-    /// Bumped after every write; a writer's ticket is the value after its
-    /// write.
+    /// Bumped after every write.
     written: AtomicU64,
-    /// A flush is running; whoever sets it runs the flush.
-    flushing: AtomicBool,
-    /// The `written` value the newest completed flush covered, or the
-    /// failure that ends every wait.
-    flushed: tokio::sync::watch::Sender<Flushed>,
+    /// The `written` value the last completed flush covered.
+    flushed: AtomicU64,
     /// A write or flush failed (sled keeps failing after that).
     failing: AtomicBool,
     /// Entries whose write was never made durable and could not be taken
     /// back in sled (which refuses writes after an I/O error): readers see
     /// the previous entry until the process restarts.
     unacknowledged: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Option<sled::IVec>>>,
-    /// Where follow-on flushes run (captured at open, in the runtime).
-    runtime: tokio::runtime::Handle,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Flushed {
-    covers: u64,
-    failed: bool,
-}
-
-impl GroupCommit {
-    fn new(runtime: tokio::runtime::Handle) -> Self {
-        Self {
-            written: AtomicU64::new(0),
-            flushing: AtomicBool::new(false),
-            flushed: tokio::sync::watch::Sender::new(Flushed::default()),
-            failing: AtomicBool::new(false),
-            unacknowledged: Default::default(),
-            runtime,
-        }
-    }
-
-    fn covered(&self, ticket: u64) -> bool {
-        self.flushed.borrow().covers >= ticket
-    }
-
-    /// Takes the flushing role if nobody holds it.
-    fn begin(&self) -> bool {
-        self.flushing
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-    }
-}
-
-/// A write that went through: the entries before and after (to take it
-/// back if its flush fails) and its group-commit ticket.
-struct Applied {
-    old: Option<sled::IVec>,
-    new: Option<Vec<u8>>,
-    ticket: u64,
-}
-
-/// What a write's own blocking thread did about its durability.
-enum Durability {
-    Flushed,
-    /// A flush was running: the write rides the next one.
-    Wait,
+    one_flush_at_a_time: tokio::sync::Mutex<()>,
 }
 
 /// How long a start waits for the directory lock of a previous owner, whose
@@ -274,7 +225,7 @@ impl SledStore {
             records,
             meta,
             key_locks: (0..KEY_LOCKS).map(|_| std::sync::Mutex::new(())).collect(),
-            commits: Arc::new(GroupCommit::new(tokio::runtime::Handle::current())),
+            commits: Arc::default(),
             log: Arc::new(EventLog {
                 order: std::sync::Mutex::new(Positions {
                     last,
@@ -307,15 +258,16 @@ impl SledStore {
         Ok(Revision(id + 1))
     }
 
-    /// The swap, also returning what a write whose flush fails needs to be
-    /// taken back, and its group-commit ticket.
+    /// The swap, also returning (old, new) raw entries so a write whose
+    /// flush fails can be taken back.
+    #[allow(clippy::type_complexity)]
     fn swap_raw(
         &self,
         key: &StoreKey,
         expected: Option<Revision>,
         value: Option<Vec<u8>>,
         event: Option<NewEvent>,
-    ) -> Result<(CasOutcome, Option<Applied>), StoreError> {
+    ) -> Result<(CasOutcome, Option<(Option<sled::IVec>, Option<Vec<u8>>)>), StoreError> {
         if !self.healthy_now() {
             // sled would refuse anyway; saying so keeps the error typed.
             return Err(StoreError::Io(
@@ -351,14 +303,10 @@ impl SledStore {
             .map_err(|e| self.failed(io_error("compare and swap", &e)))?;
         match swapped {
             Ok(()) => {
-                let ticket = self.wrote();
+                self.wrote();
                 Ok((
                     CasOutcome::Written(new_revision),
-                    Some(Applied {
-                        old: current_raw,
-                        new: new_raw,
-                        ticket,
-                    }),
+                    Some((current_raw, new_raw)),
                 ))
             }
             Err(conflict) => Ok((
@@ -371,6 +319,7 @@ impl SledStore {
     /// The write of an entry together with its event: the event, then the
     /// entry (see the module documentation). The caller holds the key's
     /// lock and checked the revision under it.
+    #[allow(clippy::type_complexity)]
     fn swap_logged(
         &self,
         key: &StoreKey,
@@ -378,7 +327,7 @@ impl SledStore {
         new_raw: Option<Vec<u8>>,
         new_revision: Option<Revision>,
         event: NewEvent,
-    ) -> Result<(CasOutcome, Option<Applied>), StoreError> {
+    ) -> Result<(CasOutcome, Option<(Option<sled::IVec>, Option<Vec<u8>>)>), StoreError> {
         // What recovery needs to tell whether the change landed: the key,
         // and the revision written (a put) or deleted (a delete).
         let (op, revision) = match (new_revision, &current) {
@@ -414,14 +363,10 @@ impl SledStore {
         };
         self.log.done(position);
         written.map_err(|e| self.failed(io_error("write", &e)))?;
-        let ticket = self.wrote();
+        self.wrote();
         Ok((
             CasOutcome::Written(new_revision),
-            Some(Applied {
-                old: current.map(|(raw, _)| raw),
-                new: new_raw,
-                ticket,
-            }),
+            Some((current.map(|(raw, _)| raw), new_raw)),
         ))
     }
 
@@ -461,108 +406,46 @@ impl SledStore {
         error
     }
 
-    /// On a blocking thread, after a write whose ticket is `ticket`: makes
-    /// it durable here when no flush is running, or says which flush to
-    /// wait for.
-    fn flush_if_idle(&self, ticket: u64) -> Result<Durability, StoreError> {
-        if self.commits.covered(ticket) {
-            return Ok(Durability::Flushed);
+    /// On a blocking thread: flushes now if no flush is running (`None`
+    /// when one is: the caller then joins the group commit).
+    fn flush_if_idle(&self) -> Option<Result<(), StoreError>> {
+        let mine = self.commits.written.load(Ordering::SeqCst);
+        let _turn = self.commits.one_flush_at_a_time.try_lock().ok()?;
+        if self.commits.flushed.load(Ordering::SeqCst) >= mine {
+            return Some(Ok(()));
         }
-        if !self.commits.begin() {
-            return Ok(Durability::Wait);
-        }
-        self.flush_round()?;
-        self.hand_on();
-        Ok(Durability::Flushed)
-    }
-
-    /// One flush, by the holder of the flushing role, which it gives up.
-    fn flush_round(&self) -> Result<(), StoreError> {
-        // Read after taking the role: everything written so far is covered.
         let covers = self.commits.written.load(Ordering::SeqCst);
         let events = self.log.committed.load(Ordering::SeqCst);
-        let flushed = self.db.flush();
-        self.commits.flushing.store(false, Ordering::SeqCst);
-        match flushed {
-            Ok(_) => {
-                self.commits.flushed.send_if_modified(|seen| {
-                    let moved = covers > seen.covers;
-                    seen.covers = seen.covers.max(covers);
-                    moved
-                });
-                self.log.flushed(events);
-                Ok(())
-            }
-            Err(e) => {
-                let error = self.failed(io_error("flush", &e));
-                self.commits.flushed.send_modify(|seen| seen.failed = true);
-                Err(error)
-            }
+        if let Err(e) = self.db.flush() {
+            return Some(Err(self.failed(io_error("flush", &e))));
         }
+        self.commits.flushed.fetch_max(covers, Ordering::SeqCst);
+        self.log.flushed(events);
+        Some(Ok(()))
     }
 
-    /// After a flush: writes that landed while it ran are waiting for the
-    /// next one, which starts now on a blocking task that keeps flushing
-    /// while writes keep coming. (A writer that found the flush running
-    /// bumped `written` before it looked, and the flush gives up its role
-    /// before it reads `written`: one of the two always sees the other.)
-    fn hand_on(&self) {
-        if self.commits.written.load(Ordering::SeqCst) <= self.commits.flushed.borrow().covers
-            || !self.commits.begin()
-        {
-            return;
-        }
-        let this = self.clone();
-        self.commits.runtime.spawn_blocking(move || loop {
-            if this.flush_round().is_err() {
-                return;
-            }
-            let pending =
-                this.commits.written.load(Ordering::SeqCst) > this.commits.flushed.borrow().covers;
-            if !pending || !this.commits.begin() {
-                return;
-            }
-        });
-    }
-
-    /// Waits without a thread until a flush covers `ticket`.
-    async fn ride(&self, ticket: u64) -> Result<(), StoreError> {
-        let mut flushed = self.commits.flushed.subscribe();
-        let seen = flushed
-            .wait_for(|f| f.covers >= ticket || f.failed)
-            .await
-            .map_err(|_| StoreError::Io("flush: the store closed".into()))?;
-        if seen.covers >= ticket {
-            Ok(())
-        } else {
-            Err(StoreError::Io(
-                "flush: the store failed earlier; restart required".into(),
-            ))
-        }
-    }
-
-    /// Makes every write made so far durable.
+    /// Makes every write this caller has made durable.
     async fn durable(&self) -> Result<(), StoreError> {
-        let ticket = self.commits.written.load(Ordering::SeqCst);
-        if self.commits.covered(ticket) {
+        let mine = self.commits.written.load(Ordering::SeqCst);
+        let _turn = self.commits.one_flush_at_a_time.lock().await;
+        if self.commits.flushed.load(Ordering::SeqCst) >= mine {
+            // A flush that started after our write already covered it.
             return Ok(());
         }
-        if self.commits.begin() {
-            let this = self.clone();
-            tokio::task::spawn_blocking(move || {
-                let flushed = this.flush_round();
-                this.hand_on();
-                flushed
-            })
+        let covers = self.commits.written.load(Ordering::SeqCst);
+        let events = self.log.committed.load(Ordering::SeqCst);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
             .await
-            .map_err(|_| self.failed(StoreError::Io("flush task failed".into())))??;
-        }
-        self.ride(ticket).await
+            .map_err(|_| self.failed(StoreError::Io("flush task failed".into())))?
+            .map_err(|e| self.failed(io_error("flush", &e)))?;
+        self.commits.flushed.fetch_max(covers, Ordering::SeqCst);
+        self.log.flushed(events);
+        Ok(())
     }
 
-    /// Counts a write; returns its ticket.
-    fn wrote(&self) -> u64 {
-        self.commits.written.fetch_add(1, Ordering::SeqCst) + 1
+    fn wrote(&self) {
+        self.commits.written.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -769,29 +652,36 @@ impl CredentialStore for SledStore {
             durable,
             fence: _,
         } = write;
-        let (outcome, waiting) = self
+        let (outcome, raw, flushed) = self
             .blocking(move |store| {
-                let (outcome, applied) = store.swap_raw(&owned, expected, value, event)?;
-                let Some(applied) = applied.filter(|_| durable) else {
-                    return Ok((outcome, None));
-                };
+                let (outcome, raw) = store.swap_raw(&owned, expected, value, event)?;
+                if !durable {
+                    return Ok((outcome, None, true));
+                }
                 // Already on a blocking thread: when no flush is running,
                 // make the write durable right here (one hop, not two).
-                match store.flush_if_idle(applied.ticket) {
-                    Ok(Durability::Flushed) => Ok((outcome, None)),
-                    Ok(Durability::Wait) => Ok((outcome, Some(applied))),
-                    Err(error) => {
-                        store.take_back(owned.as_bytes(), applied.old, applied.new);
-                        Err(error)
-                    }
-                }
+                let flushed = match (&outcome, &raw) {
+                    (CasOutcome::Written(_), Some((old, new))) => match store.flush_if_idle() {
+                        Some(Err(error)) => {
+                            store.take_back(owned.as_bytes(), old.clone(), new.clone());
+                            return Err(error);
+                        }
+                        Some(Ok(())) => true,
+                        None => false,
+                    },
+                    _ => false,
+                };
+                Ok((outcome, raw, flushed))
             })
             .await?;
-        if let Some(applied) = waiting {
-            if let Err(error) = self.ride(applied.ticket).await {
+        if flushed {
+            return Ok(outcome);
+        }
+        if let (CasOutcome::Written(_), Some((old, new))) = (&outcome, raw) {
+            if let Err(error) = self.durable().await {
                 let key = key.as_bytes().to_vec();
                 self.blocking(move |store| {
-                    store.take_back(&key, applied.old, applied.new);
+                    store.take_back(&key, old, new);
                     Ok(())
                 })
                 .await?;

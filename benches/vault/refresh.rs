@@ -309,7 +309,11 @@ pub async fn throughput_child(params: &Params) -> ThroughputChild {
                 if !response.status().is_success() {
                     return Err(format!("direct refresh: {}", response.status()));
                 }
-                response.bytes().await.map(|_| ()).map_err(|e| e.to_string())
+                response
+                    .bytes()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             }
         })
         .await

@@ -53,7 +53,7 @@ impl Gate {
                 sidecar_secret: header(&SIDECAR_SECRET),
             },
         )?;
-        entry.identity = Some(identity.clone());
+        entry.identified(&identity);
         let bearer = auth::bearer(header(&http::header::AUTHORIZATION))?;
         let principal = self.auth.principal(identity, bearer, memo)?;
         // Buckets only for identities the policy knows: a stranger cannot
@@ -69,11 +69,13 @@ impl Gate {
 /// audit event: filled in as each is learned, so a refused call still says
 /// who was refused and what they asked for.
 ///
-/// The subject's keyed hash is the one costly part (an HMAC); it is needed
-/// only for the audit line, so it is computed only when that line is
-/// written.
+/// Everything in it is only for the log lines (the audit line, and the
+/// debug line of a failed call), so when neither is written nothing is
+/// recorded: no string copies, and not the subject's keyed hash (an HMAC).
 #[derive(Default)]
 pub(crate) struct AuditEntry {
+    /// Some line will be written.
+    on: bool,
     identity: Option<Identity>,
     tenant: String,
     provider: String,
@@ -82,11 +84,25 @@ pub(crate) struct AuditEntry {
 
 impl AuditEntry {
     /// The reference a request names, before it is authorized.
+    fn new() -> Self {
+        Self {
+            on: audit::enabled() || tracing::enabled!(tracing::Level::DEBUG),
+            ..Self::default()
+        }
+    }
+
+    fn identified(&mut self, identity: &Identity) {
+        if self.on {
+            self.identity = Some(identity.clone());
+        }
+    }
+
+    /// The reference a request names, before it is authorized.
     pub(crate) fn requested(&mut self, reference: Option<&CredentialRef>) {
-        if let Some(reference) = reference {
+        if let (Some(reference), true) = (reference, self.on) {
             self.tenant.clone_from(&reference.tenant);
             self.provider.clone_from(&reference.provider);
-            if !reference.subject.is_empty() && audit::enabled() {
+            if !reference.subject.is_empty() {
                 self.subject_hash = audit::subject_hash(&reference.subject);
             }
         }
@@ -94,14 +110,18 @@ impl AuditEntry {
 
     /// The tenant a request names, before it is authorized.
     pub(crate) fn requested_tenant(&mut self, tenant: &str) {
-        self.tenant = tenant.to_owned();
+        if self.on {
+            self.tenant = tenant.to_owned();
+        }
     }
 
     /// The authorized caller: its tenant, resolved (an empty requested
     /// tenant names the caller's only one). The credential was recorded as
     /// requested; authorizing does not change it.
     pub(crate) fn authorized(&mut self, caller: &Caller) {
-        self.tenant.clone_from(&caller.tenant);
+        if self.on {
+            self.tenant.clone_from(&caller.tenant);
+        }
     }
 }
 
@@ -143,7 +163,7 @@ impl Calls {
         Fut: Future<Output = Result<T, ApiError>>,
     {
         let started = Instant::now();
-        let mut entry = AuditEntry::default();
+        let mut entry = AuditEntry::new();
         let admitted = self
             .gate
             .principal(&request, &mut entry)

@@ -17,7 +17,10 @@ pub mod mesh;
 mod peer;
 pub mod policy;
 
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, Mutex, RwLock,
+};
 
 pub use self::identity::{Identity, IdentityError, IdentityRules};
 pub use self::jwt::{JwtVerifier, TokenError};
@@ -58,23 +61,26 @@ pub struct Principal {
 }
 
 /// What one policy granted one identity, kept for the connection that
-/// identity came in on. Valid while that policy is the one in force: the
-/// `Weak` keeps the old policy's allocation, so a pointer match cannot be
-/// a new policy at a reused address.
+/// identity came in on, with the generation of the policy it came from: a
+/// call reads one counter, not the policy lock, to know it still holds.
 #[derive(Debug, Default)]
-pub struct GrantsMemo(Mutex<Option<(Weak<Policy>, Arc<Grants>)>>);
+pub struct GrantsMemo(Mutex<Option<(u64, Arc<Grants>)>>);
 
 impl GrantsMemo {
-    fn get_or_resolve(&self, policy: &Arc<Policy>, identity: &Identity) -> Arc<Grants> {
+    fn get_or_resolve(
+        &self,
+        generation: u64,
+        resolve: impl FnOnce() -> Arc<Grants>,
+    ) -> Arc<Grants> {
         let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((of, grants)) = memo.as_ref() {
-            if std::ptr::eq(of.as_ptr(), Arc::as_ptr(policy)) {
-                return Arc::clone(grants);
+        match memo.as_ref() {
+            Some((of, grants)) if *of == generation => Arc::clone(grants),
+            _ => {
+                let grants = resolve();
+                *memo = Some((generation, Arc::clone(&grants)));
+                grants
             }
         }
-        let grants = Arc::new(policy.grants_for(identity));
-        *memo = Some((Arc::downgrade(policy), Arc::clone(&grants)));
-        grants
     }
 }
 
@@ -151,6 +157,8 @@ impl Principal {
 pub struct Authenticator {
     rules: IdentityRules,
     policy: RwLock<Arc<Policy>>,
+    /// Bumped after every policy replacement (see [`GrantsMemo`]).
+    policy_generation: AtomicU64,
     /// Where the policy is re-read from on a reload.
     policy_file: Option<std::path::PathBuf>,
     jwt: Option<JwtVerifier>,
@@ -161,6 +169,7 @@ impl Authenticator {
         Self {
             rules,
             policy: RwLock::new(Arc::new(policy)),
+            policy_generation: AtomicU64::new(0),
             policy_file: None,
             jwt: None,
         }
@@ -185,6 +194,9 @@ impl Authenticator {
     /// Swaps in a new policy; calls already past the gate keep the old one.
     pub fn replace_policy(&self, policy: Policy) {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        // After the swap: a memo made from the old policy under the new
+        // generation cannot exist (a call reads the generation first).
+        self.policy_generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Reads the policy file again and swaps it in; an invalid file is
@@ -226,10 +238,16 @@ impl Authenticator {
         bearer: Option<&str>,
         memo: Option<&GrantsMemo>,
     ) -> Result<Principal, AuthError> {
-        let policy = Arc::clone(&self.policy.read().unwrap_or_else(|e| e.into_inner()));
+        let resolve = || {
+            let policy = Arc::clone(&self.policy.read().unwrap_or_else(|e| e.into_inner()));
+            Arc::new(policy.grants_for(&identity))
+        };
         let mut grants = match memo {
-            Some(memo) => memo.get_or_resolve(&policy, &identity),
-            None => Arc::new(policy.grants_for(&identity)),
+            Some(memo) => {
+                let generation = self.policy_generation.load(Ordering::SeqCst);
+                memo.get_or_resolve(generation, resolve)
+            }
+            None => resolve(),
         };
         match (&self.jwt, bearer) {
             (Some(verifier), Some(token)) => {

@@ -222,7 +222,7 @@ fn main() {
             results.refresh = Some(refresh::throughput(&params).await);
         }
         if selected("deposit") {
-            eprintln!("[4/6] durable Deposit vs raw sled");
+            eprintln!("[4/6] durable Deposit vs the durable echo");
             results.deposit = deposit::run(&params).await;
         }
         drop(bench);

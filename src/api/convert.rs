@@ -404,28 +404,31 @@ pub fn begin_authorization(
     request: pb::BeginAuthorizationRequest,
     principal: &Principal,
 ) -> Result<(Caller, BeginCommand), ApiError> {
-    let mut v = Violations::default();
-    let reference = request.credential.unwrap_or_default();
-    check_reference(&reference, &mut v);
-    let client = request.client.map(|c| client(c, &mut v));
-    let redirect_uri = url_field("redirect_uri", &request.redirect_uri, false, &mut v);
-    flow_scopes(&request.scopes, &mut v);
-    resources(&request.resources, &mut v);
-    extra_params(&request.extra_params, &mut v);
-    let labels = labels(request.labels, &mut v);
-    v.finish()?;
-    let caller = principal.authorize(&reference.tenant, Action::Authorize)?;
-    let id = credential_id(&caller, reference);
+    let (flow, redirect_uri) = flow(
+        FlowFields {
+            credential: request.credential,
+            client: request.client,
+            scopes: &request.scopes,
+            resources: &request.resources,
+            labels: request.labels,
+        },
+        principal,
+        |v| {
+            let redirect_uri = url_field("redirect_uri", &request.redirect_uri, false, v);
+            extra_params(&request.extra_params, v);
+            redirect_uri
+        },
+    )?;
     Ok((
-        caller,
+        flow.caller,
         BeginCommand {
-            id,
-            client: client.flatten(),
+            id: flow.id,
+            client: flow.client,
             redirect_uri,
             scopes: request.scopes,
             resources: request.resources,
             extra_params: request.extra_params.into_iter().collect(),
-            labels,
+            labels: flow.labels,
         },
     ))
 }
@@ -444,25 +447,72 @@ pub fn begin_device_authorization(
     request: pb::BeginDeviceAuthorizationRequest,
     principal: &Principal,
 ) -> Result<(Caller, DeviceCommand), ApiError> {
+    let (flow, ()) = flow(
+        FlowFields {
+            credential: request.credential,
+            client: request.client,
+            scopes: &request.scopes,
+            resources: &request.resources,
+            labels: request.labels,
+        },
+        principal,
+        |_| (),
+    )?;
+    Ok((
+        flow.caller,
+        DeviceCommand {
+            id: flow.id,
+            client: flow.client,
+            scopes: request.scopes,
+            resources: request.resources,
+            labels: flow.labels,
+        },
+    ))
+}
+
+/// The fields both consent flows begin with.
+struct FlowFields<'a> {
+    credential: Option<pb::CredentialRef>,
+    client: Option<pb::OAuthClient>,
+    scopes: &'a [String],
+    resources: &'a [String],
+    labels: std::collections::HashMap<String, String>,
+}
+
+/// A flow's common fields, validated and authorized.
+struct Flow {
+    caller: Caller,
+    id: CredentialId,
+    client: Option<ClientConfig>,
+    labels: BTreeMap<String, String>,
+}
+
+/// Validates the fields every consent flow shares, and the flow's own ones
+/// (`own`) into the same violations, then authorizes the caller.
+fn flow<T>(
+    fields: FlowFields<'_>,
+    principal: &Principal,
+    own: impl FnOnce(&mut Violations) -> T,
+) -> Result<(Flow, T), ApiError> {
     let mut v = Violations::default();
-    let reference = request.credential.unwrap_or_default();
+    let reference = fields.credential.unwrap_or_default();
     check_reference(&reference, &mut v);
-    let client = request.client.map(|c| client(c, &mut v));
-    flow_scopes(&request.scopes, &mut v);
-    resources(&request.resources, &mut v);
-    let labels = labels(request.labels, &mut v);
+    let client = fields.client.map(|c| client(c, &mut v));
+    let own = own(&mut v);
+    flow_scopes(fields.scopes, &mut v);
+    resources(fields.resources, &mut v);
+    let labels = labels(fields.labels, &mut v);
     v.finish()?;
     let caller = principal.authorize(&reference.tenant, Action::Authorize)?;
     let id = credential_id(&caller, reference);
     Ok((
-        caller,
-        DeviceCommand {
+        Flow {
+            caller,
             id,
             client: client.flatten(),
-            scopes: request.scopes,
-            resources: request.resources,
             labels,
         },
+        own,
     ))
 }
 

@@ -141,11 +141,8 @@ impl Default for Metrics {
                 0.0001, 2.0, 19,
             ))
         });
-        r.register(
-            "rpc_duration_seconds",
-            "gRPC call latency",
-            call_seconds.clone(),
-        );
+        let latency = "gRPC call latency";
+        r.register("rpc_duration_seconds", latency, call_seconds.clone());
         let cache: Family<CacheLabels, Counter> =
             register(r, "token_cache", "access token cache lookups");
         let resolve = |result: &str| {

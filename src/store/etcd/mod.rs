@@ -135,6 +135,31 @@ pub struct EtcdStore {
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 impl EtcdStore {
+    /// At most `limit` keys from `start` to the end of `base`'s range;
+    /// `shape` adds an order or a revision bound.
+    async fn range_from(
+        &self,
+        start: Vec<u8>,
+        base: &[u8],
+        limit: usize,
+        shape: RangeRequest,
+    ) -> Result<Vec<rpc::mvccpb::KeyValue>, StoreError> {
+        let request = RangeRequest {
+            key: start,
+            range_end: prefix_end(base),
+            limit: i64::try_from(limit).unwrap_or(i64::MAX),
+            ..shape
+        };
+        Ok(self
+            .kv
+            .clone()
+            .range(request)
+            .await
+            .map_err(rpc::status_error)?
+            .into_inner()
+            .kvs)
+    }
+
     /// Connects (lazily: a cluster that is down now is retried per call)
     /// and starts the watch and the heartbeat.
     pub async fn open(settings: &EtcdSettings) -> Result<Self, StoreError> {
@@ -445,21 +470,11 @@ impl CredentialStore for EtcdStore {
             }
             _ => base.clone(),
         };
-        let response = self
-            .kv
-            .clone()
-            .range(RangeRequest {
-                key: start,
-                range_end: prefix_end(&base),
-                limit: i64::try_from(limit).unwrap_or(i64::MAX),
-                ..Default::default()
-            })
-            .await
-            .map_err(rpc::status_error)?
-            .into_inner();
+        let kvs = self
+            .range_from(start, &base, limit, RangeRequest::default())
+            .await?;
         let strip = self.prefix.len() + 1;
-        Ok(response
-            .kvs
+        Ok(kvs
             .into_iter()
             .filter_map(|kv| {
                 let key = StoreKey::from_bytes(kv.key.get(strip..)?.to_vec());
@@ -606,24 +621,16 @@ impl CredentialStore for EtcdStore {
         if after.position > 0 {
             start.extend_from_slice(format!("{from_ms:020}").as_bytes());
         }
-        let response = self
-            .kv
-            .clone()
-            .range(RangeRequest {
-                key: start,
-                range_end: prefix_end(&base),
-                limit: i64::try_from(limit).unwrap_or(i64::MAX),
-                sort_order: rpc::range_request::SortOrder::Ascend as i32,
-                sort_target: rpc::range_request::SortTarget::Mod as i32,
-                min_mod_revision: i64::try_from(after.position.saturating_add(1))
-                    .unwrap_or(i64::MAX),
-                ..Default::default()
-            })
-            .await
-            .map_err(rpc::status_error)?
-            .into_inner();
-        Ok(response
-            .kvs
+        let in_revision_order = RangeRequest {
+            sort_order: rpc::range_request::SortOrder::Ascend as i32,
+            sort_target: rpc::range_request::SortTarget::Mod as i32,
+            min_mod_revision: i64::try_from(after.position.saturating_add(1)).unwrap_or(i64::MAX),
+            ..Default::default()
+        };
+        let kvs = self
+            .range_from(start, &base, limit, in_revision_order)
+            .await?;
+        Ok(kvs
             .into_iter()
             .map(|kv| LoggedEvent {
                 cursor: EventCursor {

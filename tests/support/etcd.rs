@@ -8,6 +8,7 @@ use std::{
     net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -40,7 +41,24 @@ pub struct EtcdCluster {
 
 impl EtcdCluster {
     /// Starts `size` members and waits until the cluster answers.
+    ///
+    /// Ports are picked free and bound by etcd a moment later; another test
+    /// in this process (a vault, another cluster) can take one in between,
+    /// and then that member exits at once. Such a start is abandoned and
+    /// tried again on new ports.
     pub fn start(size: usize) -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start(size) {
+                Ok(cluster) => return cluster,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!("the etcd cluster did not start: {failures:?}");
+    }
+
+    fn try_start(size: usize) -> Result<Self, String> {
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
         let dir = tempfile::tempdir().unwrap();
         let members = (0..size)
             .map(|i| Member {
@@ -53,13 +71,40 @@ impl EtcdCluster {
         let mut cluster = Self {
             dir,
             members,
-            token: format!("credvault-test-{}", std::process::id()),
+            // One token per cluster: concurrent clusters never merge.
+            token: format!(
+                "credvault-test-{}-{}",
+                std::process::id(),
+                STARTS.fetch_add(1, Ordering::SeqCst)
+            ),
         };
         for i in 0..size {
             cluster.spawn(i, "new");
         }
-        cluster.wait_healthy(Duration::from_secs(30));
-        cluster
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if cluster.members.iter().any(|m| health(m.client_port)) {
+                return Ok(cluster);
+            }
+            if let Some(name) = cluster.exited() {
+                return Err(format!("member {name} exited while starting"));
+            }
+            if Instant::now() >= deadline {
+                return Err("no member healthy within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The name of a member whose process has ended, if any.
+    fn exited(&mut self) -> Option<String> {
+        self.members.iter_mut().find_map(|m| {
+            let ended = m
+                .child
+                .as_mut()
+                .is_some_and(|child| !matches!(child.try_wait(), Ok(None)));
+            ended.then(|| m.name.clone())
+        })
     }
 
     fn initial_cluster(&self) -> String {

@@ -33,6 +33,7 @@ use credvault::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
+use tonic::transport::Channel;
 
 use crate::{
     fixture::{connect, far_future, CLIENT_ID, CLIENT_SECRET, PROVIDER, TENANT},
@@ -47,6 +48,29 @@ use crate::{
 const RECORDS_TREE: &str = "credentials.v1";
 /// Spreads the sampled credentials over the whole key space.
 const STRIDE: usize = 7919;
+/// `count` credentials asked for once each (so each is a miss that fills
+/// the cache), from the `from`-th in [`pick`] order, at [`WARM_CONCURRENCY`].
+async fn first_gets(
+    client: &CredentialVaultClient<Channel>,
+    from: usize,
+    count: usize,
+    n: usize,
+) -> Sample {
+    let client = client.clone();
+    fan_out(count, WARM_CONCURRENCY, 1, move |j| {
+        let mut client = client.clone();
+        let request = get_request(TENANT, &subject(pick(from + j, n)), PROVIDER);
+        async move {
+            client
+                .get_access_token(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| s.to_string())
+        }
+    })
+    .await
+}
+
 /// The vault process once every stored credential has been served (and so
 /// cached) once.
 #[derive(Debug, Serialize, Deserialize)]
@@ -376,21 +400,7 @@ async fn measure(
 
     // Warm the cache with more distinct credentials, concurrently.
     let warm = warm.min(n - misses - 1);
-    let warm_sample = {
-        let client = client.clone();
-        fan_out(warm, WARM_CONCURRENCY, 1, move |j| {
-            let mut client = client.clone();
-            let request = get_request(TENANT, &subject(pick(misses + 1 + j, n)), PROVIDER);
-            async move {
-                client
-                    .get_access_token(request)
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| s.to_string())
-            }
-        })
-        .await
-    };
+    let warm_sample = first_gets(&client, misses + 1, warm, n).await;
     warm_sample.expect_clean_or_empty("warm-up misses");
 
     // Hits, one at a time, spread over everything cached so far.
@@ -416,19 +426,7 @@ async fn measure(
 
     // Every credential not asked for yet, once: then all of them are cached.
     let all = if cache_all && cached < n {
-        let client = client.clone();
-        let rest = fan_out(n - cached, WARM_CONCURRENCY, 1, move |j| {
-            let mut client = client.clone();
-            let request = get_request(TENANT, &subject(pick(cached + j, n)), PROVIDER);
-            async move {
-                client
-                    .get_access_token(request)
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| s.to_string())
-            }
-        })
-        .await;
+        let rest = first_gets(&client, cached, n - cached, n).await;
         rest.expect_clean_or_empty("caching every credential");
         Some(AllCached {
             credentials: n,

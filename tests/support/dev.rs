@@ -82,15 +82,34 @@ impl DevProcess {
         Self::spawn_with(dir, capture, env, &[])
     }
 
+    /// Starts it on new free ports, again if a port was taken between
+    /// picking it and binding it (another test's process can take it in
+    /// that window); any other early exit fails the test with what the
+    /// process said.
     fn spawn_with(dir: &Path, capture: bool, env: &[(&str, &str)], args: &[&str]) -> Self {
-        let (port, ops, demo) = (free_port(), free_port(), free_port());
-        let output = || {
-            if capture {
-                Stdio::piped()
-            } else {
-                Stdio::null()
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            match Self::try_spawn(dir, capture, env, args) {
+                Ok(dev) => return dev,
+                Err(said) if said.contains("Address already in use") && attempt < ATTEMPTS => {
+                    eprintln!("credvault dev lost a port to another process; new ports: {said}");
+                }
+                Err(said) => panic!("credvault dev exited early: {said}"),
             }
-        };
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    fn try_spawn(
+        dir: &Path,
+        capture: bool,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<Self, String> {
+        let (port, ops, demo) = (free_port(), free_port(), free_port());
+        // Uncaptured, stderr goes to a file, read only if the process dies
+        // at start (a pipe nobody reads would fill and stall it).
+        let stderr_log = tempfile::NamedTempFile::new().unwrap();
         let child = without_proxy(&mut Command::new(env!("CARGO_BIN_EXE_credvault")))
             .args(["dev", "--dir"])
             .arg(dir)
@@ -99,8 +118,16 @@ impl DevProcess {
             .args(["--demo-listen", &format!("127.0.0.1:{demo}")])
             .args(args)
             .envs(env.iter().copied())
-            .stdout(output())
-            .stderr(output())
+            .stdout(if capture {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(if capture {
+                Stdio::piped()
+            } else {
+                Stdio::from(stderr_log.reopen().unwrap())
+            })
             .spawn()
             .unwrap();
         let mut dev = Self {
@@ -112,7 +139,14 @@ impl DevProcess {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !ops_ready(ops) {
             if let Some(Ok(Some(status))) = dev.child.as_mut().map(Child::try_wait) {
-                panic!("credvault dev exited early: {status}");
+                let said = match dev.child.take() {
+                    Some(child) if capture => {
+                        let output = child.wait_with_output().unwrap();
+                        String::from_utf8_lossy(&output.stderr).into_owned()
+                    }
+                    _ => std::fs::read_to_string(stderr_log.path()).unwrap_or_default(),
+                };
+                return Err(format!("{status}: {}", said.trim()));
             }
             assert!(
                 Instant::now() < deadline,
@@ -120,7 +154,7 @@ impl DevProcess {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        dev
+        Ok(dev)
     }
 
     /// An mTLS channel to it as the client certificate `name` it wrote

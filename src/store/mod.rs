@@ -246,7 +246,7 @@ pub struct EventHorizon {
 }
 
 /// Storage failures. None of them carries record bytes.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage i/o failed: {0}")]
     Io(String),

@@ -28,12 +28,15 @@
 //!   key and revision for this; only writes in flight at the crash can be
 //!   unapplied, so the newest [`RECOVERY_WINDOW`] events are checked.
 //!
-//! Every write of a key holds that key's lock stripe from its read to its
-//! write, which makes the two inserts a compare-and-swap. Positions are
-//! taken in order, and readers see the log only up to the newest position
-//! below which every write completed both inserts and a flush covered it: a
-//! reader never sees an event whose write could still be lost, nor a gap
-//! that a slower writer fills later.
+//! Every record write is applied by one thread, the store's writer
+//! ([`writer`]), which makes a write's read, check and two inserts a
+//! compare-and-swap, and group-commits: one flush per batch of writes.
+//! Positions are taken in order, and readers see the log only up to the
+//! newest position below which every write completed both inserts and a
+//! flush covered it: a reader never sees an event whose write could still be
+//! lost, nor a gap that a slower writer fills later.
+
+mod writer;
 
 use std::{
     path::Path,
@@ -55,12 +58,11 @@ const RECORDS_TREE: &str = "credentials.v1";
 /// Where events live in the records tree: after every record key.
 const EVENTS_PREFIX: &[u8] = b"\xff\xffevents/";
 /// Events checked against the records at open: more than the writes that
-/// can be in flight at a crash (the blocking pool's threads).
+/// can be in flight at a crash (one batch of the writer).
 const RECOVERY_WINDOW: usize = 4096;
+const _: () = assert!(writer::MAX_BATCH < RECOVERY_WINDOW);
 /// Events deleted per trim call.
 const TRIM_BATCH: usize = 100_000;
-/// Writes of one key are serialised by one of this many locks.
-const KEY_LOCKS: usize = 256;
 const META_TREE: &str = "meta.v1";
 /// Bookkeeping name of the newest position trimmed from the event log.
 const EVENTS_TRIMMED: &str = "events.trimmed_through";
@@ -73,14 +75,23 @@ const REVISION_LEN: usize = 8;
 /// sled-backed store. Cheap to clone.
 #[derive(Clone)]
 pub struct SledStore {
+    engine: Engine,
+    writer: Arc<writer::Writer>,
+}
+
+/// The sled handles and the state every thread of the store shares. Cheap
+/// to clone; the writer thread holds one, the blocking pool's tasks others.
+#[derive(Clone)]
+struct Engine {
     db: sled::Db,
     records: sled::Tree,
     meta: sled::Tree,
-    commits: Arc<GroupCommit>,
+    health: Arc<Health>,
     log: Arc<EventLog>,
-    /// Held from a write's read to its write (see the module documentation).
-    key_locks: Arc<[std::sync::Mutex<()>]>,
 }
+
+/// A write's (old, new) raw entries, to take it back if its flush fails.
+type Taken = (Option<sled::IVec>, Option<Vec<u8>>);
 
 /// The event log's ordering and visibility (see the module documentation).
 struct EventLog {
@@ -129,36 +140,16 @@ impl EventLog {
     }
 }
 
-/// Group commit: one flush makes every write before it durable, so callers
-/// that arrive while a flush runs wait for the next one and share it.
-///
-/// A write rides the flush in flight when that flush began after the write
-/// (its `covers` includes the write): the writer finds `flushed` past its
-/// own count once it gets the turn, and returns without flushing. Only a
-/// write that landed after the running flush read `written` needs another.
-/// Waiters queue on the turn in order; the first one not covered runs the
-/// next flush. That small hand-over is also what batches: a variant that
-/// started the next flush the moment one ended (waiters parked on a watch)
-/// flushed more often with fewer writes each, and lost 10-20 % of Deposit
-/// throughput at c=16 and c=64 (BENCHMARKS.md, notes of issue 17).
-///
-/// It also avoids sled 0.34's `flush_async`, which deadlocks when several
-/// flushes run concurrently (spacejam/sled#1308, fixed only on an unreleased
-/// branch): flushes here are the blocking `flush`, one at a time, on the
-/// blocking pool.
+/// Whether the store still writes. sled latches an I/O error: after one,
+/// every write fails until the process restarts.
 #[derive(Default)]
-struct GroupCommit {
-    /// Bumped after every write.
-    written: AtomicU64,
-    /// The `written` value the last completed flush covered.
-    flushed: AtomicU64,
-    /// A write or flush failed (sled keeps failing after that).
+struct Health {
+    /// A write or flush failed.
     failing: AtomicBool,
     /// Entries whose write was never made durable and could not be taken
     /// back in sled (which refuses writes after an I/O error): readers see
     /// the previous entry until the process restarts.
     unacknowledged: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Option<sled::IVec>>>,
-    one_flush_at_a_time: tokio::sync::Mutex<()>,
 }
 
 /// How long a start waits for the directory lock of a previous owner, whose
@@ -220,12 +211,11 @@ impl SledStore {
             .unwrap_or(0);
         let last = newest.max(trimmed);
         recover_events(&records)?;
-        Ok(Self {
+        let engine = Engine {
             db,
             records,
             meta,
-            key_locks: (0..KEY_LOCKS).map(|_| std::sync::Mutex::new(())).collect(),
-            commits: Arc::default(),
+            health: Arc::default(),
             log: Arc::new(EventLog {
                 order: std::sync::Mutex::new(Positions {
                     last,
@@ -234,20 +224,29 @@ impl SledStore {
                 committed: AtomicU64::new(last),
                 durable: tokio::sync::watch::Sender::new(last),
             }),
-        })
+        };
+        let writer = Arc::new(writer::Writer::start(engine.clone())?);
+        Ok(Self { engine, writer })
     }
 
     /// Runs sled work on the blocking pool: a read can wait on disk.
     async fn blocking<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&Self) -> Result<T, StoreError> + Send + 'static,
+        work: impl FnOnce(&Engine) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || work(&this))
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || work(&engine))
             .await
             .map_err(|_| StoreError::Io("a storage task failed".into()))?
     }
 
+    /// Makes every write made so far durable.
+    async fn durable(&self) -> Result<(), StoreError> {
+        self.writer.flush().await
+    }
+}
+
+impl Engine {
     /// sled ids are monotonic across restarts, which makes them usable as
     /// revisions: a revision is never handed out twice.
     fn next_revision(&self) -> Result<Revision, StoreError> {
@@ -258,23 +257,22 @@ impl SledStore {
         Ok(Revision(id + 1))
     }
 
-    /// The swap, also returning (old, new) raw entries so a write whose
-    /// flush fails can be taken back.
-    #[allow(clippy::type_complexity)]
-    fn swap_raw(
+    /// The compare-and-swap, on the writer thread (the only caller, which
+    /// is what makes the read and the inserts atomic). Also returns the raw
+    /// entries, so a write whose flush fails can be taken back.
+    fn swap(
         &self,
         key: &StoreKey,
         expected: Option<Revision>,
         value: Option<Vec<u8>>,
         event: Option<NewEvent>,
-    ) -> Result<(CasOutcome, Option<(Option<sled::IVec>, Option<Vec<u8>>)>), StoreError> {
+    ) -> Result<(CasOutcome, Option<Taken>), StoreError> {
         if !self.healthy_now() {
             // sled would refuse anyway; saying so keeps the error typed.
             return Err(StoreError::Io(
                 "the store failed earlier; restart required".into(),
             ));
         }
-        let _key = self.key_lock(key.as_bytes());
         let current_raw = self
             .records
             .get(key.as_bytes())
@@ -302,13 +300,10 @@ impl SledStore {
             .compare_and_swap(key.as_bytes(), current_raw.clone(), new_raw.clone())
             .map_err(|e| self.failed(io_error("compare and swap", &e)))?;
         match swapped {
-            Ok(()) => {
-                self.wrote();
-                Ok((
-                    CasOutcome::Written(new_revision),
-                    Some((current_raw, new_raw)),
-                ))
-            }
+            Ok(()) => Ok((
+                CasOutcome::Written(new_revision),
+                Some((current_raw, new_raw)),
+            )),
             Err(conflict) => Ok((
                 CasOutcome::Conflict(conflict.current.as_deref().map(decode).transpose()?),
                 None,
@@ -317,9 +312,8 @@ impl SledStore {
     }
 
     /// The write of an entry together with its event: the event, then the
-    /// entry (see the module documentation). The caller holds the key's
-    /// lock and checked the revision under it.
-    #[allow(clippy::type_complexity)]
+    /// entry (see the module documentation). The caller, the writer thread,
+    /// checked the revision.
     fn swap_logged(
         &self,
         key: &StoreKey,
@@ -327,7 +321,7 @@ impl SledStore {
         new_raw: Option<Vec<u8>>,
         new_revision: Option<Revision>,
         event: NewEvent,
-    ) -> Result<(CasOutcome, Option<(Option<sled::IVec>, Option<Vec<u8>>)>), StoreError> {
+    ) -> Result<(CasOutcome, Option<Taken>), StoreError> {
         // What recovery needs to tell whether the change landed: the key,
         // and the revision written (a put) or deleted (a delete).
         let (op, revision) = match (new_revision, &current) {
@@ -363,31 +357,21 @@ impl SledStore {
         };
         self.log.done(position);
         written.map_err(|e| self.failed(io_error("write", &e)))?;
-        self.wrote();
         Ok((
             CasOutcome::Written(new_revision),
             Some((current.map(|(raw, _)| raw), new_raw)),
         ))
     }
 
-    fn key_lock(&self, key: &[u8]) -> std::sync::MutexGuard<'_, ()> {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let stripe =
-            BuildHasherDefault::<DefaultHasher>::default().hash_one(key) as usize % KEY_LOCKS;
-        self.key_locks[stripe]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
     fn healthy_now(&self) -> bool {
-        !self.commits.failing.load(Ordering::SeqCst)
+        !self.health.failing.load(Ordering::SeqCst)
     }
 
     /// The previous entry of a key whose last write was refused, if any.
     #[allow(clippy::option_option)]
     fn unacknowledged(&self, key: &[u8]) -> Option<Option<sled::IVec>> {
         let map = self
-            .commits
+            .health
             .unacknowledged
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -400,52 +384,21 @@ impl SledStore {
     /// Marks the store as failing: sled latches I/O errors, so from here on
     /// writes fail until the process restarts. Probes report it.
     fn failed(&self, error: StoreError) -> StoreError {
-        if !self.commits.failing.swap(true, Ordering::SeqCst) {
+        if !self.health.failing.swap(true, Ordering::SeqCst) {
             tracing::error!(%error, "the store failed a write; refusing writes and upstream refreshes until restarted");
         }
         error
     }
 
-    /// On a blocking thread: flushes now if no flush is running (`None`
-    /// when one is: the caller then joins the group commit).
-    fn flush_if_idle(&self) -> Option<Result<(), StoreError>> {
-        let mine = self.commits.written.load(Ordering::SeqCst);
-        let _turn = self.commits.one_flush_at_a_time.try_lock().ok()?;
-        if self.commits.flushed.load(Ordering::SeqCst) >= mine {
-            return Some(Ok(()));
-        }
-        let covers = self.commits.written.load(Ordering::SeqCst);
+    /// Flushes, then shows readers the events the flush covered. On the
+    /// writer thread, or a thread it waits for.
+    fn flush_now(&self) -> Result<(), StoreError> {
         let events = self.log.committed.load(Ordering::SeqCst);
-        if let Err(e) = self.db.flush() {
-            return Some(Err(self.failed(io_error("flush", &e))));
-        }
-        self.commits.flushed.fetch_max(covers, Ordering::SeqCst);
-        self.log.flushed(events);
-        Some(Ok(()))
-    }
-
-    /// Makes every write this caller has made durable.
-    async fn durable(&self) -> Result<(), StoreError> {
-        let mine = self.commits.written.load(Ordering::SeqCst);
-        let _turn = self.commits.one_flush_at_a_time.lock().await;
-        if self.commits.flushed.load(Ordering::SeqCst) >= mine {
-            // A flush that started after our write already covered it.
-            return Ok(());
-        }
-        let covers = self.commits.written.load(Ordering::SeqCst);
-        let events = self.log.committed.load(Ordering::SeqCst);
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|_| self.failed(StoreError::Io("flush task failed".into())))?
+        self.db
+            .flush()
             .map_err(|e| self.failed(io_error("flush", &e)))?;
-        self.commits.flushed.fetch_max(covers, Ordering::SeqCst);
         self.log.flushed(events);
         Ok(())
-    }
-
-    fn wrote(&self) {
-        self.commits.written.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -559,7 +512,7 @@ fn encode(revision: Revision, value: &[u8]) -> Vec<u8> {
     raw
 }
 
-impl SledStore {
+impl Engine {
     fn get_now(&self, key: &[u8]) -> Result<Option<Versioned>, StoreError> {
         if let Some(previous) = self.unacknowledged(key) {
             return previous.as_deref().map(decode).transpose();
@@ -572,13 +525,13 @@ impl SledStore {
 
     /// Takes back a write whose flush failed, so readers never see what the
     /// caller was told failed.
-    fn take_back(&self, key: &[u8], old: Option<sled::IVec>, new: Option<Vec<u8>>) {
+    fn take_back(&self, key: &[u8], (old, new): Taken) {
         let reverted = self
             .records
             .compare_and_swap(key, new, old.clone())
             .is_ok_and(|swapped| swapped.is_ok());
         if !reverted {
-            self.commits
+            self.health
                 .unacknowledged
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -644,7 +597,6 @@ impl CredentialStore for SledStore {
     }
 
     async fn write(&self, key: &StoreKey, write: Write<'_>) -> Result<CasOutcome, StoreError> {
-        let owned = key.clone();
         let Write {
             expected,
             value,
@@ -652,43 +604,15 @@ impl CredentialStore for SledStore {
             durable,
             fence: _,
         } = write;
-        let (outcome, raw, flushed) = self
-            .blocking(move |store| {
-                let (outcome, raw) = store.swap_raw(&owned, expected, value, event)?;
-                if !durable {
-                    return Ok((outcome, None, true));
-                }
-                // Already on a blocking thread: when no flush is running,
-                // make the write durable right here (one hop, not two).
-                let flushed = match (&outcome, &raw) {
-                    (CasOutcome::Written(_), Some((old, new))) => match store.flush_if_idle() {
-                        Some(Err(error)) => {
-                            store.take_back(owned.as_bytes(), old.clone(), new.clone());
-                            return Err(error);
-                        }
-                        Some(Ok(())) => true,
-                        None => false,
-                    },
-                    _ => false,
-                };
-                Ok((outcome, raw, flushed))
+        self.writer
+            .write(writer::Job {
+                key: key.clone(),
+                expected,
+                value,
+                event,
+                durable,
             })
-            .await?;
-        if flushed {
-            return Ok(outcome);
-        }
-        if let (CasOutcome::Written(_), Some((old, new))) = (&outcome, raw) {
-            if let Err(error) = self.durable().await {
-                let key = key.as_bytes().to_vec();
-                self.blocking(move |store| {
-                    store.take_back(&key, old, new);
-                    Ok(())
-                })
-                .await?;
-                return Err(error);
-            }
-        }
-        Ok(outcome)
+            .await
     }
 
     async fn scan(
@@ -721,7 +645,6 @@ impl CredentialStore for SledStore {
                 .meta
                 .insert(name.as_bytes(), value)
                 .map_err(|e| store.failed(io_error("put meta", &e)))?;
-            store.wrote();
             Ok(())
         })
         .await?;
@@ -729,15 +652,15 @@ impl CredentialStore for SledStore {
     }
 
     async fn all_meta(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.blocking(Self::all_meta_now).await
+        self.blocking(Engine::all_meta_now).await
     }
 
     fn healthy(&self) -> bool {
-        self.healthy_now()
+        self.engine.healthy_now()
     }
 
     fn size_on_disk(&self) -> Option<u64> {
-        self.db.size_on_disk().ok()
+        self.engine.db.size_on_disk().ok()
     }
 
     async fn events_after(
@@ -745,7 +668,7 @@ impl CredentialStore for SledStore {
         after: &EventCursor,
         limit: usize,
     ) -> Result<Vec<LoggedEvent>, StoreError> {
-        let visible = *self.log.durable.borrow();
+        let visible = *self.engine.log.durable.borrow();
         let start = after.position.saturating_add(1);
         if start > visible {
             return Ok(Vec::new());
@@ -773,7 +696,7 @@ impl CredentialStore for SledStore {
     }
 
     async fn event_horizon(&self) -> Result<EventHorizon, StoreError> {
-        let visible = *self.log.durable.borrow();
+        let visible = *self.engine.log.durable.borrow();
         self.blocking(move |store| {
             let trimmed_through = store
                 .meta
@@ -799,7 +722,7 @@ impl CredentialStore for SledStore {
     }
 
     fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.log.durable.subscribe()
+        self.engine.log.durable.subscribe()
     }
 
     async fn trim_events(&self, before_ms: u64) -> Result<u64, StoreError> {
@@ -832,7 +755,6 @@ impl CredentialStore for SledStore {
                     .records
                     .apply_batch(batch)
                     .map_err(|e| store.failed(io_error("trim events", &e)))?;
-                store.wrote();
                 Ok(count)
             })
             .await?;
@@ -1018,8 +940,8 @@ mod tests {
             entry.push(OP_PUT);
             entry.extend_from_slice(&u64::MAX.to_be_bytes());
             entry.extend_from_slice(b"cut off");
-            store.records.insert(event_key(99), entry).unwrap();
-            store.db.flush().unwrap();
+            store.engine.records.insert(event_key(99), entry).unwrap();
+            store.engine.db.flush().unwrap();
         }
         let store = SledStore::open(dir.path()).await.unwrap();
         let logged = store

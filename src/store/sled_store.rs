@@ -390,8 +390,10 @@ impl Engine {
         error
     }
 
-    /// Flushes, then shows readers the events the flush covered. On the
-    /// writer thread, or a thread it waits for.
+    /// Flushes, then shows readers the events the flush covered. Only the
+    /// writer thread calls it, with sled's blocking `flush`: sled 0.34's
+    /// `flush_async` deadlocks when several run at once (spacejam/sled#1308,
+    /// fixed only on an unreleased branch).
     fn flush_now(&self) -> Result<(), StoreError> {
         let events = self.log.committed.load(Ordering::SeqCst);
         self.db

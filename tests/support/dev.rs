@@ -110,6 +110,7 @@ impl DevProcess {
         // Uncaptured, stderr goes to a file, read only if the process dies
         // at start (a pipe nobody reads would fill and stall it).
         let stderr_log = tempfile::NamedTempFile::new().unwrap();
+        let piped_or = |otherwise: Stdio| if capture { Stdio::piped() } else { otherwise };
         let child = without_proxy(&mut Command::new(env!("CARGO_BIN_EXE_credvault")))
             .args(["dev", "--dir"])
             .arg(dir)
@@ -118,16 +119,8 @@ impl DevProcess {
             .args(["--demo-listen", &format!("127.0.0.1:{demo}")])
             .args(args)
             .envs(env.iter().copied())
-            .stdout(if capture {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stderr(if capture {
-                Stdio::piped()
-            } else {
-                Stdio::from(stderr_log.reopen().unwrap())
-            })
+            .stdout(piped_or(Stdio::null()))
+            .stderr(piped_or(Stdio::from(stderr_log.reopen().unwrap())))
             .spawn()
             .unwrap();
         let mut dev = Self {

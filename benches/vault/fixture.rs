@@ -74,6 +74,12 @@ impl Bench {
         vault_clients(&self.dir, self.vault.addr, n).await
     }
 
+    /// `n` Health clients of the vault's own server, each on its own
+    /// connection.
+    pub async fn vault_health_clients(&self, n: usize) -> Vec<HealthClient<Channel>> {
+        health_clients(&self.dir, self.vault.addr, n).await
+    }
+
     /// `n` Health clients of the echo server, each on its own connection.
     pub async fn echo_clients(&self, n: usize) -> Vec<HealthClient<Channel>> {
         health_clients(&self.dir, self.echo_addr, n).await

@@ -453,30 +453,41 @@ fn hits_section(w: &mut String, params: &Params, r: &Results) {
     let _ = writeln!(
         w,
         "Closed loop: each of `c` workers sends its next request when the previous one \
-         is answered, over `min(c, 16)` mTLS connections (HTTP/2 multiplexed), for \
-         {} round(s) of {:.1} s per side after a {:.1} s warm-up, the vault and the \
-         echo alternating. The echo is `grpc.health.v1.Health/Check` (tonic-health) \
+         is answered, over `min(c, 16)` mTLS connections (HTTP/2 multiplexed; new ones \
+         for every side in every round), for {} round(s) of {:.1} s per side after a \
+         {:.1} s warm-up, the sides taking turns. The echo is `grpc.health.v1.Health/Check` (tonic-health) \
          on a bare tonic server in the same process, behind the vault's own \
          `tls::server_config` and `tls::incoming` accept loop. The vault answers from \
-         its token cache (64 credentials, valid tokens).\n",
+         its token cache (64 credentials, valid tokens). A third side splits the gap: \
+         the same `Health/Check` on the vault's own port, which passes the vault's \
+         transport settings (request timeout, keep-alive, connection age) and router \
+         but not its call frame (health checks skip admission and the gate); \
+         vault health / echo is what the server costs, vault / vault health what \
+         the call costs.\n",
         params.hit_rounds,
         params.hit_measure.as_secs_f64(),
         params.warmup.as_secs_f64()
     );
     let _ = writeln!(
         w,
-        "| c | conns | vault req/s | echo req/s | throughput ratio | vault p50 / p99 (us) | echo p50 / p99 (us) | p99 ratio |"
+        "| c | conns | vault req/s | vault health req/s | echo req/s | throughput ratio | vault health / echo | vault / vault health | vault p50 / p99 (us) | echo p50 / p99 (us) | p99 ratio |"
     );
-    let _ = writeln!(w, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        w,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for row in &r.hits {
         let _ = writeln!(
             w,
-            "| {} | {} | {:.0} | {:.0} | {:.2}x | {} / {} | {} / {} | {:.2}x |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {} / {} | {} / {} | {:.2}x |",
             row.concurrency,
             row.connections,
             row.vault.rps(),
+            row.vault_health.rps(),
             row.echo.rps(),
             row.throughput_ratio(),
+            row.vault_health.rps() / row.echo.rps().max(1.0),
+            row.vault.rps() / row.vault_health.rps().max(1.0),
             us(row.vault.pct(50.0)),
             us(row.vault.pct(99.0)),
             us(row.echo.pct(50.0)),

@@ -589,9 +589,10 @@ fn refresh_section(w: &mut String, r: &Results) {
     let _ = writeln!(
         w,
         "\nThe double alone, for context: {} refreshes POSTed straight at it by as many \
-         callers (no vault): {:.0}/s ({:.2}x of ideal; per-call p50 {} ms: the 20 ms sleep \
-         is a tokio timer, which fires on the next millisecond tick). The vault reached \
-         {:.2}x of that.\n",
+         callers (no vault): {:.0}/s ({:.2}x of ideal; per-call p50 {} ms: the double's \
+         delay is its own timer thread, not tokio's, whose millisecond tick made 20 ms \
+         take 21-22; what is left is HTTP and the double's CPU on the shared cores). The \
+         vault reached {:.2}x of that.\n",
         t.direct.count(),
         t.direct.rps(),
         t.direct.rps() / t.ideal(),

@@ -5,5 +5,6 @@
 pub mod dev;
 pub mod etcd;
 pub mod provider;
+pub mod timer;
 pub mod vault;
 pub mod webhook;

@@ -859,7 +859,8 @@ async fn token_endpoint(
         _ = shutdown.wait_for(|s| *s) => {}
     }
     if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
+        // Not tokio's timer: its millisecond tick makes a 20 ms double take 21-22.
+        super::timer::sleep(latency).await;
     }
     if let Some(fault) = fault {
         return fault_response(fault, shared.shutdown.clone()).await;

@@ -18,11 +18,6 @@
 //! [`deposit`] 4, [`scale`] 5, [`replicas`] 6 (etcd). [`fixture`] starts the vault, the echo
 //! baseline and the OAuth provider double; [`report`] writes the markdown.
 
-/// The allocator the `credvault` binary ships with (`src/main.rs`): the
-/// vault runs in this process, so it is measured with what it runs on.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[path = "../../tests/support/mod.rs"]
 mod support;
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use credvault::api::pb;
+use credvault::api::pb::{self, credential_vault_client::CredentialVaultClient};
 use tonic::transport::Channel;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
@@ -72,53 +72,28 @@ pub async fn run(bench: &Bench, params: &Params) -> Vec<HitRow> {
             // a side's rate by several percent, so it is averaged over rounds
             // rather than fixed for the whole run.
             for turn in 0..3 {
-                let health = |clients: Vec<HealthClient<Channel>>| {
-                    let clients = Arc::new(clients);
-                    closed_loop(
-                        concurrency,
-                        params.warmup,
-                        params.hit_measure,
-                        move |w, _| {
-                            let mut client = clients[w % clients.len()].clone();
-                            async move {
-                                client
-                                    .check(HealthCheckRequest {
-                                        service: String::new(),
-                                    })
-                                    .await
-                                    .map(|_| ())
-                                    .map_err(|s| s.to_string())
-                            }
-                        },
-                    )
-                };
                 match (round + turn) % 3 {
-                    0 => echo_runs.push(health(bench.echo_clients(connections).await).await),
-                    1 => vault_health_runs
-                        .push(health(bench.vault_health_clients(connections).await).await),
-                    _ => {
-                        let vault = Arc::new(bench.vault_clients(connections).await);
-                        let requests = Arc::clone(&requests);
-                        vault_runs.push(
-                            closed_loop(
-                                concurrency,
-                                params.warmup,
-                                params.hit_measure,
-                                move |w, _| {
-                                    let mut client = vault[w % vault.len()].clone();
-                                    let request = requests[w % requests.len()].clone();
-                                    async move {
-                                        client
-                                            .get_access_token(request)
-                                            .await
-                                            .map(|_| ())
-                                            .map_err(|s| s.to_string())
-                                    }
-                                },
-                            )
+                    0 => echo_runs.push(
+                        health_checks(bench.echo_clients(connections).await, concurrency, params)
                             .await,
-                        );
-                    }
+                    ),
+                    1 => vault_health_runs.push(
+                        health_checks(
+                            bench.vault_health_clients(connections).await,
+                            concurrency,
+                            params,
+                        )
+                        .await,
+                    ),
+                    _ => vault_runs.push(
+                        cache_hits(
+                            bench.vault_clients(connections).await,
+                            Arc::clone(&requests),
+                            concurrency,
+                            params,
+                        )
+                        .await,
+                    ),
                 }
             }
         }
@@ -143,4 +118,59 @@ pub async fn run(bench: &Bench, params: &Params) -> Vec<HitRow> {
         rows.push(row);
     }
     rows
+}
+
+/// One closed-loop run of `Health/Check` over `clients`.
+async fn health_checks(
+    clients: Vec<HealthClient<Channel>>,
+    concurrency: usize,
+    params: &Params,
+) -> Sample {
+    let clients = Arc::new(clients);
+    closed_loop(
+        concurrency,
+        params.warmup,
+        params.hit_measure,
+        move |w, _| {
+            let mut client = clients[w % clients.len()].clone();
+            async move {
+                client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.to_string())
+            }
+        },
+    )
+    .await
+}
+
+/// One closed-loop run of cache-hit GetAccessTokens over `clients`, worker
+/// `w` asking for `requests[w % len]`.
+async fn cache_hits(
+    clients: Vec<CredentialVaultClient<Channel>>,
+    requests: Arc<Vec<pb::GetAccessTokenRequest>>,
+    concurrency: usize,
+    params: &Params,
+) -> Sample {
+    let clients = Arc::new(clients);
+    closed_loop(
+        concurrency,
+        params.warmup,
+        params.hit_measure,
+        move |w, _| {
+            let mut client = clients[w % clients.len()].clone();
+            let request = requests[w % requests.len()].clone();
+            async move {
+                client
+                    .get_access_token(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| s.to_string())
+            }
+        },
+    )
+    .await
 }

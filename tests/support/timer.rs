@@ -40,17 +40,17 @@ struct Due {
 }
 
 fn timer() -> &'static Timer {
-    static TIMER: OnceLock<&'static Timer> = OnceLock::new();
+    static TIMER: OnceLock<Timer> = OnceLock::new();
     TIMER.get_or_init(|| {
-        let timer: &'static Timer = Box::leak(Box::new(Timer {
-            due: Mutex::default(),
-            changed: Condvar::new(),
-        }));
+        // The thread's own `timer()` waits for this initialisation to end.
         std::thread::Builder::new()
             .name("double-timer".into())
-            .spawn(move || timer.run())
+            .spawn(|| timer().run())
             .expect("spawn the double's timer thread");
-        timer
+        Timer {
+            due: Mutex::default(),
+            changed: Condvar::new(),
+        }
     })
 }
 

@@ -283,7 +283,7 @@ async fn a_failing_provider_is_asked_at_a_bounded_rate() {
         .into_inner();
     assert!(described.refresh_failures >= 3, "{described:?}");
     assert!(described.refresh_backoff_until.is_some(), "{described:?}");
-    let metrics = scrape(vault.ops_addr).await;
+    let metrics = scrape_metrics(vault.ops_addr).await;
     assert!(
         metrics.contains("credvault_credentials_cooling_down 1"),
         "{metrics}"
@@ -309,18 +309,6 @@ async fn a_failing_provider_is_asked_at_a_bounded_rate() {
         .unwrap()
         .into_inner();
     assert_eq!(described.refresh_failures, 0);
-}
-
-async fn scrape(ops: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(ops).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text
 }
 
 #[tokio::test]

@@ -39,21 +39,6 @@ fn with_server_settings(dir: &VaultDir, lines: &str) {
     std::fs::write(path, text).unwrap();
 }
 
-async fn scrape(vault: &TestVault) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(vault.ops_addr)
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_family_appears_after_real_traffic() {
     let provider = provider().await;
@@ -113,7 +98,7 @@ async fn every_metric_family_appears_after_real_traffic() {
         .await
         .unwrap();
 
-    let text = scrape(&vault).await;
+    let text = scrape_metrics(vault.ops_addr).await;
     for family in [
         "credvault_rpc_calls_total{method=\"Deposit\",reason=\"OK\"}",
         "credvault_rpc_calls_total{method=\"GetAccessToken\",reason=\"REAUTH_REQUIRED\"}",
@@ -122,6 +107,10 @@ async fn every_metric_family_appears_after_real_traffic() {
         "credvault_token_cache_total{result=\"miss\"}",
         "credvault_refreshes_total{provider=\"idp\",outcome=\"ok\"}",
         "credvault_refreshes_total{provider=\"idp\",outcome=\"grant_rejected\"}",
+        "credvault_refresh_duration_seconds_bucket{",
+        "credvault_store_write_duration_seconds_bucket{",
+        "credvault_store_write_duration_seconds_count",
+        "credvault_store_write_duration_seconds_sum",
         "credvault_refresh_coalesced_waiters_total",
         "credvault_reauth_transitions_total{cause=\"invalid_grant\"}",
         "credvault_forced_refreshes_rate_limited_total",
@@ -138,6 +127,19 @@ async fn every_metric_family_appears_after_real_traffic() {
         .and_then(|v| v.parse().ok())
         .unwrap();
     assert!(waiters >= 4.0, "{waiters}");
+    // Every refresh request sent upstream is timed once, whatever its
+    // outcome, and every acknowledged write (three Deposits at least).
+    let sum_of = |prefix: &str| metric_sum(&text, prefix);
+    let refreshes = sum_of("credvault_refreshes_total{provider=\"idp\"");
+    assert!(refreshes >= 2.0, "{refreshes}");
+    assert_eq!(
+        sum_of("credvault_refresh_duration_seconds_count{provider=\"idp\"}"),
+        refreshes,
+        "{text}"
+    );
+    assert!(sum_of("credvault_refresh_duration_seconds_sum{provider=\"idp\"}") > 0.0);
+    assert!(sum_of("credvault_store_write_duration_seconds_count") >= 3.0);
+    assert!(sum_of("credvault_store_write_duration_seconds_sum") > 0.0);
     // Low cardinality and no personal data: no subjects, no tenants.
     for needle in ["alice", "bob", "carol", "acme", "at-alice"] {
         assert!(!text.contains(needle), "{needle} appears in /metrics");
@@ -207,7 +209,9 @@ async fn overload_is_shed_with_a_typed_status_and_the_vault_stays_healthy() {
             .await
             .unwrap();
     }
-    assert!(scrape(&vault).await.contains("credvault_overloaded_total"));
+    assert!(scrape_metrics(vault.ops_addr)
+        .await
+        .contains("credvault_overloaded_total"));
 }
 
 #[tokio::test]

@@ -425,21 +425,7 @@ impl Drop for ServeProcess {
 }
 
 async fn metric(ops: u16, name: &str) -> f64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", ops))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    metric_sum(&scrape_metrics(([127, 0, 0, 1], ops).into()).await, name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,6 +119,7 @@ pub fn main(args: &[String]) -> ! {
                     sample: wedged(limit.as_secs_f64()),
                     upstream_calls: 0,
                     direct: Sample::from_latencies(Vec::new(), 0.0),
+                    inside: Default::default(),
                 },
             );
             emit(&runtime.block_on(refresh::throughput_child(&params)));

@@ -88,6 +88,13 @@ impl Sample {
         Duration::from_nanos(self.lat_ns[index])
     }
 
+    pub fn mean(&self) -> Duration {
+        match self.lat_ns.len() {
+            0 => Duration::ZERO,
+            n => Duration::from_nanos(self.lat_ns.iter().sum::<u64>() / n as u64),
+        }
+    }
+
     pub fn max(&self) -> Duration {
         Duration::from_nanos(self.lat_ns.last().copied().unwrap_or(0))
     }

@@ -21,7 +21,7 @@ use crate::{
     scale::{bench_record, populate},
     support::{
         provider::ProviderDouble,
-        vault::{get_request, TestVault, VaultDir},
+        vault::{get_request, metric_sum, scrape_metrics, TestVault, VaultDir},
     },
     Params,
 };
@@ -163,6 +163,8 @@ async fn direct_refresh_rtt(bench: &Bench, n: usize) -> Duration {
 pub struct Fresh {
     pub dir: VaultDir,
     pub addr: std::net::SocketAddr,
+    /// Its ops listener (`/metrics`).
+    pub ops: std::net::SocketAddr,
     _vault: TestVault,
 }
 
@@ -172,6 +174,7 @@ impl Fresh {
         let vault = TestVault::start(&dir).await;
         Self {
             addr: vault.addr,
+            ops: vault.ops_addr,
             dir,
             _vault: vault,
         }
@@ -188,6 +191,7 @@ pub struct ThroughputResult {
     /// The same number of callers refreshing straight at the double (no
     /// vault): what the double and its timer allow.
     pub direct: Sample,
+    pub inside: Inside,
 }
 
 impl ThroughputResult {
@@ -205,12 +209,44 @@ impl ThroughputResult {
     }
 }
 
+/// Where a refresh's time went inside the vault, from its own metrics
+/// (`/metrics` after the run; exact means: a histogram's sum over its
+/// count).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Inside {
+    /// The provider's answer to one refresh request, as the vault timed it.
+    pub refresh_mean: Duration,
+    /// One record write until the store acknowledged it (durable).
+    pub store_write_mean: Duration,
+    pub store_writes: u64,
+}
+
+impl Inside {
+    fn from_metrics(text: &str) -> Self {
+        let mean = |family: &str| {
+            let count = metric_sum(text, &format!("{family}_count"));
+            let sum = metric_sum(text, &format!("{family}_sum"));
+            if count > 0.0 {
+                Duration::from_secs_f64(sum / count)
+            } else {
+                Duration::ZERO
+            }
+        };
+        Self {
+            refresh_mean: mean("credvault_refresh_duration_seconds"),
+            store_write_mean: mean("credvault_store_write_duration_seconds"),
+            store_writes: metric_sum(text, "credvault_store_write_duration_seconds_count") as u64,
+        }
+    }
+}
+
 /// What one child measured.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ThroughputChild {
     pub sample: Sample,
     pub upstream_calls: usize,
     pub direct: Sample,
+    pub inside: Inside,
 }
 
 /// Runs in a fresh process, so the numbers are the vault's alone.
@@ -225,6 +261,7 @@ pub async fn throughput(params: &Params) -> ThroughputResult {
         sample: child.sample,
         upstream_calls: child.upstream_calls,
         direct: child.direct,
+        inside: child.inside,
     };
     eprintln!(
         "  {:.0} refreshes/s ({:.2}x ideal, {:.2}x the double alone at {:.0}/s), {} of {} answered {}",
@@ -278,6 +315,9 @@ pub async fn throughput_child(params: &Params) -> ThroughputChild {
         .await
     };
     let upstream_calls = provider.refresh_calls() - before;
+    // Only the measured refreshes went through this vault's metrics: the
+    // population was bulk-loaded beside it.
+    let inside = Inside::from_metrics(&scrape_metrics(vault.ops).await);
     if sample.errors == 0 {
         assert_eq!(
             upstream_calls, n,
@@ -323,5 +363,6 @@ pub async fn throughput_child(params: &Params) -> ThroughputChild {
         sample,
         upstream_calls,
         direct,
+        inside,
     }
 }

@@ -403,10 +403,12 @@ impl Broker {
             .limits
             .refresh_permit(&id.tenant, host)
             .ok_or(BrokerError::Overloaded("too many refreshes in flight"))?;
+        let sent = Instant::now();
         let issued = match &record.refresh_token {
             Some(refresh_token) => self.upstream.refresh(&client, refresh_token).await,
             None => self.upstream.client_credentials(&client).await,
         };
+        let took = sent.elapsed();
         self.note_outcome(id, &issued);
         self.metrics.refresh(
             &id.provider,
@@ -417,6 +419,7 @@ impl Broker {
                 Err(UpstreamError::Unavailable { .. }) => "unavailable",
                 Err(UpstreamError::EndpointNotAllowed(_)) => "endpoint_not_allowed",
             },
+            took.as_secs_f64(),
         );
         Ok(issued)
     }

@@ -133,7 +133,11 @@ impl Broker {
                 fence: how.fence,
                 durable: how.durable,
             };
+            let sent = std::time::Instant::now();
             let outcome = self.store.write(&key, write).await?;
+            self.metrics
+                .store_write_seconds
+                .observe(sent.elapsed().as_secs_f64());
             match outcome {
                 CasOutcome::Written(revision) => {
                     let record = written.as_ref().map(|(record, _)| record);

@@ -44,6 +44,11 @@ pub struct RefreshLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    pub provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CauseLabels {
     pub cause: String,
 }
@@ -80,6 +85,13 @@ pub struct Metrics {
     /// the method's first call for the same reason.
     answered: std::sync::RwLock<std::collections::HashMap<&'static str, (Counter, Histogram)>>,
     pub refreshes: Family<RefreshLabels, Counter>,
+    /// How long the provider took to answer a refresh (any outcome): what
+    /// a refresh costs that the vault does not control.
+    refresh_seconds: Family<ProviderLabels, Histogram>,
+    /// How long a record write took until the store acknowledged it (for
+    /// a durable write, until it was flushed or committed): the other half
+    /// of a refresh, and all of a Deposit's storage.
+    pub store_write_seconds: Histogram,
     pub coalesced_waiters: Counter,
     pub reauth_transitions: Family<CauseLabels, Counter>,
     pub forced_refreshes_rate_limited: Counter,
@@ -153,6 +165,26 @@ impl Default for Metrics {
                 .clone()
         };
         let (cache_hits, cache_misses) = (resolve("hit"), resolve("miss"));
+        let refresh_seconds = Family::<ProviderLabels, Histogram>::new_with_constructor(|| {
+            // 1 ms .. ~33 s.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.001, 2.0, 16,
+            ))
+        });
+        r.register(
+            "refresh_duration_seconds",
+            "time the provider took to answer one refresh request, by provider",
+            refresh_seconds.clone(),
+        );
+        // 50 µs (a group-committed sled write) .. ~6.5 s (an etcd election).
+        let store_write_seconds = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 18),
+        );
+        r.register(
+            "store_write_duration_seconds",
+            "time one record write took until the store acknowledged it (durable writes: until flushed)",
+            store_write_seconds.clone(),
+        );
         Self {
             calls,
             call_seconds,
@@ -160,6 +192,8 @@ impl Default for Metrics {
             cache_misses,
             answered: Default::default(),
             refreshes: register(r, "refreshes", "upstream refreshes by provider and outcome"),
+            refresh_seconds,
+            store_write_seconds,
             coalesced_waiters: register(
                 r,
                 "refresh_coalesced_waiters",
@@ -289,10 +323,18 @@ impl Metrics {
         }
     }
 
-    pub fn refresh(&self, provider: &str, outcome: &str) {
+    /// One upstream refresh request, its outcome and how long the provider
+    /// took to answer it.
+    pub fn refresh(&self, provider: &str, outcome: &str, seconds: f64) {
+        let provider = self.provider_label(provider);
+        self.refresh_seconds
+            .get_or_create(&ProviderLabels {
+                provider: provider.clone(),
+            })
+            .observe(seconds);
         self.refreshes
             .get_or_create(&RefreshLabels {
-                provider: self.provider_label(provider),
+                provider,
                 outcome: outcome.to_owned(),
             })
             .inc();
@@ -339,7 +381,7 @@ mod tests {
     fn providers_beyond_the_cap_fold_into_other() {
         let metrics = Metrics::default();
         for i in 0..MAX_PROVIDER_LABELS + 10 {
-            metrics.refresh(&format!("p{i}"), "ok");
+            metrics.refresh(&format!("p{i}"), "ok", 0.02);
         }
         let text = metrics.encode();
         assert!(text.contains("provider=\"p0\""));

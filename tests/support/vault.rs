@@ -279,6 +279,35 @@ impl Drop for TestVault {
     }
 }
 
+/// The Prometheus text `/metrics` serves on the ops listener `ops`,
+/// response head included.
+pub async fn scrape_metrics(ops: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(ops)
+        .await
+        .expect("connect to the ops listener");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("send GET /metrics");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read /metrics");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The sum of every sample in `text` whose line starts with `prefix` (one
+/// series, or all of a family's series); 0 when none does.
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The HTTP status of `/readyz`, or `None` if nothing answers.
 pub async fn readyz(ops: SocketAddr) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

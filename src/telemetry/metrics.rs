@@ -141,20 +141,55 @@ impl WebhookMetrics {
     }
 }
 
+/// The latency histograms, registered together.
+struct Latencies {
+    call_seconds: Family<MethodLabels, Histogram>,
+    refresh_seconds: Family<ProviderLabels, Histogram>,
+    store_write_seconds: Histogram,
+}
+
+impl Latencies {
+    fn register(r: &mut Registry) -> Self {
+        use prometheus_client::metrics::histogram::exponential_buckets;
+        let call_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            // 100 µs .. ~26 s: cache hits sit at the bottom, upstream round
+            // trips in the middle, timeouts at the top.
+            Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+        });
+        r.register(
+            "rpc_duration_seconds",
+            "gRPC call latency",
+            call_seconds.clone(),
+        );
+        let refresh_seconds = Family::<ProviderLabels, Histogram>::new_with_constructor(|| {
+            // 1 ms .. ~33 s.
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        r.register(
+            "refresh_duration_seconds",
+            "time the provider took to answer one refresh request, by provider",
+            refresh_seconds.clone(),
+        );
+        // 50 µs (a group-committed sled write) .. ~6.5 s (an etcd election).
+        let store_write_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 18));
+        r.register(
+            "store_write_duration_seconds",
+            "time one record write took until the store acknowledged it (durable writes: until flushed)",
+            store_write_seconds.clone(),
+        );
+        Self {
+            call_seconds,
+            refresh_seconds,
+            store_write_seconds,
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("credvault");
         let r = &mut registry;
         let calls = register(r, "rpc_calls", "gRPC calls by method and outcome reason");
-        let call_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
-            // 100 µs .. ~26 s: cache hits sit at the bottom, upstream round
-            // trips in the middle, timeouts at the top.
-            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                0.0001, 2.0, 19,
-            ))
-        });
-        let latency = "gRPC call latency";
-        r.register("rpc_duration_seconds", latency, call_seconds.clone());
         let cache: Family<CacheLabels, Counter> =
             register(r, "token_cache", "access token cache lookups");
         let resolve = |result: &str| {
@@ -165,26 +200,11 @@ impl Default for Metrics {
                 .clone()
         };
         let (cache_hits, cache_misses) = (resolve("hit"), resolve("miss"));
-        let refresh_seconds = Family::<ProviderLabels, Histogram>::new_with_constructor(|| {
-            // 1 ms .. ~33 s.
-            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                0.001, 2.0, 16,
-            ))
-        });
-        r.register(
-            "refresh_duration_seconds",
-            "time the provider took to answer one refresh request, by provider",
-            refresh_seconds.clone(),
-        );
-        // 50 µs (a group-committed sled write) .. ~6.5 s (an etcd election).
-        let store_write_seconds = Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 18),
-        );
-        r.register(
-            "store_write_duration_seconds",
-            "time one record write took until the store acknowledged it (durable writes: until flushed)",
-            store_write_seconds.clone(),
-        );
+        let Latencies {
+            call_seconds,
+            refresh_seconds,
+            store_write_seconds,
+        } = Latencies::register(r);
         Self {
             calls,
             call_seconds,

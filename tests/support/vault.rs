@@ -279,22 +279,22 @@ impl Drop for TestVault {
     }
 }
 
+/// One `GET path` on the ops listener `ops`: the whole response, head
+/// included.
+async fn ops_get(ops: SocketAddr, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(ops).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
 /// The Prometheus text `/metrics` serves on the ops listener `ops`,
 /// response head included.
 pub async fn scrape_metrics(ops: SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(ops)
-        .await
-        .expect("connect to the ops listener");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n")
-        .await
-        .expect("send GET /metrics");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("read /metrics");
+    let response = ops_get(ops, "/metrics").await.expect("GET /metrics");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response
 }
@@ -310,14 +310,7 @@ pub fn metric_sum(text: &str, prefix: &str) -> f64 {
 
 /// The HTTP status of `/readyz`, or `None` if nothing answers.
 pub async fn readyz(ops: SocketAddr) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(ops).await.ok()?;
-    stream
-        .write_all(b"GET /readyz HTTP/1.1\r\nhost: ops\r\nconnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
+    let response = ops_get(ops, "/readyz").await.ok()?;
     response.split_whitespace().nth(1)?.parse().ok()
 }
 

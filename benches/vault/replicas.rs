@@ -125,6 +125,19 @@ async fn seed(client: &mut CredentialVaultClient<Channel>, provider_url: &str) {
     }
 }
 
+/// Starts `n` replicas on `dir`, once the cluster answers a quorum read: a
+/// disk stall on this shared machine once left a member unreachable just
+/// as a replica started, and the run died on the replica's connect error
+/// rather than waiting the stall out.
+async fn replicas(cluster: &EtcdCluster, dir: &VaultDir, n: usize) -> Vec<TestVault> {
+    tokio::task::block_in_place(|| cluster.wait_healthy(Duration::from_secs(60)));
+    let mut vaults = Vec::new();
+    for _ in 0..n {
+        vaults.push(TestVault::start(dir).await);
+    }
+    vaults
+}
+
 pub async fn run(params: &Params) -> ReplicasResult {
     let cluster = EtcdCluster::start(3);
     let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
@@ -137,7 +150,7 @@ pub async fn run(params: &Params) -> ReplicasResult {
         vault_dir(Some(&cluster), "/bench-hits/"),
     );
     let sled = TestVault::start(&sled_dir).await;
-    let etcd = TestVault::start(&etcd_dir).await;
+    let etcd = replicas(&cluster, &etcd_dir, 1).await.remove(0);
     let conns = concurrency.clamp(1, 16);
     let (sled_clients, etcd_clients) = (
         clients(&sled_dir, &sled, conns).await,
@@ -287,10 +300,7 @@ async fn burst(params: &Params, cluster: &EtcdCluster) -> (Duration, Sample, usi
     let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     provider.set_latency(params.burst_latency);
     let dir = vault_dir(Some(cluster), "/bench-burst/");
-    let mut vaults = Vec::new();
-    for _ in 0..3 {
-        vaults.push(TestVault::start(&dir).await);
-    }
+    let vaults = replicas(cluster, &dir, 3).await;
     let mut spread = Vec::new();
     for vault in &vaults {
         spread.extend(clients(&dir, vault, 4).await);
@@ -370,10 +380,7 @@ async fn scaling(
     url: &str,
 ) -> (Sample, Sample) {
     let dir = vault_dir(Some(cluster), "/bench-scale/");
-    let mut vaults = Vec::new();
-    for _ in 0..3 {
-        vaults.push(TestVault::start(&dir).await);
-    }
+    let vaults = replicas(cluster, &dir, 3).await;
     let mut first = clients(&dir, &vaults[0], 16).await;
     seed(&mut first[0], url).await;
     // Warm every replica's cache.

@@ -4,7 +4,9 @@
 //!   non-test code, grouped `use crate::{…}` included);
 //! - nothing outside `src/store/` names a storage engine;
 //! - no function is longer than 80 lines, except the declarative tables
-//!   listed here with their reason.
+//!   listed here with their reason;
+//! - the build links the vendored sled, with the fix it was vendored for
+//!   (`vendor/README.md`).
 //!
 //! A failure names the file, the line and the rule it breaks.
 
@@ -354,4 +356,26 @@ fn the_length_checker_measures_bodies() {
     )
     .unwrap();
     assert_eq!(functions(&file), [("short".to_owned(), 1, 6)]);
+}
+
+/// A `cargo update` or a dropped `[patch.crates-io]` would quietly swap the
+/// patched sled for the release, and with it every durable write's cost;
+/// nothing functional would fail.
+#[test]
+fn the_build_links_the_vendored_sled_with_its_fix() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lock = fs::read_to_string(root.join("Cargo.lock")).unwrap();
+    let sled = lock
+        .split("[[package]]")
+        .find(|entry| entry.contains("\nname = \"sled\"\n"))
+        .expect("sled in Cargo.lock");
+    assert!(
+        !sled.contains("source ="),
+        "Cargo.lock takes sled from a registry, not from vendor/sled:{sled}"
+    );
+    let pool = fs::read_to_string(root.join("vendor/sled/src/threadpool.rs")).unwrap();
+    assert!(
+        pool.contains("self.cv.notify_one();") && !pool.contains("self.cv.notify_all();"),
+        "vendor/sled's IO pool no longer wakes one thread per job (vendor/README.md)"
+    );
 }

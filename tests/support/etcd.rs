@@ -40,12 +40,14 @@ pub struct EtcdCluster {
 }
 
 impl EtcdCluster {
-    /// Starts `size` members and waits until the cluster answers.
+    /// Starts `size` members and waits until every one of them answers.
     ///
     /// Ports are picked free and bound by etcd a moment later; another test
     /// in this process (a vault, another cluster) can take one in between,
     /// and then that member exits at once. Such a start is abandoned and
-    /// tried again on new ports.
+    /// tried again on new ports. Waiting for every member, not the first:
+    /// a vault started beside a member that had just exited failed its
+    /// first store call with a connect error (a CI run, 2026-12-02).
     pub fn start(size: usize) -> Self {
         let mut failures = Vec::new();
         for _ in 0..3 {
@@ -83,14 +85,14 @@ impl EtcdCluster {
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if cluster.members.iter().any(|m| health(m.client_port)) {
-                return Ok(cluster);
-            }
             if let Some(name) = cluster.exited() {
                 return Err(format!("member {name} exited while starting"));
             }
+            if cluster.members.iter().all(|m| health(m.client_port)) {
+                return Ok(cluster);
+            }
             if Instant::now() >= deadline {
-                return Err("no member healthy within 30 s".into());
+                return Err("not every member healthy within 30 s".into());
             }
             std::thread::sleep(Duration::from_millis(50));
         }

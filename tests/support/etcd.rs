@@ -46,8 +46,9 @@ impl EtcdCluster {
     /// in this process (a vault, another cluster) can take one in between,
     /// and then that member exits at once. Such a start is abandoned and
     /// tried again on new ports. Waiting for every member, not the first:
-    /// a vault started beside a member that had just exited failed its
-    /// first store call with a connect error (a CI run, 2026-12-02).
+    /// a vault started while one member was not answering (not listening
+    /// yet, or just exited) failed its first store call with a connect
+    /// error (a CI run, 2026-12-02).
     pub fn start(size: usize) -> Self {
         let mut failures = Vec::new();
         for _ in 0..3 {

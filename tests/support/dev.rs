@@ -9,12 +9,25 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// A loopback port free right now and never handed out before by this
+/// process. The kernel may give a port it just released to the next
+/// `bind(:0)`: two calls in a row once returned the same port for a
+/// replica's gRPC and ops listeners, and the replica could not start (a CI
+/// run, 2026-12-02).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// All traffic here is on loopback: no proxy from the environment in between

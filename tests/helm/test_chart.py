@@ -685,10 +685,20 @@ class RealServerTest(unittest.TestCase):
         self.serve_rendered("cert-manager.yaml")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before by this process:
+    the kernel may give a just-released port to the next bind (as
+    tests/support/dev.rs's free_port explains)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_ready(ops_port: int, process: subprocess.Popen, what: str, log: Path, timeout: float = 60):

@@ -136,6 +136,7 @@ pub fn main(args: &[String]) -> ! {
                     sample: wedged(params.deposit_measure.as_secs_f64()),
                     value_bytes: 0,
                     alive_after: Some(false),
+                    inside: None,
                 },
             );
             emit(&runtime.block_on(deposit::child(&params, side, concurrency, round)));

@@ -15,7 +15,13 @@
 //! an earlier issue, is no longer measured: it deadlocks once about eight
 //! calls overlap (spacejam/sled#1308; see the notes in BENCHMARKS.md).
 
-use std::sync::Arc;
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use credvault::{
     api::pb,
@@ -37,7 +43,7 @@ use crate::{
     },
     load::{closed_loop, Sample},
     refresh::Fresh,
-    support::vault::VaultDir,
+    support::vault::{metric_sum, scrape_metrics, VaultDir},
     Params,
 };
 
@@ -53,6 +59,10 @@ pub struct DepositRow {
     pub value_bytes: usize,
     /// After the run, did one more Deposit to the shipped vault get through?
     pub vault_alive_after: bool,
+    /// Where the shipped vault's calls spent their time, server-side.
+    pub vault_inside: Inside,
+    /// Where the durable echo's calls spent their time, server-side.
+    pub echo_inside: Inside,
 }
 
 impl DepositRow {
@@ -112,6 +122,68 @@ pub struct DepositChild {
     pub value_bytes: usize,
     /// Vault sides: did one more Deposit get through after the run?
     pub alive_after: Option<bool>,
+    /// The vault and the durable echo: their handlers' own timing.
+    pub inside: Option<Inside>,
+}
+
+/// A side's server-side means over every call of a run (warm-up included),
+/// so a gap at the client splits into the handler's part, the store's part
+/// within it, and the rest (the RPC itself: a Deposit's request is larger
+/// than the echo's).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Inside {
+    pub calls: u64,
+    /// From the handler's start to its answer. The vault: its
+    /// `credvault_rpc_duration_seconds`, which spans the call frame (gate,
+    /// admission of the request, the broker, the audit frame).
+    pub handler_mean: Duration,
+    /// The durable write within it. The vault: its
+    /// `credvault_store_write_duration_seconds` (to the writer thread, the
+    /// compare-and-swap with the event, the batch's flush, and back). The
+    /// echo: its one hop to the blocking pool for insert + flush, and back.
+    pub store_mean: Duration,
+}
+
+impl Inside {
+    /// Call-weighted means over several runs.
+    fn merge<'a>(parts: impl IntoIterator<Item = &'a Inside>) -> Self {
+        let (mut calls, mut handler, mut store) = (0u64, 0f64, 0f64);
+        for part in parts {
+            calls += part.calls;
+            handler += part.handler_mean.as_secs_f64() * part.calls as f64;
+            store += part.store_mean.as_secs_f64() * part.calls as f64;
+        }
+        let mean = |sum: f64| match calls {
+            0 => Duration::ZERO,
+            n => Duration::from_secs_f64(sum / n as f64),
+        };
+        Inside {
+            calls,
+            handler_mean: mean(handler),
+            store_mean: mean(store),
+        }
+    }
+
+    /// From a vault's `/metrics` text: only Deposits went through it.
+    fn from_metrics(text: &str) -> Self {
+        let count = metric_sum(text, "credvault_store_write_duration_seconds_count");
+        let mean = |family: &str| {
+            let (sum, n) = (
+                metric_sum(text, &format!("{family}_sum")),
+                metric_sum(text, &format!("{family}_count")),
+            );
+            if n > 0.0 {
+                Duration::from_secs_f64(sum / n)
+            } else {
+                Duration::ZERO
+            }
+        };
+        Inside {
+            calls: count as u64,
+            handler_mean: mean("credvault_rpc_duration_seconds"),
+            store_mean: mean("credvault_store_write_duration_seconds"),
+        }
+    }
 }
 
 struct Raw {
@@ -177,6 +249,10 @@ pub async fn run(params: &Params) -> Vec<DepositRow> {
             .iter()
             .chain(&vault_no_events)
             .all(|c| c.alive_after == Some(true));
+        let inside = |children: &[DepositChild]| {
+            Inside::merge(children.iter().filter_map(|c| c.inside.as_ref()))
+        };
+        let (vault_inside, echo_inside) = (inside(&vault), inside(&durable_echo));
         let merge =
             |children: Vec<DepositChild>| Sample::merge(children.into_iter().map(|c| c.sample));
         let row = DepositRow {
@@ -187,6 +263,8 @@ pub async fn run(params: &Params) -> Vec<DepositRow> {
             raw_blocking: merge(raw_blocking),
             value_bytes,
             vault_alive_after,
+            vault_inside,
+            echo_inside,
         };
         row.raw_blocking
             .expect_clean("raw sled insert + blocking flush");
@@ -236,6 +314,8 @@ pub async fn child(params: &Params, side: Side, concurrency: usize, round: usize
                 )
                 .await
             };
+            // Read before the probe, so only the measured calls count.
+            let inside = Inside::from_metrics(&scrape_metrics(vault.ops).await);
             // Can this vault still write at all?
             let mut probe = clients[0].clone();
             let alive = bounded(probe.deposit(deposit_for(&template, "probe".into())))
@@ -245,16 +325,19 @@ pub async fn child(params: &Params, side: Side, concurrency: usize, round: usize
                 sample,
                 value_bytes,
                 alive_after: Some(alive),
+                inside: Some(inside),
             }
         }
         Side::DurableEcho => {
             let value_bytes = sealed_record_len(&Keyring::generate(), token_url);
             let dir = VaultDir::new();
             let raw = Raw::open();
+            let timing = Arc::new(EchoTiming::default());
             let echo = DurableEcho {
                 db: raw.db.clone(),
                 tree: raw.tree.clone(),
                 value: vec![0x5a; value_bytes].into(),
+                timing: Arc::clone(&timing),
             };
             let (addr, _stop) = serve_bare(&dir, HealthServer::new(echo)).await;
             let clients = Arc::new(
@@ -277,6 +360,7 @@ pub async fn child(params: &Params, side: Side, concurrency: usize, round: usize
                 sample,
                 value_bytes,
                 alive_after: None,
+                inside: Some(timing.inside()),
             }
         }
         Side::RawBlocking => {
@@ -314,6 +398,7 @@ pub async fn child(params: &Params, side: Side, concurrency: usize, round: usize
                 sample,
                 value_bytes,
                 alive_after: None,
+                inside: None,
             }
         }
     }
@@ -327,6 +412,30 @@ struct DurableEcho {
     db: sled::Db,
     tree: sled::Tree,
     value: Arc<[u8]>,
+    timing: Arc<EchoTiming>,
+}
+
+/// The echo's counterpart of the vault's two histograms: sums in
+/// nanoseconds, and the calls they cover.
+#[derive(Default)]
+struct EchoTiming {
+    calls: AtomicU64,
+    handler_ns: AtomicU64,
+    store_ns: AtomicU64,
+}
+
+impl EchoTiming {
+    fn inside(&self) -> Inside {
+        let calls = self.calls.load(Ordering::Relaxed);
+        let mean = |sum: &AtomicU64| {
+            Duration::from_nanos(sum.load(Ordering::Relaxed).checked_div(calls).unwrap_or(0))
+        };
+        Inside {
+            calls,
+            handler_mean: mean(&self.handler_ns),
+            store_mean: mean(&self.store_ns),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -335,8 +444,10 @@ impl Health for DurableEcho {
         &self,
         request: tonic::Request<HealthCheckRequest>,
     ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        let started = Instant::now();
         let key = request.into_inner().service;
         let (db, tree, value) = (self.db.clone(), self.tree.clone(), self.value.clone());
+        let sent = Instant::now();
         tokio::task::spawn_blocking(move || {
             tree.insert(key.as_bytes(), &*value)?;
             db.flush()
@@ -344,6 +455,14 @@ impl Health for DurableEcho {
         .await
         .map_err(|_| tonic::Status::internal("write task failed"))?
         .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let nanos = |since: Instant| u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.timing
+            .store_ns
+            .fetch_add(nanos(sent), Ordering::Relaxed);
+        self.timing
+            .handler_ns
+            .fetch_add(nanos(started), Ordering::Relaxed);
+        self.timing.calls.fetch_add(1, Ordering::Relaxed);
         Ok(tonic::Response::new(HealthCheckResponse {
             status: health_check_response::ServingStatus::Serving as i32,
         }))

@@ -219,6 +219,11 @@ fn main() {
             );
             results.burst = Some(refresh::burst(&bench, &params).await);
         }
+        // The rest run in processes of their own (or start their own
+        // vaults): nothing of the first two scenarios may keep running
+        // beside them (the vault's background jobs, sled's flusher, the
+        // connections' tasks), so the shared vault goes before they start.
+        drop(bench);
         if selected("refresh") {
             eprintln!(
                 "[3/6] refresh throughput: {} expiring credentials",
@@ -230,7 +235,6 @@ fn main() {
             eprintln!("[4/6] durable Deposit vs the durable echo");
             results.deposit = deposit::run(&params).await;
         }
-        drop(bench);
         if selected("scale") {
             eprintln!("[5/6] scale: {:?} stored credentials", params.scale_levels);
             results.scale = scale::run(&params).await;

@@ -675,6 +675,48 @@ fn deposit_section(w: &mut String, params: &Params, r: &Results) {
         );
     }
     let _ = writeln!(w);
+    deposit_inside(w, r);
+}
+
+/// Where a Deposit's and an echo call's mean time went, server-side: what
+/// the c=1 gap is made of.
+fn deposit_inside(w: &mut String, r: &Results) {
+    let us = |d: std::time::Duration| format!("{:.0}", d.as_secs_f64() * 1e6);
+    let _ = writeln!(
+        w,
+        "Where a call's time went, as means (the vault's own `/metrics`, the echo's \
+         handler timing itself; warm-up included). Handler: from the handler's start \
+         to its answer (the vault's includes its call frame). Store: the durable write \
+         within it (the vault: to the store's writer thread, the compare-and-swap with \
+         the event, the batch's flush, and back; the echo: its hop to the blocking pool \
+         for insert + flush, and back). The rest of a call is the RPC itself.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| c | side | at the client (us) | handler (us) | store (us) | handler without the store (us) | the RPC around the handler (us) |"
+    );
+    let _ = writeln!(w, "|---:|---|---:|---:|---:|---:|---:|");
+    for row in &r.deposit {
+        for (side, sample, inside) in [
+            ("vault Deposit", &row.vault, &row.vault_inside),
+            ("durable echo", &row.durable_echo, &row.echo_inside),
+        ] {
+            if inside.calls == 0 {
+                continue;
+            }
+            let _ = writeln!(
+                w,
+                "| {} | {side} | {} | {} | {} | {} | {} |",
+                row.concurrency,
+                us(sample.mean()),
+                us(inside.handler_mean),
+                us(inside.store_mean),
+                us(inside.handler_mean.saturating_sub(inside.store_mean)),
+                us(sample.mean().saturating_sub(inside.handler_mean)),
+            );
+        }
+    }
+    let _ = writeln!(w);
 }
 
 fn scale_section(w: &mut String, params: &Params, r: &Results) {

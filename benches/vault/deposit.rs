@@ -9,6 +9,10 @@
 //!   which prices writing each Deposit's DEPOSITED event in the same write;
 //! - for context, the raw loop without any RPC: insert + blocking flush.
 //!
+//! The vault and the echo also report where their calls' time went,
+//! server-side ([`Inside`]): the handler, and the durable write within it.
+//! The rest of a call at the client is the RPC around the handler.
+//!
 //! Every round of every side runs in a fresh process ([`crate::child`]):
 //! sled keeps per-process state (its flusher, page cache) that one side
 //! must not leave to the next. sled 0.34.7's `flush_async`, the baseline of
@@ -314,7 +318,8 @@ pub async fn child(params: &Params, side: Side, concurrency: usize, round: usize
                 )
                 .await
             };
-            // Read before the probe, so only the measured calls count.
+            // Read before the probe Deposit, which is not one of the run's
+            // calls (the warm-up's are, as in the echo's own timing).
             let inside = Inside::from_metrics(&scrape_metrics(vault.ops).await);
             // Can this vault still write at all?
             let mut probe = clients[0].clone();

@@ -70,11 +70,11 @@ const CREDENTIALS_PER_WORKER: usize = 6;
 
 // ---- the vault as a child process ------------------------------------------
 
+/// A loopback address on a port no other call in this process was given
+/// (`support::dev::free_port`: two plain `bind(:0)` in a row can return the
+/// same port, and the vault's two listeners would then collide).
 fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    SocketAddr::from(([127, 0, 0, 1], support::dev::free_port()))
 }
 
 /// One run of `credvault serve`, on fresh ports, logging to `log`.

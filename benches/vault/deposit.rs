@@ -47,7 +47,7 @@ use crate::{
     },
     load::{closed_loop, Sample},
     refresh::Fresh,
-    support::vault::{metric_sum, scrape_metrics, VaultDir},
+    support::vault::{histogram_mean, metric_sum, scrape_metrics, VaultDir},
     Params,
 };
 
@@ -170,22 +170,10 @@ impl Inside {
 
     /// From a vault's `/metrics` text: only Deposits went through it.
     fn from_metrics(text: &str) -> Self {
-        let count = metric_sum(text, "credvault_store_write_duration_seconds_count");
-        let mean = |family: &str| {
-            let (sum, n) = (
-                metric_sum(text, &format!("{family}_sum")),
-                metric_sum(text, &format!("{family}_count")),
-            );
-            if n > 0.0 {
-                Duration::from_secs_f64(sum / n)
-            } else {
-                Duration::ZERO
-            }
-        };
         Inside {
-            calls: count as u64,
-            handler_mean: mean("credvault_rpc_duration_seconds"),
-            store_mean: mean("credvault_store_write_duration_seconds"),
+            calls: metric_sum(text, "credvault_store_write_duration_seconds_count") as u64,
+            handler_mean: histogram_mean(text, "credvault_rpc_duration_seconds"),
+            store_mean: histogram_mean(text, "credvault_store_write_duration_seconds"),
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::{
     scale::{bench_record, populate},
     support::{
         provider::ProviderDouble,
-        vault::{get_request, metric_sum, scrape_metrics, TestVault, VaultDir},
+        vault::{get_request, histogram_mean, metric_sum, scrape_metrics, TestVault, VaultDir},
     },
     Params,
 };
@@ -223,18 +223,9 @@ pub struct Inside {
 
 impl Inside {
     fn from_metrics(text: &str) -> Self {
-        let mean = |family: &str| {
-            let count = metric_sum(text, &format!("{family}_count"));
-            let sum = metric_sum(text, &format!("{family}_sum"));
-            if count > 0.0 {
-                Duration::from_secs_f64(sum / count)
-            } else {
-                Duration::ZERO
-            }
-        };
         Self {
-            refresh_mean: mean("credvault_refresh_duration_seconds"),
-            store_write_mean: mean("credvault_store_write_duration_seconds"),
+            refresh_mean: histogram_mean(text, "credvault_refresh_duration_seconds"),
+            store_write_mean: histogram_mean(text, "credvault_store_write_duration_seconds"),
             store_writes: metric_sum(text, "credvault_store_write_duration_seconds_count") as u64,
         }
     }

@@ -308,6 +308,18 @@ pub fn metric_sum(text: &str, prefix: &str) -> f64 {
         .sum()
 }
 
+/// The mean of histogram `family` in `text` over all its series (its
+/// `_sum` over its `_count`); zero when it has no observations.
+pub fn histogram_mean(text: &str, family: &str) -> Duration {
+    let count = metric_sum(text, &format!("{family}_count"));
+    let sum = metric_sum(text, &format!("{family}_sum"));
+    if count > 0.0 {
+        Duration::from_secs_f64(sum / count)
+    } else {
+        Duration::ZERO
+    }
+}
+
 /// The HTTP status of `/readyz`, or `None` if nothing answers.
 pub async fn readyz(ops: SocketAddr) -> Option<u16> {
     let response = ops_get(ops, "/readyz").await.ok()?;

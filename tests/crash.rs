@@ -70,13 +70,6 @@ const CREDENTIALS_PER_WORKER: usize = 6;
 
 // ---- the vault as a child process ------------------------------------------
 
-/// A loopback address on a port no other call in this process was given
-/// (`support::dev::free_port`: two plain `bind(:0)` in a row can return the
-/// same port, and the vault's two listeners would then collide).
-fn free_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], support::dev::free_port()))
-}
-
 /// One run of `credvault serve`, on fresh ports, logging to `log`.
 struct VaultProcess {
     child: Child,
@@ -85,7 +78,7 @@ struct VaultProcess {
 
 impl VaultProcess {
     async fn start(dir: &VaultDir, log: &Path) -> Self {
-        let (addr, ops) = (free_addr(), free_addr());
+        let (addr, ops) = (support::dev::free_addr(), support::dev::free_addr());
         let out = File::options().create(true).append(true).open(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_credvault"))
             .arg("serve")

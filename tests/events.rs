@@ -586,7 +586,7 @@ async fn a_webhook_receiver_that_was_down_gets_every_event_signed_and_in_order()
     use support::webhook::{new_secret, verify, WebhookReceiver};
     let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     // The receiver's port, not listening yet: the first attempts are refused.
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], support::dev::free_port()));
+    let addr = support::dev::free_addr();
     let (secret, key) = new_secret();
     let dir = webhook_vault(&format!("http://{addr}/hooks"), &secret);
     let vault = TestVault::start(&dir).await;

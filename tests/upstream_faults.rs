@@ -427,7 +427,7 @@ async fn body_dripping_slowly_times_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_listening_is_unavailable() {
     let setup = Setup::start().await;
-    let closed = std::net::SocketAddr::from(([127, 0, 0, 1], support::dev::free_port()));
+    let closed = support::dev::free_addr();
     setup
         .deposit("refused", &format!("http://{closed}/token"))
         .await;

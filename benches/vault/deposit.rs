@@ -10,7 +10,8 @@
 //! - for context, the raw loop without any RPC: insert + blocking flush.
 //!
 //! The vault and the echo also report where their calls' time went,
-//! server-side ([`Inside`]): the handler, and the durable write within it.
+//! server-side ([`ServerTiming`]): the handler, and the durable write within
+//! it.
 //! The rest of a call at the client is the RPC around the handler.
 //!
 //! Every round of every side runs in a fresh process ([`crate::child`]):
@@ -45,9 +46,9 @@ use crate::{
         bounded, deposit_request, far_future, health_clients, serve_bare, vault_clients, PROVIDER,
         STALL, TENANT,
     },
-    load::{closed_loop, Sample},
+    load::{closed_loop, Sample, ServerTiming},
     refresh::Fresh,
-    support::vault::{histogram_mean, metric_sum, scrape_metrics, VaultDir},
+    support::vault::{scrape_metrics, VaultDir},
     Params,
 };
 
@@ -63,10 +64,17 @@ pub struct DepositRow {
     pub value_bytes: usize,
     /// After the run, did one more Deposit to the shipped vault get through?
     pub vault_alive_after: bool,
-    /// Where the shipped vault's calls spent their time, server-side.
-    pub vault_inside: Inside,
-    /// Where the durable echo's calls spent their time, server-side.
-    pub echo_inside: Inside,
+    /// Where the shipped vault's calls spent their time, server-side (warm-up
+    /// included). The span is its `credvault_rpc_duration_seconds`, which
+    /// covers the call frame (gate, admission of the request, the broker,
+    /// the audit frame); the store write within it goes to the writer
+    /// thread, does the compare-and-swap with the event, waits for the
+    /// batch's flush and comes back.
+    pub vault_inside: ServerTiming,
+    /// Where the durable echo's calls spent their time, server-side, timed
+    /// by the echo: its handler as the span, and within it the one hop to
+    /// the blocking pool for insert + flush.
+    pub echo_inside: ServerTiming,
 }
 
 impl DepositRow {
@@ -127,55 +135,7 @@ pub struct DepositChild {
     /// Vault sides: did one more Deposit get through after the run?
     pub alive_after: Option<bool>,
     /// The vault and the durable echo: their handlers' own timing.
-    pub inside: Option<Inside>,
-}
-
-/// A side's server-side means over every call of a run (warm-up included),
-/// so a gap at the client splits into the handler's part, the store's part
-/// within it, and the rest (the RPC itself: a Deposit's request is larger
-/// than the echo's).
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
-pub struct Inside {
-    pub calls: u64,
-    /// From the handler's start to its answer. The vault: its
-    /// `credvault_rpc_duration_seconds`, which spans the call frame (gate,
-    /// admission of the request, the broker, the audit frame).
-    pub handler_mean: Duration,
-    /// The durable write within it. The vault: its
-    /// `credvault_store_write_duration_seconds` (to the writer thread, the
-    /// compare-and-swap with the event, the batch's flush, and back). The
-    /// echo: its one hop to the blocking pool for insert + flush, and back.
-    pub store_mean: Duration,
-}
-
-impl Inside {
-    /// Call-weighted means over several runs.
-    fn merge<'a>(parts: impl IntoIterator<Item = &'a Inside>) -> Self {
-        let (mut calls, mut handler, mut store) = (0u64, 0f64, 0f64);
-        for part in parts {
-            calls += part.calls;
-            handler += part.handler_mean.as_secs_f64() * part.calls as f64;
-            store += part.store_mean.as_secs_f64() * part.calls as f64;
-        }
-        let mean = |sum: f64| match calls {
-            0 => Duration::ZERO,
-            n => Duration::from_secs_f64(sum / n as f64),
-        };
-        Inside {
-            calls,
-            handler_mean: mean(handler),
-            store_mean: mean(store),
-        }
-    }
-
-    /// From a vault's `/metrics` text: only Deposits went through it.
-    fn from_metrics(text: &str) -> Self {
-        Inside {
-            calls: metric_sum(text, "credvault_store_write_duration_seconds_count") as u64,
-            handler_mean: histogram_mean(text, "credvault_rpc_duration_seconds"),
-            store_mean: histogram_mean(text, "credvault_store_write_duration_seconds"),
-        }
-    }
+    pub inside: Option<ServerTiming>,
 }
 
 struct Raw {
@@ -242,7 +202,7 @@ pub async fn run(params: &Params) -> Vec<DepositRow> {
             .chain(&vault_no_events)
             .all(|c| c.alive_after == Some(true));
         let inside = |children: &[DepositChild]| {
-            Inside::merge(children.iter().filter_map(|c| c.inside.as_ref()))
+            ServerTiming::merge(children.iter().filter_map(|c| c.inside.as_ref()))
         };
         let (vault_inside, echo_inside) = (inside(&vault), inside(&durable_echo));
         let merge =
@@ -308,7 +268,11 @@ pub async fn child(params: &Params, side: Side, concurrency: usize, round: usize
             };
             // Read before the probe Deposit, which is not one of the run's
             // calls (the warm-up's are, as in the echo's own timing).
-            let inside = Inside::from_metrics(&scrape_metrics(vault.ops).await);
+            // Only Deposits went through this vault: its RPC histogram is theirs.
+            let inside = ServerTiming::from_metrics(
+                &scrape_metrics(vault.ops).await,
+                "credvault_rpc_duration_seconds",
+            );
             // Can this vault still write at all?
             let mut probe = clients[0].clone();
             let alive = bounded(probe.deposit(deposit_for(&template, "probe".into())))
@@ -418,14 +382,14 @@ struct EchoTiming {
 }
 
 impl EchoTiming {
-    fn inside(&self) -> Inside {
+    fn inside(&self) -> ServerTiming {
         let calls = self.calls.load(Ordering::Relaxed);
         let mean = |sum: &AtomicU64| {
             Duration::from_nanos(sum.load(Ordering::Relaxed).checked_div(calls).unwrap_or(0))
         };
-        Inside {
-            calls,
-            handler_mean: mean(&self.handler_ns),
+        ServerTiming {
+            writes: calls,
+            span_mean: mean(&self.handler_ns),
             store_mean: mean(&self.store_ns),
         }
     }

@@ -15,6 +15,8 @@ use std::{
 
 use tokio::task::JoinSet;
 
+use crate::support::vault::{histogram_mean, metric_sum};
+
 /// The outcome of one measured run: successful requests and their latencies.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Sample {
@@ -241,4 +243,50 @@ pub fn ms(d: Duration) -> String {
 /// Microseconds, for tables of fast calls.
 pub fn us(d: Duration) -> String {
     format!("{:.0}", d.as_secs_f64() * 1e6)
+}
+
+/// Where a side's calls spent their time server-side, as means over a run:
+/// a span the server timed around each call's work, and the durable store
+/// write each call made. From a vault's `/metrics` these are exact means (a
+/// histogram's sum over its count); a baseline may time itself.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ServerTiming {
+    /// The durable writes the means cover: one per measured call.
+    pub writes: u64,
+    /// The span `from_metrics` was asked for (the refresh scenario: the
+    /// provider's answer to one refresh request; Deposit: the handler).
+    pub span_mean: Duration,
+    /// One record write until the store acknowledged it as durable.
+    pub store_mean: Duration,
+}
+
+impl ServerTiming {
+    /// From a vault's `/metrics` text, `span` naming the histogram family
+    /// of the span.
+    pub fn from_metrics(text: &str, span: &str) -> Self {
+        Self {
+            writes: metric_sum(text, "credvault_store_write_duration_seconds_count") as u64,
+            span_mean: histogram_mean(text, span),
+            store_mean: histogram_mean(text, "credvault_store_write_duration_seconds"),
+        }
+    }
+
+    /// Write-weighted means over several runs.
+    pub fn merge<'a>(parts: impl IntoIterator<Item = &'a ServerTiming>) -> Self {
+        let (mut writes, mut span, mut store) = (0u64, 0f64, 0f64);
+        for part in parts {
+            writes += part.writes;
+            span += part.span_mean.as_secs_f64() * part.writes as f64;
+            store += part.store_mean.as_secs_f64() * part.writes as f64;
+        }
+        let mean = |sum: f64| match writes {
+            0 => Duration::ZERO,
+            n => Duration::from_secs_f64(sum / n as f64),
+        };
+        Self {
+            writes,
+            span_mean: mean(span),
+            store_mean: mean(store),
+        }
+    }
 }

@@ -17,11 +17,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     fixture::{bounded, expired, vault_clients, Bench, CLIENT_ID, CLIENT_SECRET, PROVIDER, TENANT},
-    load::{fan_out, Sample},
+    load::{fan_out, Sample, ServerTiming},
     scale::{bench_record, populate},
     support::{
         provider::ProviderDouble,
-        vault::{get_request, histogram_mean, metric_sum, scrape_metrics, TestVault, VaultDir},
+        vault::{get_request, scrape_metrics, TestVault, VaultDir},
     },
     Params,
 };
@@ -191,7 +191,9 @@ pub struct ThroughputResult {
     /// The same number of callers refreshing straight at the double (no
     /// vault): what the double and its timer allow.
     pub direct: Sample,
-    pub inside: Inside,
+    /// Where a refresh's time went inside the vault: the provider's answer
+    /// (the span) and the write-back.
+    pub inside: ServerTiming,
 }
 
 impl ThroughputResult {
@@ -209,35 +211,13 @@ impl ThroughputResult {
     }
 }
 
-/// Where a refresh's time went inside the vault, from its own metrics
-/// (`/metrics` after the run; exact means: a histogram's sum over its
-/// count).
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Inside {
-    /// The provider's answer to one refresh request, as the vault timed it.
-    pub refresh_mean: Duration,
-    /// One record write until the store acknowledged it (durable).
-    pub store_write_mean: Duration,
-    pub store_writes: u64,
-}
-
-impl Inside {
-    fn from_metrics(text: &str) -> Self {
-        Self {
-            refresh_mean: histogram_mean(text, "credvault_refresh_duration_seconds"),
-            store_write_mean: histogram_mean(text, "credvault_store_write_duration_seconds"),
-            store_writes: metric_sum(text, "credvault_store_write_duration_seconds_count") as u64,
-        }
-    }
-}
-
 /// What one child measured.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ThroughputChild {
     pub sample: Sample,
     pub upstream_calls: usize,
     pub direct: Sample,
-    pub inside: Inside,
+    pub inside: ServerTiming,
 }
 
 /// Runs in a fresh process, so the numbers are the vault's alone.
@@ -308,7 +288,10 @@ pub async fn throughput_child(params: &Params) -> ThroughputChild {
     let upstream_calls = provider.refresh_calls() - before;
     // Only the measured refreshes went through this vault's metrics: the
     // population was bulk-loaded beside it.
-    let inside = Inside::from_metrics(&scrape_metrics(vault.ops).await);
+    let inside = ServerTiming::from_metrics(
+        &scrape_metrics(vault.ops).await,
+        "credvault_refresh_duration_seconds",
+    );
     if sample.errors == 0 {
         assert_eq!(
             upstream_calls, n,

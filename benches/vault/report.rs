@@ -608,13 +608,13 @@ fn refresh_section(w: &mut String, r: &Results) {
          until durable ({} writes); the remaining {} ms is the gRPC round trip, the hand-offs \
          between tasks and threads, and waiting for one of the two cores.\n",
         ms(t.sample.mean()),
-        ms(inside.refresh_mean),
+        ms(inside.span_mean),
         ms(t.direct.mean()),
-        ms(inside.store_write_mean),
-        inside.store_writes,
+        ms(inside.store_mean),
+        inside.writes,
         ms(t.sample
             .mean()
-            .saturating_sub(inside.refresh_mean + inside.store_write_mean)),
+            .saturating_sub(inside.span_mean + inside.store_mean)),
     );
 }
 
@@ -701,7 +701,7 @@ fn deposit_inside(w: &mut String, r: &Results) {
             ("vault Deposit", &row.vault, &row.vault_inside),
             ("durable echo", &row.durable_echo, &row.echo_inside),
         ] {
-            if inside.calls == 0 {
+            if inside.writes == 0 {
                 continue;
             }
             let _ = writeln!(
@@ -709,10 +709,10 @@ fn deposit_inside(w: &mut String, r: &Results) {
                 "| {} | {side} | {} | {} | {} | {} | {} |",
                 row.concurrency,
                 us(sample.mean()),
-                us(inside.handler_mean),
+                us(inside.span_mean),
                 us(inside.store_mean),
-                us(inside.handler_mean.saturating_sub(inside.store_mean)),
-                us(sample.mean().saturating_sub(inside.handler_mean)),
+                us(inside.span_mean.saturating_sub(inside.store_mean)),
+                us(sample.mean().saturating_sub(inside.span_mean)),
             );
         }
     }

@@ -30,6 +30,12 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A loopback address on a port from [`free_port`]: for a listener that
+/// the test starts later, or one nothing will ever listen on.
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 /// All traffic here is on loopback: no proxy from the environment in between
 /// (reqwest in the vault, grpc-core in Python and grpcurl all honour one).
 pub fn without_proxy(command: &mut Command) -> &mut Command {

@@ -1,6 +1,7 @@
 """A credvault webhook receiver that verifies Standard Webhooks signatures.
 
-Standard library only. Run it, point a sink at it, and it prints each event:
+Standard library only. Run it (port 0 takes any free port; the first line
+says which), point a sink at it, and it prints each event:
 
     WEBHOOK_SECRET="$(cat webhook.secret)" python3 examples/webhook_receiver.py 8080
 
@@ -16,9 +17,11 @@ import hashlib
 import hmac
 import json
 import os
+import socketserver
 import sys
+import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TOLERANCE_SECONDS = 5 * 60
 
@@ -46,9 +49,18 @@ def verify(key: bytes, msg_id: str, timestamp: str, body: bytes, signature_heade
     )
 
 
+class Server(ThreadingHTTPServer):
+    def server_bind(self):
+        # HTTPServer's own server_bind also looks up a host name for the bind
+        # address: a reverse DNS query, which stalls where no resolver answers.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
 class Receiver(BaseHTTPRequestHandler):
     key = b""
     seen = set()
+    seen_lock = threading.Lock()  # one thread per delivery
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
@@ -64,8 +76,10 @@ class Receiver(BaseHTTPRequestHandler):
             self.send_response(401)
             self.end_headers()
             return
-        if msg_id not in self.seen:  # at least once: a retry may repeat an event
+        with self.seen_lock:  # at least once: a retry may repeat an event
+            first_time = msg_id not in self.seen
             self.seen.add(msg_id)
+        if first_time:
             event = json.loads(body)["data"]
             ref = event["credential"]
             print(f"{event['type']} {ref['tenant']}/{ref['subject']}@{ref['provider']} "
@@ -80,4 +94,6 @@ class Receiver(BaseHTTPRequestHandler):
 if __name__ == "__main__":
     Receiver.key = signing_key(os.environ["WEBHOOK_SECRET"])
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 8080
-    HTTPServer(("127.0.0.1", port), Receiver).serve_forever()
+    server = Server(("127.0.0.1", port), Receiver)
+    print(f"listening on http://127.0.0.1:{server.server_port}/hooks", flush=True)
+    server.serve_forever()

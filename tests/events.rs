@@ -699,47 +699,57 @@ async fn a_webhook_receiver_that_was_down_gets_every_event_signed_and_in_order()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_receiver_in_examples_verifies_and_takes_the_vaults_webhooks() {
-    use std::io::{BufRead, BufReader};
     use support::webhook::new_secret;
+    use tokio::io::{AsyncBufReadExt, BufReader};
     let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
-    let port = support::dev::free_port();
     let (secret, _) = new_secret();
-    let mut python = support::dev::without_proxy(&mut std::process::Command::new("python3"))
+    // Killed on drop: a failed assertion must not leave a receiver that
+    // outlives the test and holds its output open. The receiver takes port 0
+    // and says which port it got, so no other listener can take it first.
+    let mut command = std::process::Command::new("python3");
+    support::dev::without_proxy(&mut command)
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/examples/webhook_receiver.py"
         ))
-        .arg(port.to_string())
+        .arg("0")
         .env("WEBHOOK_SECRET", &secret)
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut python = tokio::process::Command::from(command)
+        .kill_on_drop(true)
         .spawn()
         .expect("python3 runs (the README's test command installs the test requirements)");
-    let lines = BufReader::new(python.stdout.take().unwrap()).lines();
-    let dir = webhook_vault(&format!("http://127.0.0.1:{port}/hooks"), &secret);
+    let mut lines = BufReader::new(python.stdout.take().unwrap()).lines();
+    let mut next_line = async |waiting_for: &str| {
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("the receiver printed {waiting_for} within 30 s"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("the receiver exited before printing {waiting_for}"))
+    };
+    let listening = next_line("where it listens").await;
+    let hooks = listening
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {listening:?}"))
+        .to_owned();
+    let dir = webhook_vault(&hooks, &secret);
     let vault = TestVault::start(&dir).await;
     let mut acme = vault.client(&dir, "acme").await;
     let token = provider.issue_refresh_token(CLIENT_ID);
     acme.deposit(deposit(&provider, "py0", &token))
         .await
         .unwrap();
-    let first = tokio::task::spawn_blocking(move || {
-        let mut lines = lines;
-        lines.next().map(|line| line.unwrap())
-    });
-    let printed = tokio::time::timeout(Duration::from_secs(15), first)
-        .await
-        .expect("the receiver printed the event")
-        .unwrap();
     assert_eq!(
-        printed.as_deref(),
-        Some("DEPOSITED acme/py0@idp generation=1 cause=''")
+        next_line("the event").await,
+        "DEPOSITED acme/py0@idp generation=1 cause=''"
     );
     // A forged delivery is refused.
     let forged = reqwest::Client::builder()
         .no_proxy()
+        .timeout(Duration::from_secs(30))
         .build()
         .unwrap()
-        .post(format!("http://127.0.0.1:{port}/hooks"))
+        .post(hooks)
         .header("webhook-id", "evt_forged")
         .header(
             "webhook-timestamp",
@@ -755,6 +765,4 @@ async fn the_python_receiver_in_examples_verifies_and_takes_the_vaults_webhooks(
         .await
         .unwrap();
     assert_eq!(forged.status().as_u16(), 401);
-    let _ = python.kill();
-    let _ = python.wait();
 }

@@ -78,6 +78,19 @@ async fn cancelled_callers_cannot_pile_up_upstream_refreshes() {
         "max_concurrent_calls = 8",
         "",
     );
+    // The held refreshes must stay in flight until the guard drops. With the
+    // suite's 3 s upstream timeout they could end first on a slow machine
+    // (40 fresh mTLS connections and four 500 ms waits come before the
+    // check), free the bound, and let the extra call in (a CI run,
+    // 2026-12-02).
+    let config = dir.path().join("credvault.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("request_timeout = \"3s\""));
+    std::fs::write(
+        &config,
+        text.replace("request_timeout = \"3s\"", "request_timeout = \"120s\""),
+    )
+    .unwrap();
     let vault = TestVault::start(&dir).await;
     let mut admin = vault.client(&dir, "admin").await;
     for i in 0..CREDENTIALS {

@@ -18,6 +18,8 @@ fn grpcurl(dir: &Path, port: u16, cert: &str, flags: &[&str], verb: &[&str]) -> 
         .args(["-cacert", &format!("{d}/ca.pem")])
         .args(["-cert", &format!("{d}/{cert}.pem")])
         .args(["-key", &format!("{d}/{cert}-key.pem")])
+        // A call that never answers fails the test instead of hanging it.
+        .args(["-max-time", "30"])
         .args(flags)
         .arg(format!("localhost:{port}"))
         .args(verb)

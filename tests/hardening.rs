@@ -55,12 +55,10 @@ fn deposit(
 
 fn vault_dir(upstream: &str, server: &str, extra: &str) -> VaultDir {
     let dir = VaultDir::custom(&format!("allow_http_loopback = true\n{upstream}"), extra);
-    let path = dir.path().join("credvault.toml");
-    let text = std::fs::read_to_string(&path).unwrap().replace(
+    dir.replace_in_config(
         "shutdown_grace = \"5s\"",
         &format!("shutdown_grace = \"5s\"\n{server}"),
     );
-    std::fs::write(path, text).unwrap();
     dir
 }
 
@@ -83,14 +81,7 @@ async fn cancelled_callers_cannot_pile_up_upstream_refreshes() {
     // (40 fresh mTLS connections and four 500 ms waits come before the
     // check), free the bound, and let the extra call in (a CI run,
     // 2026-12-02).
-    let config = dir.path().join("credvault.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    assert!(text.contains("request_timeout = \"3s\""));
-    std::fs::write(
-        &config,
-        text.replace("request_timeout = \"3s\"", "request_timeout = \"120s\""),
-    )
-    .unwrap();
+    dir.replace_in_config("request_timeout = \"3s\"", "request_timeout = \"120s\"");
     let vault = TestVault::start(&dir).await;
     let mut admin = vault.client(&dir, "admin").await;
     for i in 0..CREDENTIALS {
@@ -706,12 +697,10 @@ async fn a_federated_ca_cannot_mint_another_domains_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handshakes_queue_behind_a_bound_instead_of_piling_up() {
     let dir = vault_dir("", "max_handshakes = 2", "");
-    let path = dir.path().join("credvault.toml");
-    let config = std::fs::read_to_string(&path).unwrap().replace(
+    dir.replace_in_config(
         "client_ca = \"ca.pem\"",
         "client_ca = \"ca.pem\"\nhandshake_timeout = \"1s\"",
     );
-    std::fs::write(&path, config).unwrap();
     let vault = TestVault::start(&dir).await;
     // Four clients open a socket and never speak TLS.
     let mut stalled = Vec::new();
@@ -738,12 +727,10 @@ async fn stalled_handshakes_queue_behind_a_bound_instead_of_piling_up() {
 #[tokio::test]
 async fn the_policy_file_is_watched() {
     let dir = VaultDir::new();
-    let path = dir.path().join("credvault.toml");
-    let config = std::fs::read_to_string(&path).unwrap().replace(
+    dir.replace_in_config(
         "policy = \"policy.toml\"",
         "policy = \"policy.toml\"\npolicy_watch_interval = \"100ms\"",
     );
-    std::fs::write(&path, config).unwrap();
     let vault = TestVault::start(&dir).await;
     let mut stranger = vault.client(&dir, "stranger").await;
     let denied = stranger

@@ -628,12 +628,10 @@ impl DetailsOrNone for tonic::Status {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_and_the_ca_bundle_reload_without_dropping_open_connections() {
     let dir = VaultDir::new();
-    let path = dir.path().join("credvault.toml");
-    let text = std::fs::read_to_string(&path).unwrap().replace(
+    dir.replace_in_config(
         "client_ca = \"ca.pem\"",
         "client_ca = \"ca.pem\"\nreload_interval = \"100ms\"",
     );
-    std::fs::write(&path, text).unwrap();
     let vault = TestVault::start(&dir).await;
     let old_ca = dir.pki.ca.ca_cert_pem().to_owned();
 

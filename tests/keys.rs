@@ -384,12 +384,10 @@ async fn the_keyring_file_is_watched_and_unreadable_records_are_reported_not_rew
     let provider = ProviderDouble::with_client(CLIENT_ID, Some(CLIENT_SECRET)).await;
     let dir = VaultDir::custom("allow_http_loopback = true", "");
     // Watch the keyring file every 100 ms.
-    let config_path = dir.path().join("credvault.toml");
-    let text = std::fs::read_to_string(&config_path).unwrap().replace(
+    dir.replace_in_config(
         "passphrase_file = \"keyring.passphrase\"",
         "passphrase_file = \"keyring.passphrase\"\nwatch_interval = \"100ms\"",
     );
-    std::fs::write(&config_path, text).unwrap();
 
     let vault = TestVault::start(&dir).await;
     let mut client = vault.client(&dir, "admin").await;

@@ -31,12 +31,10 @@ fn deposit(provider: &ProviderDouble, subject: &str, access: Option<&str>) -> pb
 
 /// Rewrites one setting line of the test config's `[server]` section.
 fn with_server_settings(dir: &VaultDir, lines: &str) {
-    let path = dir.path().join("credvault.toml");
-    let text = std::fs::read_to_string(&path).unwrap().replace(
+    dir.replace_in_config(
         "shutdown_grace = \"5s\"",
         &format!("shutdown_grace = \"5s\"\n{lines}"),
     );
-    std::fs::write(path, text).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

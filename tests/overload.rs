@@ -110,12 +110,10 @@ async fn ten_times_the_sustainable_load_is_shed_and_admitted_calls_keep_their_la
     provider.set_rotation(false);
     provider.set_latency(Duration::from_millis(40));
     let dir = VaultDir::new();
-    let path = dir.path().join("credvault.toml");
-    let text = std::fs::read_to_string(&path).unwrap().replace(
+    dir.replace_in_config(
         "shutdown_grace = \"5s\"",
         &format!("shutdown_grace = \"5s\"\nmax_concurrent_calls = {CAPACITY}"),
     );
-    std::fs::write(&path, text).unwrap();
     let vault = TestVault::start(&dir).await;
     let mut client = vault.client(&dir, "admin").await;
     for w in 0..CAPACITY * 10 {

@@ -692,12 +692,10 @@ async fn a_new_primary_rolls_out_across_replicas_without_key_version_unavailable
     let (cluster, provider) = cluster_and_provider().await;
     let dir = vault_dir(&cluster, "/rollout/", "");
     // Replicas reload only when told to, so they differ for a while.
-    let path = dir.path().join("credvault.toml");
-    let config = std::fs::read_to_string(&path).unwrap().replace(
+    dir.replace_in_config(
         "passphrase_file = \"keyring.passphrase\"",
         "passphrase_file = \"keyring.passphrase\"\nwatch_interval = \"0s\"",
     );
-    std::fs::write(&path, config).unwrap();
     let vaults = replicas(&dir, 3).await;
     let clients = clients(&dir, &vaults).await;
     let mut admins = Vec::new();

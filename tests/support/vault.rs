@@ -163,6 +163,16 @@ request_timeout = "3s"
         Config::load(&self.path().join("credvault.toml")).unwrap()
     }
 
+    /// Replaces `line` of the written `credvault.toml` with `with`: how a
+    /// test changes or adds a setting (after `line`, in its section). A
+    /// `line` the file does not hold is a broken test, not a no-op.
+    pub fn replace_in_config(&self, line: &str, with: &str) {
+        let path = self.path().join("credvault.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(line), "credvault.toml has no {line:?}");
+        std::fs::write(path, text.replace(line, with)).unwrap();
+    }
+
     /// The vault's store, opened as the server opens it (the test's
     /// backend), for tests that inspect or damage it directly.
     pub async fn open_store(&self) -> std::sync::Arc<dyn credvault::store::CredentialStore> {

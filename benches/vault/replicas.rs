@@ -4,7 +4,7 @@
 //!   loop, interleaved: a hit must stay a memory read on either backend.
 //! - Durable Deposit on etcd against the least a write can cost there: a
 //!   loop of the store's own compare-and-swap transactions from the same
-//!   client code, record-sized values.
+//!   client code, record-sized values; the sides take turns in rounds.
 //! - A refresh burst spread over three replicas: how much latency the
 //!   cross-replica claim adds over one upstream round trip.
 //! - Cache-hit throughput with the clients spread over one replica and over
@@ -42,6 +42,9 @@ pub struct ReplicasResult {
     pub hits_etcd: Sample,
     /// (concurrency, vault Deposit, raw store CAS loop).
     pub deposits: Vec<EtcdDeposit>,
+    /// The Deposit sides' rounds, and each side's measuring window in one.
+    pub deposit_rounds: usize,
+    pub deposit_window: Duration,
     pub burst_rtt: Duration,
     pub burst: Sample,
     pub burst_upstream_calls: usize,
@@ -184,6 +187,8 @@ pub async fn run(params: &Params) -> ReplicasResult {
         hits_sled: Sample::merge(sled_runs),
         hits_etcd: Sample::merge(etcd_runs),
         deposits,
+        deposit_rounds: deposit_rounds(params).0,
+        deposit_window: deposit_rounds(params).1,
         burst_rtt,
         burst,
         burst_upstream_calls,
@@ -207,6 +212,13 @@ pub struct EtcdDeposit {
 /// the reference and labels).
 const EVENT_BYTES: usize = 160;
 
+/// The Deposit sides' rounds, and the measuring window of one side in one
+/// round: the scenario's measuring time split over its rounds.
+fn deposit_rounds(params: &Params) -> (usize, Duration) {
+    let rounds = params.deposit_rounds.max(1);
+    (rounds, params.deposit_measure / rounds as u32)
+}
+
 /// Vault Deposits on etcd, and the raw store loops, per concurrency.
 async fn deposits(
     params: &Params,
@@ -228,55 +240,52 @@ async fn deposits(
     }))
     .await
     .expect("raw etcd store");
+    // The three sides take turns in rounds, the order rotating, so drift in
+    // the machine's load (three etcd members share its two cores) does not
+    // land on one side; the measuring time is split over the rounds.
+    let (rounds, window) = deposit_rounds(params);
     let mut rows = Vec::new();
     for &c in &params.deposit_concurrency {
         let vault_clients = Arc::new(clients(dir, vault, c.clamp(1, 16)).await);
-        let url = url.to_owned();
         let far = SystemTime::now() + Duration::from_secs(3600);
-        let deposit_sample =
-            closed_loop(c, params.warmup, params.deposit_measure, move |w, seq| {
-                let mut client = vault_clients[w % vault_clients.len()].clone();
-                let request = deposit(&url, &format!("dep-{c}-{w}-{seq}"), far);
-                async move {
-                    client
-                        .deposit(request)
-                        .await
-                        .map(|_| ())
-                        .map_err(|s| s.to_string())
-                }
-            })
-            .await;
-        deposit_sample.expect_clean("Deposit on etcd");
-        let raw_loop = |event: bool| {
-            let store = Arc::clone(&raw);
-            closed_loop(c, params.warmup, params.deposit_measure, move |w, seq| {
-                let store = Arc::clone(&store);
-                async move {
-                    let name = format!("raw-{c}-{event}-{w}-{seq}");
-                    let key = StoreKey::new(TENANT, &name, PROVIDER);
-                    let write = Write {
-                        expected: None,
-                        value: Some(vec![7u8; RECORD_BYTES]),
-                        event: event.then(|| NewEvent {
-                            at_ms: SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .map_or(0, |d| d.as_millis() as u64),
-                            payload: vec![5u8; EVENT_BYTES],
-                        }),
-                        fence: None,
-                        durable: true,
-                    };
-                    match store.write(&key, write).await {
-                        Ok(CasOutcome::Written(_)) => Ok(()),
-                        Ok(other) => Err(format!("{other:?}")),
-                        Err(e) => Err(e.to_string()),
+        let (mut vault_runs, mut with_event_runs, mut raw_runs) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            for turn in 0..3 {
+                match (round + turn) % 3 {
+                    0 => {
+                        let clients = Arc::clone(&vault_clients);
+                        let url = url.to_owned();
+                        vault_runs.push(
+                            closed_loop(c, params.warmup, window, move |w, seq| {
+                                let mut client = clients[w % clients.len()].clone();
+                                let request =
+                                    deposit(&url, &format!("dep-{c}-{round}-{w}-{seq}"), far);
+                                async move {
+                                    client
+                                        .deposit(request)
+                                        .await
+                                        .map(|_| ())
+                                        .map_err(|s| s.to_string())
+                                }
+                            })
+                            .await,
+                        );
                     }
+                    1 => {
+                        with_event_runs.push(raw_writes(&raw, c, round, true, params, window).await)
+                    }
+                    _ => raw_runs.push(raw_writes(&raw, c, round, false, params, window).await),
                 }
-            })
-        };
-        let raw_with_event = raw_loop(true).await;
+            }
+        }
+        let (deposit_sample, raw_with_event, raw_sample) = (
+            Sample::merge(vault_runs),
+            Sample::merge(with_event_runs),
+            Sample::merge(raw_runs),
+        );
+        deposit_sample.expect_clean("Deposit on etcd");
         raw_with_event.expect_clean("raw etcd write with its event");
-        let raw_sample = raw_loop(false).await;
         raw_sample.expect_clean("raw etcd CAS");
         eprintln!(
             "  deposit c={c}: vault {:.0}/s, raw etcd write + event {:.0}/s, raw etcd CAS {:.0}/s",
@@ -292,6 +301,44 @@ async fn deposits(
         });
     }
     rows
+}
+
+/// A closed loop of the store's own durable writes of a new record-sized
+/// value, with a DEPOSITED-sized event in the same transaction or without.
+async fn raw_writes(
+    store: &Arc<dyn store::CredentialStore>,
+    c: usize,
+    round: usize,
+    event: bool,
+    params: &Params,
+    window: Duration,
+) -> Sample {
+    let store = Arc::clone(store);
+    closed_loop(c, params.warmup, window, move |w, seq| {
+        let store = Arc::clone(&store);
+        async move {
+            let name = format!("raw-{c}-{event}-{round}-{w}-{seq}");
+            let key = StoreKey::new(TENANT, &name, PROVIDER);
+            let write = Write {
+                expected: None,
+                value: Some(vec![7u8; RECORD_BYTES]),
+                event: event.then(|| NewEvent {
+                    at_ms: SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                    payload: vec![5u8; EVENT_BYTES],
+                }),
+                fence: None,
+                durable: true,
+            };
+            match store.write(&key, write).await {
+                Ok(CasOutcome::Written(_)) => Ok(()),
+                Ok(other) => Err(format!("{other:?}")),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await
 }
 
 /// `callers` concurrent calls, spread over three replicas, on one expired

@@ -221,10 +221,12 @@ fn replicas_section(w: &mut String, r: &Results) {
          sled-backed one, interleaved. Deposit: the vault on etcd against loops of the store's \
          own write from the same client code: a record-sized value with a 160-byte event in \
          one transaction (what every Deposit writes; the baseline of the target), and the \
-         record alone (context); one after the other, not interleaved. \
-         Burst: callers spread over three replicas on one expired credential. Scaling: cache \
+         record alone (context); the three take turns in {} round(s) of {:.2} s each, the \
+         order rotating. Burst: callers spread over three replicas on one expired credential. Scaling: cache \
          hits with the clients on one replica, then spread over three.\n",
-        x.hit_concurrency
+        x.hit_concurrency,
+        x.deposit_rounds,
+        x.deposit_window.as_secs_f64()
     );
     let _ = writeln!(
         w,

@@ -42,9 +42,8 @@ pub struct ReplicasResult {
     pub hits_etcd: Sample,
     /// (concurrency, vault Deposit, raw store CAS loop).
     pub deposits: Vec<EtcdDeposit>,
-    /// The Deposit sides' rounds, and each side's measuring window in one.
-    pub deposit_rounds: usize,
-    pub deposit_window: Duration,
+    /// How the Deposit sides took turns.
+    pub deposit_rounds: Rounds,
     pub burst_rtt: Duration,
     pub burst: Sample,
     pub burst_upstream_calls: usize,
@@ -178,7 +177,8 @@ pub async fn run(params: &Params) -> ReplicasResult {
     );
     drop(sled);
 
-    let deposits = deposits(params, &cluster, &etcd_dir, &etcd, &url).await;
+    let deposit_rounds = Rounds::of(params);
+    let deposits = deposits(params, deposit_rounds, &cluster, &etcd_dir, &etcd, &url).await;
     drop(etcd);
     let (burst_rtt, burst, burst_upstream_calls) = burst(params, &cluster).await;
     let (one_replica, three_replicas) = scaling(params, &cluster, concurrency, &url).await;
@@ -187,8 +187,7 @@ pub async fn run(params: &Params) -> ReplicasResult {
         hits_sled: Sample::merge(sled_runs),
         hits_etcd: Sample::merge(etcd_runs),
         deposits,
-        deposit_rounds: deposit_rounds(params).0,
-        deposit_window: deposit_rounds(params).1,
+        deposit_rounds,
         burst_rtt,
         burst,
         burst_upstream_calls,
@@ -212,16 +211,29 @@ pub struct EtcdDeposit {
 /// the reference and labels).
 const EVENT_BYTES: usize = 160;
 
-/// The Deposit sides' rounds, and the measuring window of one side in one
-/// round: the scenario's measuring time split over its rounds.
-fn deposit_rounds(params: &Params) -> (usize, Duration) {
-    let rounds = params.deposit_rounds.max(1);
-    (rounds, params.deposit_measure / rounds as u32)
+/// The rounds in which the Deposit sides take turns, and the measuring
+/// window of one side in one round: the scenario's measuring time split
+/// over its rounds.
+#[derive(Clone, Copy)]
+pub struct Rounds {
+    pub count: usize,
+    pub window: Duration,
+}
+
+impl Rounds {
+    fn of(params: &Params) -> Self {
+        let count = params.deposit_rounds.max(1);
+        Self {
+            count,
+            window: params.deposit_measure / count as u32,
+        }
+    }
 }
 
 /// Vault Deposits on etcd, and the raw store loops, per concurrency.
 async fn deposits(
     params: &Params,
+    rounds: Rounds,
     cluster: &EtcdCluster,
     dir: &VaultDir,
     vault: &TestVault,
@@ -242,40 +254,23 @@ async fn deposits(
     .expect("raw etcd store");
     // The three sides take turns in rounds, the order rotating, so drift in
     // the machine's load (three etcd members share its two cores) does not
-    // land on one side; the measuring time is split over the rounds.
-    let (rounds, window) = deposit_rounds(params);
+    // land on one side.
     let mut rows = Vec::new();
     for &c in &params.deposit_concurrency {
         let vault_clients = Arc::new(clients(dir, vault, c.clamp(1, 16)).await);
         let far = SystemTime::now() + Duration::from_secs(3600);
         let (mut vault_runs, mut with_event_runs, mut raw_runs) =
             (Vec::new(), Vec::new(), Vec::new());
-        for round in 0..rounds {
+        for round in 0..rounds.count {
             for turn in 0..3 {
                 match (round + turn) % 3 {
-                    0 => {
-                        let clients = Arc::clone(&vault_clients);
-                        let url = url.to_owned();
-                        vault_runs.push(
-                            closed_loop(c, params.warmup, window, move |w, seq| {
-                                let mut client = clients[w % clients.len()].clone();
-                                let request =
-                                    deposit(&url, &format!("dep-{c}-{round}-{w}-{seq}"), far);
-                                async move {
-                                    client
-                                        .deposit(request)
-                                        .await
-                                        .map(|_| ())
-                                        .map_err(|s| s.to_string())
-                                }
-                            })
-                            .await,
-                        );
-                    }
+                    0 => vault_runs.push(
+                        vault_deposits(&vault_clients, url, c, round, far, params, rounds).await,
+                    ),
                     1 => {
-                        with_event_runs.push(raw_writes(&raw, c, round, true, params, window).await)
+                        with_event_runs.push(raw_writes(&raw, c, round, true, params, rounds).await)
                     }
-                    _ => raw_runs.push(raw_writes(&raw, c, round, false, params, window).await),
+                    _ => raw_runs.push(raw_writes(&raw, c, round, false, params, rounds).await),
                 }
             }
         }
@@ -303,6 +298,31 @@ async fn deposits(
     rows
 }
 
+/// A closed loop of vault Deposits of new credentials over `clients`.
+async fn vault_deposits(
+    clients: &Arc<Vec<CredentialVaultClient<Channel>>>,
+    url: &str,
+    c: usize,
+    round: usize,
+    expires: SystemTime,
+    params: &Params,
+    rounds: Rounds,
+) -> Sample {
+    let (clients, url) = (Arc::clone(clients), url.to_owned());
+    closed_loop(c, params.warmup, rounds.window, move |w, seq| {
+        let mut client = clients[w % clients.len()].clone();
+        let request = deposit(&url, &format!("dep-{c}-{round}-{w}-{seq}"), expires);
+        async move {
+            client
+                .deposit(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| s.to_string())
+        }
+    })
+    .await
+}
+
 /// A closed loop of the store's own durable writes of a new record-sized
 /// value, with a DEPOSITED-sized event in the same transaction or without.
 async fn raw_writes(
@@ -311,10 +331,10 @@ async fn raw_writes(
     round: usize,
     event: bool,
     params: &Params,
-    window: Duration,
+    rounds: Rounds,
 ) -> Sample {
     let store = Arc::clone(store);
-    closed_loop(c, params.warmup, window, move |w, seq| {
+    closed_loop(c, params.warmup, rounds.window, move |w, seq| {
         let store = Arc::clone(&store);
         async move {
             let name = format!("raw-{c}-{event}-{round}-{w}-{seq}");

@@ -225,8 +225,8 @@ fn replicas_section(w: &mut String, r: &Results) {
          order rotating. Burst: callers spread over three replicas on one expired credential. Scaling: cache \
          hits with the clients on one replica, then spread over three.\n",
         x.hit_concurrency,
-        x.deposit_rounds,
-        x.deposit_window.as_secs_f64()
+        x.deposit_rounds.count,
+        x.deposit_rounds.window.as_secs_f64()
     );
     let _ = writeln!(
         w,

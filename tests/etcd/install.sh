@@ -16,4 +16,7 @@ if ! apt-get download etcd-server >/dev/null 2>&1; then
 fi
 dpkg -x etcd-server_*.deb .
 test -x usr/bin/etcd
-./usr/bin/etcd --version | head -1
+# Not `| head -1`: head exits after one line, etcd then writes into a closed
+# pipe, and under pipefail the SIGPIPE (exit 141) failed a CI run.
+version=$(./usr/bin/etcd --version)
+echo "${version%%$'\n'*}"

@@ -27,6 +27,12 @@ impl SecretString {
         &self.0
     }
 
+    /// The plaintext, moved out: for where it leaves the vault in a message
+    /// that must own it, so it is not copied once more on the way.
+    pub fn into_exposed(mut self) -> String {
+        std::mem::take(&mut self.0)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -120,5 +126,11 @@ mod tests {
             format!("Some(\n    {REDACTED},\n)")
         );
         assert_eq!(secret.expose(), "rt-very-secret");
+    }
+
+    #[test]
+    fn moves_its_value_out_whole() {
+        let secret = SecretString::new("at-moved-out");
+        assert_eq!(secret.into_exposed(), "at-moved-out");
     }
 }

@@ -20,6 +20,7 @@ use std::{
     time::Instant,
 };
 
+use hashbrown::HashTable;
 use tokio::sync::Semaphore;
 use tonic::Status;
 use tower::{Layer, Service};
@@ -74,13 +75,17 @@ fn typed_oversize(
     response: http::Response<tonic::body::Body>,
     max: usize,
 ) -> http::Response<tonic::body::Body> {
+    // Names made once: a `&str` name is parsed again on every lookup, and
+    // this runs on every call.
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
     let oversized = response
         .headers()
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .is_some_and(|v| v == "11")
         && response
             .headers()
-            .get("grpc-message")
+            .get(&GRPC_MESSAGE)
             .and_then(|m| m.to_str().ok())
             .is_some_and(|m| {
                 m.contains("message%20length%20too%20large")
@@ -143,26 +148,36 @@ where
 
 /// Calls in flight per caller identity, so that one identity holding its
 /// calls open cannot take every slot of the global cap from the others.
-/// Keyed by a keyed hash of the identity: no allocation on the hot path.
+///
+/// Keyed by a keyed hash of the identity, which is also the table's hash:
+/// no allocation on the hot path, and one hash per call (entering), none on
+/// leaving. A `HashMap<u64, _>` hashed the hash again on both.
 pub struct CallSlots {
     max: usize,
-    in_flight: Arc<Mutex<HashMap<u64, usize>>>,
+    in_flight: Arc<Mutex<HashTable<InFlight>>>,
     hasher: std::hash::RandomState,
+}
+
+/// One identity's calls in flight.
+struct InFlight {
+    identity: u64,
+    calls: usize,
 }
 
 /// One call's place; given back on drop.
 pub struct CallSlot {
-    in_flight: Arc<Mutex<HashMap<u64, usize>>>,
+    in_flight: Arc<Mutex<HashTable<InFlight>>>,
     identity: u64,
 }
 
 impl Drop for CallSlot {
     fn drop(&mut self) {
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = in_flight.get_mut(&self.identity) {
-            *count -= 1;
-            if *count == 0 {
-                in_flight.remove(&self.identity);
+        let identity = self.identity;
+        if let Ok(mut entry) = in_flight.find_entry(identity, |f| f.identity == identity) {
+            entry.get_mut().calls -= 1;
+            if entry.get().calls == 0 {
+                entry.remove();
             }
         }
     }
@@ -182,13 +197,16 @@ impl CallSlots {
         use std::hash::BuildHasher;
         let identity = self.hasher.hash_one(identity);
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        let count = in_flight.entry(identity).or_default();
-        if *count >= self.max {
+        let entry = in_flight
+            .entry(identity, |f| f.identity == identity, |f| f.identity)
+            .or_insert(InFlight { identity, calls: 0 })
+            .into_mut();
+        if entry.calls >= self.max {
             return Err(ApiError::Overloaded(
                 "too many calls in flight for this identity",
             ));
         }
-        *count += 1;
+        entry.calls += 1;
         Ok(CallSlot {
             in_flight: Arc::clone(&self.in_flight),
             identity,
@@ -288,6 +306,11 @@ mod tests {
         let _again = slots
             .enter(&identity(1))
             .expect("a slot given back is free again");
-        drop(b);
+        drop((b, _other, _again));
+        assert_eq!(
+            slots.in_flight.lock().unwrap().len(),
+            0,
+            "an identity with no calls in flight leaves no entry"
+        );
     }
 }

@@ -269,7 +269,7 @@ fn authorization(state: String, view: AuthorizationView) -> pb::Authorization {
 fn token_response(token: model::AccessToken) -> pb::GetAccessTokenResponse {
     pb::GetAccessTokenResponse {
         // The one place a token leaves the vault: into the response body.
-        access_token: token.token.expose().to_owned(),
+        access_token: token.token.into_exposed(),
         token_type: token.token_type,
         expires_at: Some(prost_types::Timestamp::from(token.expires_at)),
         scopes: token.scopes,

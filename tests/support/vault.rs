@@ -229,7 +229,13 @@ impl TestVault {
             },
         ));
         // Ready means /readyz says so; a start-up error ends the task first.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        // CREDVAULT_TEST_READY_SECS stretches the wait for a run under an
+        // instruction profiler (valgrind), where start-up takes minutes.
+        let ready_within = std::env::var("CREDVAULT_TEST_READY_SECS")
+            .ok()
+            .and_then(|secs| secs.parse().ok())
+            .unwrap_or(20);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(ready_within);
         loop {
             if task.is_finished() {
                 return Err((&mut task).await.unwrap().unwrap_err());

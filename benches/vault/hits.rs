@@ -39,13 +39,39 @@ impl HitRow {
     }
 }
 
+/// The three sides of the scenario.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `Health/Check` on the bare tonic server.
+    Echo,
+    /// `Health/Check` on the vault's own port.
+    VaultHealth,
+    /// GetAccessToken from the cache.
+    Vault,
+}
+
+impl Side {
+    /// The `--hits-side` names.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "echo" => Some(Self::Echo),
+            "health" => Some(Self::VaultHealth),
+            "vault" => Some(Self::Vault),
+            _ => None,
+        }
+    }
+}
+
 /// Connections used at a concurrency: one per worker up to 16, then shared
 /// (HTTP/2 multiplexing), the same for the vault and the echo.
 pub fn connections_for(concurrency: usize) -> usize {
     concurrency.clamp(1, 16)
 }
 
-pub async fn run(bench: &Bench, params: &Params) -> Vec<HitRow> {
+/// The scenario; with `only`, one side alone (a profiling aid: an
+/// instruction profile of one side divides by that side's calls alone), which
+/// prints the calls each concurrency measured and returns no rows.
+pub async fn run(bench: &Bench, params: &Params, only: Option<Side>) -> Vec<HitRow> {
     let mut admin = bench.vault_clients(1).await.remove(0);
     for i in 0..HOT_SET {
         admin
@@ -72,12 +98,16 @@ pub async fn run(bench: &Bench, params: &Params) -> Vec<HitRow> {
             // a side's rate by several percent, so it is averaged over rounds
             // rather than fixed for the whole run.
             for turn in 0..3 {
-                match (round + turn) % 3 {
-                    0 => echo_runs.push(
+                let side = [Side::Echo, Side::VaultHealth, Side::Vault][(round + turn) % 3];
+                if only.is_some_and(|only| only != side) {
+                    continue;
+                }
+                match side {
+                    Side::Echo => echo_runs.push(
                         health_checks(bench.echo_clients(connections).await, concurrency, params)
                             .await,
                     ),
-                    1 => vault_health_runs.push(
+                    Side::VaultHealth => vault_health_runs.push(
                         health_checks(
                             bench.vault_health_clients(connections).await,
                             concurrency,
@@ -85,7 +115,7 @@ pub async fn run(bench: &Bench, params: &Params) -> Vec<HitRow> {
                         )
                         .await,
                     ),
-                    _ => vault_runs.push(
+                    Side::Vault => vault_runs.push(
                         cache_hits(
                             bench.vault_clients(connections).await,
                             Arc::clone(&requests),
@@ -96,6 +126,15 @@ pub async fn run(bench: &Bench, params: &Params) -> Vec<HitRow> {
                     ),
                 }
             }
+        }
+        if only.is_some() {
+            let calls: usize = [&echo_runs, &vault_health_runs, &vault_runs]
+                .into_iter()
+                .flatten()
+                .map(Sample::count)
+                .sum();
+            eprintln!("  c={concurrency:>3}: {calls} calls measured (warm-up not counted)");
+            continue;
         }
         let row = HitRow {
             concurrency,

@@ -8,7 +8,10 @@
 //! ```
 //!
 //! Options after `--`: `--quick`, `--out PATH` (where the report goes),
-//! `--only hits,burst,refresh,deposit,scale,replicas` (a subset; development aid).
+//! `--only hits,burst,refresh,deposit,scale,replicas` (a subset; development aid),
+//! `--hits-side echo|health|vault` (scenario 1 runs that side alone and no
+//! report is written: a profiling aid, see the BENCHMARKS.md notes of
+//! 2026-12-03).
 //!
 //! Under `cargo test --all-targets` cargo runs this binary without `--bench`
 //! (debug build, test-runner arguments): it then does a smoke run of every
@@ -187,6 +190,10 @@ fn main() {
         Mode::Quick => Some(root.join("target").join("BENCHMARKS-quick.md")),
         Mode::Smoke => None,
     });
+    let hits_side = value_of("--hits-side").map(|name| {
+        hits::Side::parse(&name)
+            .unwrap_or_else(|| panic!("--hits-side takes echo, health or vault, not {name:?}"))
+    });
     let params = Params::for_mode(mode);
     let shown: Vec<&str> = args
         .iter()
@@ -210,7 +217,7 @@ fn main() {
         let bench = fixture::Bench::start().await;
         if selected("hits") {
             eprintln!("[1/6] GetAccessToken cache hits vs echo");
-            results.hits = hits::run(&bench, &params).await;
+            results.hits = hits::run(&bench, &params, hits_side).await;
         }
         if selected("burst") {
             eprintln!(
@@ -247,6 +254,10 @@ fn main() {
     });
     runtime.shutdown_timeout(Duration::from_secs(2));
     let elapsed = started.elapsed();
+    if hits_side.is_some() {
+        eprintln!("one side of scenario 1 alone: no report written");
+        return;
+    }
     let env = before.finish(elapsed);
     let markdown = report::render(&params, &env, &results);
     println!("{markdown}");

@@ -9,9 +9,9 @@
 //!
 //! Options after `--`: `--quick`, `--out PATH` (where the report goes),
 //! `--only hits,burst,refresh,deposit,scale,replicas` (a subset; development aid),
-//! `--hits-side echo|health|vault` (scenario 1 runs that side alone and no
-//! report is written: a profiling aid, see the BENCHMARKS.md notes of
-//! 2026-12-03).
+//! `--hits-side echo|health|vault|none` (scenario 1 runs that side alone, or
+//! none, and no report is written: a profiling aid, see
+//! `callgrind_sides.py`).
 //!
 //! Under `cargo test --all-targets` cargo runs this binary without `--bench`
 //! (debug build, test-runner arguments): it then does a smoke run of every
@@ -191,8 +191,9 @@ fn main() {
         Mode::Smoke => None,
     });
     let hits_side = value_of("--hits-side").map(|name| {
-        hits::Side::parse(&name)
-            .unwrap_or_else(|| panic!("--hits-side takes echo, health or vault, not {name:?}"))
+        hits::Side::parse(&name).unwrap_or_else(|| {
+            panic!("--hits-side takes echo, health, vault or none, not {name:?}")
+        })
     });
     let params = Params::for_mode(mode);
     let shown: Vec<&str> = args

@@ -9,8 +9,8 @@
 //!
 //! Options after `--`: `--quick`, `--out PATH` (where the report goes),
 //! `--only hits,burst,refresh,deposit,scale,replicas` (a subset; development aid),
-//! `--hits-side echo|health|vault|none` (scenario 1 runs that side alone, or
-//! none, and no report is written: a profiling aid, see
+//! `--hits-side echo|health|vault|none` (scenario 1 alone, and of it that side
+//! alone, or none; no report is written: a profiling aid, see
 //! `callgrind_sides.py`).
 //!
 //! Under `cargo test --all-targets` cargo runs this binary without `--bench`
@@ -181,19 +181,22 @@ fn main() {
     } else {
         Mode::Full
     };
-    let only: Option<Vec<String>> =
-        value_of("--only").map(|list| list.split(',').map(str::to_owned).collect());
+    let hits_side = value_of("--hits-side").map(|name| {
+        hits::Side::parse(&name).unwrap_or_else(|| {
+            panic!("--hits-side takes echo, health, vault or none, not {name:?}")
+        })
+    });
+    // A profile of one side of scenario 1 runs that scenario alone.
+    let only: Option<Vec<String>> = match hits_side {
+        Some(_) => Some(vec!["hits".to_owned()]),
+        None => value_of("--only").map(|list| list.split(',').map(str::to_owned).collect()),
+    };
     let selected = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|s| s == name));
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let out = value_of("--out").map(PathBuf::from).or(match mode {
         Mode::Full => Some(root.join("BENCHMARKS.md")),
         Mode::Quick => Some(root.join("target").join("BENCHMARKS-quick.md")),
         Mode::Smoke => None,
-    });
-    let hits_side = value_of("--hits-side").map(|name| {
-        hits::Side::parse(&name).unwrap_or_else(|| {
-            panic!("--hits-side takes echo, health, vault or none, not {name:?}")
-        })
     });
     let params = Params::for_mode(mode);
     let shown: Vec<&str> = args
@@ -218,7 +221,7 @@ fn main() {
         let bench = fixture::Bench::start().await;
         if selected("hits") {
             eprintln!("[1/6] GetAccessToken cache hits vs echo");
-            results.hits = hits::run(&bench, &params, hits_side).await;
+            results.hits = hits::run(&bench, &params, hits_side.as_deref()).await;
         }
         if selected("burst") {
             eprintln!(

@@ -18,7 +18,7 @@ use super::events::EventType;
 use super::model::{
     AccessToken, ClientAuth, ClientConfig, CredentialRecord, CredentialState, ReauthCause,
 };
-use crate::secret::SecretString;
+use crate::{secret::SecretString, upstream::parse_url};
 
 /// Why a decrypted record could not be decoded. Carries no record bytes.
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +183,7 @@ pub fn decode(bytes: &[u8]) -> Result<CredentialRecord, RecordDecodeError> {
         .take()
         .ok_or(RecordDecodeError::Field("client"))?;
     let client = ClientConfig {
-        token_endpoint: Url::parse(&client.token_endpoint)
+        token_endpoint: parse_url(&client.token_endpoint)
             .map_err(|_| RecordDecodeError::Field("client.token_endpoint"))?,
         client_id: std::mem::take(&mut client.client_id),
         client_secret: client.client_secret.take().map(SecretString::from),
@@ -198,7 +198,7 @@ pub fn decode(bytes: &[u8]) -> Result<CredentialRecord, RecordDecodeError> {
         revocation_endpoint: client
             .revocation_endpoint
             .as_deref()
-            .map(Url::parse)
+            .map(parse_url)
             .transpose()
             .map_err(|_| RecordDecodeError::Field("client.revocation_endpoint"))?,
         scopes: std::mem::take(&mut client.scopes),

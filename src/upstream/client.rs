@@ -2,6 +2,8 @@
 //! must meet, whether it arrives in a Deposit or from a provider preset in
 //! the server's config.
 
+use std::cell::RefCell;
+
 use url::Url;
 
 use crate::secret::SecretString;
@@ -166,10 +168,48 @@ pub fn parse_http_url(raw: &str) -> Result<Url, String> {
     if raw.len() > MAX_URL {
         return Err(format!("at most {MAX_URL} bytes"));
     }
-    match Url::parse(raw) {
+    match parse_url(raw) {
         Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => Ok(url),
         _ => Err("must be an absolute http(s) URL".into()),
     }
+}
+
+/// How many parsed URLs each thread remembers.
+const PARSED_PER_THREAD: usize = 16;
+
+thread_local! {
+    /// The URLs this thread parsed last, oldest first.
+    static PARSED: RefCell<Vec<(Box<str>, Url)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `Url::parse`, remembering the last few results on each thread.
+///
+/// Why: endpoints repeat. Deposits name one of a few OAuth clients, and a
+/// refresh decodes the stored client's endpoints again each time. Parsing
+/// (IDNA host mapping, then serializing the host back) was about a seventh
+/// of a Deposit's own CPU (`perf`, 2026-12-03); a hit here is a short
+/// string comparison and a clone. A parse is a pure function of the text,
+/// so a remembered result is exactly what parsing again would give; the
+/// bound keeps a stream of distinct URLs from growing it, and only accepted
+/// URLs are kept.
+pub fn parse_url(raw: &str) -> Result<Url, url::ParseError> {
+    let known = PARSED.with_borrow(|parsed| {
+        parsed
+            .iter()
+            .find(|(text, _)| **text == *raw)
+            .map(|(_, url)| url.clone())
+    });
+    if let Some(url) = known {
+        return Ok(url);
+    }
+    let url = Url::parse(raw)?;
+    PARSED.with_borrow_mut(|parsed| {
+        if parsed.len() == PARSED_PER_THREAD {
+            parsed.remove(0);
+        }
+        parsed.push((raw.into(), url.clone()));
+    });
+    Ok(url)
 }
 
 fn url(
@@ -236,6 +276,31 @@ pub fn check_scopes(scopes: &[String], problem: &mut impl FnMut(String, String))
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_urls_are_what_parsing_gives_and_the_memory_is_bounded() {
+        let distinct: Vec<String> = (0..3 * PARSED_PER_THREAD)
+            .map(|i| format!("https://idp{i}.example:8443/token?x={i}"))
+            .collect();
+        // Twice over more distinct URLs than are remembered, so both the
+        // remembered and the evicted paths answer, each as a parse would.
+        for _ in 0..2 {
+            for raw in &distinct {
+                assert_eq!(parse_url(raw), Url::parse(raw));
+            }
+            assert_eq!(PARSED.with_borrow(Vec::len), PARSED_PER_THREAD);
+        }
+        // Host mapping, as the parser does it, and refusals, not remembered.
+        for _ in 0..2 {
+            assert_eq!(
+                parse_url("https://IDP.Example/t").unwrap().host_str(),
+                Some("idp.example")
+            );
+            assert_eq!(parse_url("http://[::1"), Url::parse("http://[::1"));
+            assert!(parse_url("no scheme").is_err());
+        }
+        assert!(PARSED.with_borrow(|parsed| parsed.iter().all(|(raw, _)| !raw.contains("::1"))));
+    }
 
     fn spec() -> ClientSpec {
         ClientSpec {

@@ -25,7 +25,10 @@ use url::Url;
 
 pub use self::{
     assertion::AssertionKey,
-    client::{check_scopes, parse_http_url, ClientAuth, ClientConfig, ClientSpec, FlowEndpoints},
+    client::{
+        check_scopes, parse_http_url, parse_url, ClientAuth, ClientConfig, ClientSpec,
+        FlowEndpoints,
+    },
     consent::{AuthorizationRequest, DevicePoll, RESERVED_PARAMS},
     http::HttpSettings,
     policy::{EndpointPolicy, EndpointRejected},

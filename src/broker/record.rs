@@ -125,7 +125,7 @@ pub fn encode(record: &CredentialRecord) -> Zeroizing<Vec<u8>> {
             CredentialState::ReauthRequired(cause) => cause.as_str().to_owned(),
         },
         client: Some(ClientPayload {
-            token_endpoint: record.client.token_endpoint.to_string(),
+            token_endpoint: record.client.token_endpoint.as_str().to_owned(),
             client_id: record.client.client_id.clone(),
             client_secret: record
                 .client
@@ -142,7 +142,7 @@ pub fn encode(record: &CredentialRecord) -> Zeroizing<Vec<u8>> {
                 .client
                 .revocation_endpoint
                 .as_ref()
-                .map(Url::to_string),
+                .map(|url| url.as_str().to_owned()),
             scopes: record.client.scopes.clone(),
         }),
         refresh_token: record.refresh_token.as_ref().map(|t| t.expose().to_owned()),

@@ -11,7 +11,6 @@ use std::{
 };
 
 use prost::Message;
-use url::Url;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::events::EventType;
@@ -273,7 +272,7 @@ mod tests {
             generation: 7,
             state: CredentialState::ReauthRequired(ReauthCause::InvalidGrant),
             client: ClientConfig {
-                token_endpoint: Url::parse("https://idp.example/token").unwrap(),
+                token_endpoint: url::Url::parse("https://idp.example/token").unwrap(),
                 client_id: "client".into(),
                 client_secret: Some("s3cret".into()),
                 auth: ClientAuth::SecretPost,

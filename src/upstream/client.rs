@@ -1,6 +1,7 @@
 //! The OAuth client the vault acts as, and the one set of rules a client
 //! must meet, whether it arrives in a Deposit or from a provider preset in
-//! the server's config.
+//! the server's config. Also the one place endpoint URLs are parsed
+//! ([`parse_url`], which remembers recent ones; [`parse_http_url`] on input).
 
 use std::cell::RefCell;
 

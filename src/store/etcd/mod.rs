@@ -13,7 +13,9 @@
 //! after a majority fsynced the write. A lost reply (timeout, connection
 //! reset: the outcome is unknown) is resolved by reading the key back:
 //! sealed values carry a random nonce, so finding our exact bytes proves our
-//! write landed. Endpoints are balanced and failed over by the channel.
+//! write landed. Past the write's patience it answers
+//! `STORAGE_UNAVAILABLE` with its outcome unknown: etcd may still commit it.
+//! Endpoints are balanced and failed over by the channel.
 //!
 //! **Exactly one refresh across replicas.** Inside its in-process flight, a
 //! replica creates the claim key with put-if-absent before calling the

@@ -846,7 +846,7 @@ impl Broker {
 
 /// Polls device authorizations and sweeps finished ones, on one replica at
 /// a time, until the process ends. Quiet on a replicated store: a replica
-/// that does not hold the job asks for it every [`CLAIM_RETRY`], and the
+/// that does not hold the job asks for it every `CLAIM_RETRY`, and the
 /// holder renews its claim only as often as the takeover bound needs.
 pub async fn run(broker: Arc<Broker>) {
     let seen = ClaimSeen::default();

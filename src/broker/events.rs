@@ -2,7 +2,7 @@
 //! the same atomic store write as the change itself, and read back in log
 //! order by watchers and webhook deliveries.
 //!
-//! A write notes its event ([`Noted`]); the write path stamps it with the
+//! A write notes its event (`Noted`); the write path stamps it with the
 //! credential and the time and hands it to the store with the change, so
 //! there is no change without its event and no event without its change.
 //! Events carry references, causes and labels, never a token: the payload is

@@ -2,10 +2,10 @@
 //!
 //! A GetAccessToken call flows cache -> store -> crypto -> upstream -> store.
 //! The rules that make it exact:
-//! - one refresh per credential at a time ([`flight`]); everyone waiting
-//!   gets that refresh's result ([`refresh`]);
+//! - one refresh per credential at a time (`flight`); everyone waiting
+//!   gets that refresh's result (`refresh`);
 //! - every write (Deposit, Revoke, refresh write-back, reauth mark, rewrap)
-//!   goes through the one write path ([`write`]): under the credential's
+//!   goes through the one write path (`write`): under the credential's
 //!   write lock and by compare-and-swap, so a refresh for a replaced or
 //!   revoked grant can never land;
 //! - upstream calls happen outside the write lock, so a slow provider never

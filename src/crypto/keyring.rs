@@ -3,7 +3,7 @@
 //! Versions are never reused: a destroyed key leaves a tombstone behind, so a
 //! record sealed under version `n` can only ever be opened by the key that was
 //! `n` when it was sealed. Key bytes never leave this module except through
-//! [`KeyMaterial::expose`], which is crate-private; everything printable
+//! `KeyMaterial::expose`, which is crate-private; everything printable
 //! ([`Fingerprint`], [`KeyInfo`], the `Debug` impls) carries no key material.
 
 use std::collections::BTreeMap;

@@ -22,7 +22,7 @@ use std::{fmt, path::PathBuf, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use futures::{stream, Stream, TryStreamExt};
 
-/// Records fetched per round trip by [`records`](CredentialStore::records).
+/// Records fetched per round trip by `<dyn CredentialStore>::records`.
 const SCAN_PAGE: usize = 512;
 
 pub use etcd::EtcdSettings;

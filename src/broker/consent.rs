@@ -46,7 +46,7 @@ use crate::{
     crypto::{self, RecordIdentity},
     secret::SecretString,
     store::{CasOutcome, StoreKey, Versioned, Write},
-    upstream::{AuthorizationRequest, DevicePoll},
+    upstream::{parse_url, AuthorizationRequest, DevicePoll},
 };
 
 /// Where pending authorizations live in the store's internal keyspace.
@@ -253,7 +253,7 @@ impl PendingPayload {
     fn client(&self) -> Result<ClientConfig, BrokerError> {
         let unreadable = || BrokerError::RecordUnreadable("pending authorization client");
         Ok(ClientConfig {
-            token_endpoint: Url::parse(&self.token_endpoint).map_err(|_| unreadable())?,
+            token_endpoint: parse_url(&self.token_endpoint).map_err(|_| unreadable())?,
             client_id: self.client_id.clone(),
             client_secret: self.client_secret.clone().map(SecretString::from),
             auth: match self.auth {
@@ -265,7 +265,7 @@ impl PendingPayload {
             revocation_endpoint: self
                 .revocation_endpoint
                 .as_deref()
-                .map(Url::parse)
+                .map(parse_url)
                 .transpose()
                 .map_err(|_| unreadable())?,
             scopes: self.client_scopes.clone(),
@@ -273,7 +273,7 @@ impl PendingPayload {
                 issuer: self
                     .issuer
                     .as_deref()
-                    .map(Url::parse)
+                    .map(parse_url)
                     .transpose()
                     .map_err(|_| unreadable())?,
                 ..Default::default()

@@ -39,7 +39,8 @@ use zeroize::Zeroize;
 use super::{
     events::millis,
     jobs::{ClaimSeen, JobClaim},
-    model::{ClientAuth, ClientConfig, CredentialId, DepositCommand, Grant},
+    model::{ClientConfig, CredentialId, DepositCommand, Grant},
+    record::{client_auth_code, client_auth_from_code},
     Broker, BrokerError,
 };
 use crate::{
@@ -256,12 +257,7 @@ impl PendingPayload {
             token_endpoint: parse_url(&self.token_endpoint).map_err(|_| unreadable())?,
             client_id: self.client_id.clone(),
             client_secret: self.client_secret.clone().map(SecretString::from),
-            auth: match self.auth {
-                1 => ClientAuth::SecretBasic,
-                2 => ClientAuth::SecretPost,
-                4 => ClientAuth::PrivateKeyJwt,
-                _ => ClientAuth::None,
-            },
+            auth: client_auth_from_code(self.auth).ok_or_else(unreadable)?,
             revocation_endpoint: self
                 .revocation_endpoint
                 .as_deref()
@@ -315,12 +311,7 @@ fn new_payload(
         token_endpoint: client.token_endpoint.to_string(),
         client_id: client.client_id.clone(),
         client_secret: client.client_secret.as_ref().map(|s| s.expose().to_owned()),
-        auth: match client.auth {
-            ClientAuth::SecretBasic => 1,
-            ClientAuth::SecretPost => 2,
-            ClientAuth::None => 3,
-            ClientAuth::PrivateKeyJwt => 4,
-        },
+        auth: client_auth_code(client.auth),
         revocation_endpoint: client.revocation_endpoint.as_ref().map(Url::to_string),
         client_scopes: client.scopes.clone(),
         issuer: client.flows.issuer.as_ref().map(Url::to_string),

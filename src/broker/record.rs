@@ -131,12 +131,7 @@ pub fn encode(record: &CredentialRecord) -> Zeroizing<Vec<u8>> {
                 .client_secret
                 .as_ref()
                 .map(|s| s.expose().to_owned()),
-            auth: match record.client.auth {
-                ClientAuth::SecretBasic => 1,
-                ClientAuth::SecretPost => 2,
-                ClientAuth::None => 3,
-                ClientAuth::PrivateKeyJwt => 4,
-            },
+            auth: client_auth_code(record.client.auth),
             revocation_endpoint: record
                 .client
                 .revocation_endpoint
@@ -168,6 +163,32 @@ pub fn encode(record: &CredentialRecord) -> Zeroizing<Vec<u8>> {
     Zeroizing::new(payload.encode_to_vec())
 }
 
+/// The stored code of a client authentication method. Records and pending
+/// authorizations both store it, so both go through this one table: a code,
+/// once written, means the same method forever.
+pub(super) fn client_auth_code(auth: ClientAuth) -> u32 {
+    match auth {
+        ClientAuth::SecretBasic => 1,
+        ClientAuth::SecretPost => 2,
+        ClientAuth::None => 3,
+        ClientAuth::PrivateKeyJwt => 4,
+    }
+}
+
+/// The method a stored code names; `None` for a code this build never wrote,
+/// which the caller reports as an unreadable field rather than guess (a
+/// guess of "no client authentication" would send the provider less than
+/// it asked for).
+pub(super) fn client_auth_from_code(code: u32) -> Option<ClientAuth> {
+    match code {
+        1 => Some(ClientAuth::SecretBasic),
+        2 => Some(ClientAuth::SecretPost),
+        3 => Some(ClientAuth::None),
+        4 => Some(ClientAuth::PrivateKeyJwt),
+        _ => None,
+    }
+}
+
 /// Decodes an opened record.
 pub fn decode(bytes: &[u8]) -> Result<CredentialRecord, RecordDecodeError> {
     let mut payload = RecordPayload::decode(bytes).map_err(|_| RecordDecodeError::Protobuf)?;
@@ -186,14 +207,9 @@ pub fn decode(bytes: &[u8]) -> Result<CredentialRecord, RecordDecodeError> {
             .map_err(|_| RecordDecodeError::Field("client.token_endpoint"))?,
         client_id: std::mem::take(&mut client.client_id),
         client_secret: client.client_secret.take().map(SecretString::from),
-        auth: match client.auth {
-            1 => ClientAuth::SecretBasic,
-            2 => ClientAuth::SecretPost,
-            3 => ClientAuth::None,
-            // Its key lives in the preset, which a refresh uses.
-            4 => ClientAuth::PrivateKeyJwt,
-            _ => return Err(RecordDecodeError::Field("client.auth")),
-        },
+        // A private-key-JWT client's key lives in its preset, which a
+        // refresh uses.
+        auth: client_auth_from_code(client.auth).ok_or(RecordDecodeError::Field("client.auth"))?,
         revocation_endpoint: client
             .revocation_endpoint
             .as_deref()
@@ -321,5 +337,33 @@ mod tests {
         for bytes in [&b"\xff\xff\xff"[..], b"", b"\x1a\x05abc"] {
             assert!(decode(bytes).is_err());
         }
+    }
+
+    #[test]
+    fn every_client_auth_code_reads_back_and_unknown_codes_are_refused() {
+        let all = [
+            ClientAuth::SecretBasic,
+            ClientAuth::SecretPost,
+            ClientAuth::None,
+            ClientAuth::PrivateKeyJwt,
+        ];
+        for auth in all {
+            assert_eq!(client_auth_from_code(client_auth_code(auth)), Some(auth));
+        }
+        // The codes are on disk: they never change meaning.
+        let codes: Vec<u32> = all.into_iter().map(client_auth_code).collect();
+        assert_eq!(codes, [1, 2, 3, 4]);
+        for unknown in [0, 5, u32::MAX] {
+            assert_eq!(client_auth_from_code(unknown), None);
+        }
+
+        let mut record = sample();
+        record.client.auth = ClientAuth::PrivateKeyJwt;
+        let mut payload = RecordPayload::decode(&encode(&record)[..]).unwrap();
+        payload.client.as_mut().unwrap().auth = 9;
+        assert!(matches!(
+            decode(&payload.encode_to_vec()),
+            Err(RecordDecodeError::Field("client.auth"))
+        ));
     }
 }

@@ -3,6 +3,8 @@
 //! - the walls: which top-level module may name which (`crate::x` in
 //!   non-test code, grouped `use crate::{…}` included);
 //! - nothing outside `src/store/` names a storage engine;
+//! - domain code knows nothing of tonic, and every status the vault sends is
+//!   built by the one error table, `api/status.rs`;
 //! - no function is longer than 80 lines, except the declarative tables
 //!   listed here with their reason;
 //! - the build links the vendored sled, with the fix it was vendored for
@@ -237,6 +239,117 @@ fn nothing_above_the_store_names_a_storage_engine() {
         "a backend named outside src/store:\n{}",
         breaches.join("\n")
     );
+}
+
+/// Where tonic may be named (DESIGN §5: domain code knows nothing of
+/// tonic): the wire (`api/`), the assembly that serves it (`server/`), the
+/// admin client that reads the vault's answers (`cli/`), and the etcd
+/// backend, whose client speaks gRPC to etcd.
+const TONIC_MAY_BE_NAMED_IN: &[&str] = &["api", "server", "cli", "store/etcd"];
+
+/// The one table from failures to the wire (DESIGN §4 and §5): the only file
+/// that builds a `tonic::Status` or picks a `tonic::Code`.
+const STATUS_TABLE: &str = "api/status.rs";
+
+fn relative(file: &Path) -> String {
+    file.strip_prefix(src())
+        .unwrap()
+        .to_string_lossy()
+        .replace('\\', "/")
+}
+
+/// Whether `name::` appears as a path of its own at `at` (not the tail of
+/// `FlowStatus::` or `StatusCode::`).
+fn standalone(line: &str, at: usize) -> bool {
+    line[..at]
+        .chars()
+        .next_back()
+        .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'))
+}
+
+/// Whether a line builds a status by hand: a `Status::` constructor other
+/// than `from`, which goes through the table.
+fn builds_a_status(line: &str) -> bool {
+    line.match_indices("Status::").any(|(at, _)| {
+        let next = first_name(&line[at + "Status::".len()..]);
+        standalone(line, at) && next != "from" && next.starts_with(|c: char| c.is_lowercase())
+    })
+}
+
+/// Whether a line names a gRPC code (`Code::Unavailable`).
+fn picks_a_code(line: &str) -> bool {
+    line.match_indices("Code::")
+        .any(|(at, _)| standalone(line, at))
+}
+
+#[test]
+fn domain_code_knows_nothing_of_tonic() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let mut breaches = Vec::new();
+    for file in &files {
+        let path = relative(file);
+        if TONIC_MAY_BE_NAMED_IN.iter().any(|allowed| {
+            path == format!("{allowed}.rs") || path.starts_with(&format!("{allowed}/"))
+        }) {
+            continue;
+        }
+        for (number, line) in production_lines(file) {
+            if line.contains("tonic") {
+                breaches.push(format!("{path}:{number}: {}", line.trim()));
+            }
+        }
+    }
+    assert!(
+        breaches.is_empty(),
+        "tonic named outside the wire, the assembly and the clients:\n{}",
+        breaches.join("\n")
+    );
+}
+
+#[test]
+fn every_status_the_vault_sends_is_built_by_the_one_table() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let mut breaches = Vec::new();
+    for file in &files {
+        let path = relative(file);
+        // Clients read the codes they receive (the admin client, the etcd
+        // client's retry rule); only the vault's own side builds statuses.
+        let client = path.starts_with("cli/") || path.starts_with("store/etcd/");
+        if path == STATUS_TABLE {
+            continue;
+        }
+        for (number, line) in production_lines(file) {
+            if builds_a_status(&line) || (!client && picks_a_code(&line)) {
+                breaches.push(format!("{path}:{number}: {}", line.trim()));
+            }
+        }
+    }
+    assert!(
+        breaches.is_empty(),
+        "a status built outside {STATUS_TABLE} (add a variant to ApiError instead):\n{}",
+        breaches.join("\n")
+    );
+}
+
+#[test]
+fn the_status_checker_tells_a_hand_built_status_from_other_types() {
+    assert!(builds_a_status(
+        "finish(Status::new(Code::Unavailable, \"x\"))"
+    ));
+    assert!(builds_a_status("Err(tonic::Status::internal(\"x\"))"));
+    assert!(picks_a_code("let code = Code::NotFound;"));
+    assert!(picks_a_code("tonic::Code::Unavailable => true,"));
+    for other in [
+        "Err(Status::from(ApiError::Broker(error)))",
+        "PENDING => FlowStatus::Pending,",
+        "(StatusCode::OK, \"ok\")",
+        "ExitCode::SUCCESS",
+        "-> Result<Response<T>, Status>",
+    ] {
+        assert!(!builds_a_status(other) && !picks_a_code(other), "{other}");
+    }
 }
 
 /// `(name, first line, length)` of every function in production code.

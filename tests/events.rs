@@ -259,8 +259,26 @@ async fn a_client_resumes_from_its_cursor_across_a_vault_restart() {
     let seen = take(&mut stream, 1).await;
     // A change the client never read, then a restart.
     acme.revoke(revoke("r1")).await.unwrap();
-    drop(stream);
+    // The open stream is ended by the shutdown with a typed status, after
+    // what was already sent.
+    let end = tokio::spawn(async move {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended without a status at shutdown"),
+                Err(status) => return status,
+            }
+        }
+    });
     vault.stop().await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), end)
+        .await
+        .expect("the stream was never ended")
+        .unwrap();
+    assert_eq!(
+        (end.code(), reason(&end)),
+        (Code::Unavailable, "SHUTTING_DOWN".into())
+    );
 
     let vault = TestVault::start(&dir).await;
     let mut acme = vault.client(&dir, "acme").await;

@@ -16,7 +16,7 @@ use std::{
 
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tonic::{Code, Status};
+use tonic::Status;
 
 use super::{
     pb,
@@ -136,10 +136,7 @@ impl Watching {
                     next = events.next() => next,
                     () = tx.closed() => return,
                     _ = stopping.wait_for(|stop| *stop) => {
-                        return finish(Status::new(
-                            Code::Unavailable,
-                            "the vault is shutting down; resume after the last cursor received",
-                        ));
+                        return finish(ApiError::ShuttingDown.into());
                     }
                 };
                 let item = match next {

@@ -36,6 +36,9 @@ pub mod reason {
     /// A watcher read too slowly and its stream was ended; it resumes
     /// after the last cursor it received.
     pub const CONSUMER_TOO_SLOW: &str = "CONSUMER_TOO_SLOW";
+    /// This vault is shutting down and ended a stream it held; resume on
+    /// another replica or after the restart, from the last cursor received.
+    pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
     /// An admin reload refused a keyring (wrong passphrase, fingerprints).
     pub const KEYRING_REJECTED: &str = "KEYRING_REJECTED";
     /// An admin reload refused a policy file (invalid); the running one stays.
@@ -78,6 +81,8 @@ pub enum ApiError {
     PolicyRejected(String),
     /// A watch stream whose reader fell too far behind was ended.
     ConsumerTooSlow,
+    /// A watch stream was ended because this vault is shutting down.
+    ShuttingDown,
 }
 
 impl From<AuthError> for ApiError {
@@ -197,6 +202,11 @@ impl ApiError {
                 Code::Aborted,
                 CONSUMER_TOO_SLOW,
                 "the stream fell too far behind; resume after the last cursor received",
+            ),
+            Self::ShuttingDown => Wire::new(
+                Code::Unavailable,
+                SHUTTING_DOWN,
+                "the vault is shutting down; resume after the last cursor received",
             ),
             Self::Auth(error) => auth_wire(error),
             Self::Broker(error) => broker_wire(error),

@@ -220,20 +220,45 @@ fn the_wall_checker_sees_grouped_and_inline_imports() {
     assert_eq!(crate_references(code), ["api", "store", "config"]);
 }
 
-#[test]
-fn nothing_above_the_store_names_a_storage_engine() {
+/// Every production line in `src/` that `breaks` flags, as `path:line:
+/// code`; `breaks` is given the file's path under `src/` (`broker/write.rs`)
+/// and one line.
+fn lines_that(breaks: impl Fn(&str, &str) -> bool) -> Vec<String> {
     let mut files = Vec::new();
     rust_files(&src(), &mut files);
-    let store = src().join("store");
-    let mut breaches = Vec::new();
-    for file in files.iter().filter(|f| !f.starts_with(&store)) {
+    let mut found = Vec::new();
+    for file in &files {
+        let path = relative(file);
         for (number, line) in production_lines(file) {
-            if line.contains("sled::") || line.contains("SledStore") || line.contains("etcd_client")
-            {
-                breaches.push(format!("{}:{number}: {}", file.display(), line.trim()));
+            if breaks(&path, &line) {
+                found.push(format!("src/{path}:{number}: {}", line.trim()));
             }
         }
     }
+    found
+}
+
+fn relative(file: &Path) -> String {
+    file.strip_prefix(src())
+        .unwrap()
+        .to_string_lossy()
+        .replace('\\', "/")
+}
+
+/// Whether `path` is the module `module` or inside it (`store/etcd` holds
+/// `store/etcd/rpc.rs`; `config` is `config.rs`).
+fn in_module(path: &str, module: &str) -> bool {
+    path == format!("{module}.rs") || path.starts_with(&format!("{module}/"))
+}
+
+#[test]
+fn nothing_above_the_store_names_a_storage_engine() {
+    let breaches = lines_that(|path, line| {
+        !in_module(path, "store")
+            && (line.contains("sled::")
+                || line.contains("SledStore")
+                || line.contains("etcd_client"))
+    });
     assert!(
         breaches.is_empty(),
         "a backend named outside src/store:\n{}",
@@ -250,13 +275,6 @@ const TONIC_MAY_BE_NAMED_IN: &[&str] = &["api", "server", "cli", "store/etcd"];
 /// The one table from failures to the wire (DESIGN §4 and §5): the only file
 /// that builds a `tonic::Status` or picks a `tonic::Code`.
 const STATUS_TABLE: &str = "api/status.rs";
-
-fn relative(file: &Path) -> String {
-    file.strip_prefix(src())
-        .unwrap()
-        .to_string_lossy()
-        .replace('\\', "/")
-}
 
 /// Whether `name::` appears as a path of its own at `at` (not the tail of
 /// `FlowStatus::` or `StatusCode::`).
@@ -284,22 +302,12 @@ fn picks_a_code(line: &str) -> bool {
 
 #[test]
 fn domain_code_knows_nothing_of_tonic() {
-    let mut files = Vec::new();
-    rust_files(&src(), &mut files);
-    let mut breaches = Vec::new();
-    for file in &files {
-        let path = relative(file);
-        if TONIC_MAY_BE_NAMED_IN.iter().any(|allowed| {
-            path == format!("{allowed}.rs") || path.starts_with(&format!("{allowed}/"))
-        }) {
-            continue;
-        }
-        for (number, line) in production_lines(file) {
-            if line.contains("tonic") {
-                breaches.push(format!("{path}:{number}: {}", line.trim()));
-            }
-        }
-    }
+    let breaches = lines_that(|path, line| {
+        !TONIC_MAY_BE_NAMED_IN
+            .iter()
+            .any(|module| in_module(path, module))
+            && line.contains("tonic")
+    });
     assert!(
         breaches.is_empty(),
         "tonic named outside the wire, the assembly and the clients:\n{}",
@@ -309,26 +317,15 @@ fn domain_code_knows_nothing_of_tonic() {
 
 #[test]
 fn every_status_the_vault_sends_is_built_by_the_one_table() {
-    let mut files = Vec::new();
-    rust_files(&src(), &mut files);
-    let mut breaches = Vec::new();
-    for file in &files {
-        let path = relative(file);
+    let breaches = lines_that(|path, line| {
         // Clients read the codes they receive (the admin client, the etcd
         // client's retry rule); only the vault's own side builds statuses.
-        let client = path.starts_with("cli/") || path.starts_with("store/etcd/");
-        if path == STATUS_TABLE {
-            continue;
-        }
-        for (number, line) in production_lines(file) {
-            if builds_a_status(&line) || (!client && picks_a_code(&line)) {
-                breaches.push(format!("{path}:{number}: {}", line.trim()));
-            }
-        }
-    }
+        let client = in_module(path, "cli") || in_module(path, "store/etcd");
+        path != STATUS_TABLE && (builds_a_status(line) || (!client && picks_a_code(line)))
+    });
     assert!(
         breaches.is_empty(),
-        "a status built outside {STATUS_TABLE} (add a variant to ApiError instead):\n{}",
+        "a status built outside src/{STATUS_TABLE} (add a variant to ApiError instead):\n{}",
         breaches.join("\n")
     );
 }

@@ -636,3 +636,137 @@ async fn oversized_request_gets_a_typed_status() {
         status.message()
     );
 }
+
+/// A gRPC codec that sends and receives message bytes as they are: what a
+/// broken or hostile client puts on the wire.
+#[derive(Clone, Copy, Default)]
+struct RawBytes;
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf;
+        let mut bytes = vec![0; src.remaining()];
+        src.copy_to_slice(&mut bytes);
+        Ok(Some(bytes))
+    }
+}
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_is_not_protobuf_gets_a_typed_status_and_loses_nothing() {
+    let provider = ProviderDouble::with_client("alice-client", Some("alice-secret")).await;
+    let dir = VaultDir::new();
+    let vault = TestVault::start(&dir).await;
+    let mut admin = vault.client(&dir, "admin").await;
+    let rt = provider.issue_refresh_token("alice-client");
+    admin
+        .deposit(pb::DepositRequest {
+            credential: reference("acme", "alice", "idp"),
+            client: oauth_client(&provider.token_url(), "alice-client", "alice-secret"),
+            grant: refresh_grant(
+                &rt,
+                Some(("at", SystemTime::now() + Duration::from_secs(3600))),
+            ),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+
+    let cert = &dir.pki.clients["admin"];
+    let mut raw =
+        tonic::client::Grpc::new(vault.channel(Some(cert), dir.pki.ca.ca_cert_pem()).await);
+    // A truncated varint, a field with wire type 7 (none exists), a length
+    // past the end, and a string field that is not UTF-8.
+    let garbage: [&[u8]; 4] = [
+        b"\x08\xff",
+        b"\x0f",
+        b"\x0a\x7fabc",
+        b"\x0a\x05\x0a\x03\xff\xfe\xfd",
+    ];
+    for method in [
+        "GetAccessToken",
+        "Deposit",
+        "Revoke",
+        "WatchCredentialEvents",
+    ] {
+        for bytes in garbage {
+            raw.ready().await.unwrap();
+            let path = http::uri::PathAndQuery::try_from(format!(
+                "/credvault.v1.CredentialVault/{method}"
+            ))
+            .unwrap();
+            let answer = if method == "WatchCredentialEvents" {
+                raw.server_streaming(tonic::Request::new(bytes.to_vec()), path, RawBytes)
+                    .await
+                    .map(|_| ())
+            } else {
+                raw.unary(tonic::Request::new(bytes.to_vec()), path, RawBytes)
+                    .await
+                    .map(|_| ())
+            };
+            let status = answer.expect_err("garbage was accepted");
+            let details = status.get_error_details();
+            assert_eq!(
+                (
+                    status.code(),
+                    details
+                        .error_info()
+                        .map(|i| (i.domain.as_str(), i.reason.as_str()))
+                ),
+                (Code::InvalidArgument, Some(("credvault", "INVALID_FIELD"))),
+                "{method} with {bytes:?}: {status:?}"
+            );
+            let violations = details
+                .bad_request()
+                .map(|b| b.field_violations.clone())
+                .unwrap_or_default();
+            assert!(
+                violations.iter().any(|v| v.field == "request"
+                    && v.description.starts_with("not a valid protobuf message")),
+                "{method} with {bytes:?}: {violations:?}"
+            );
+            if method == "GetAccessToken" && bytes == garbage[0] {
+                println!("{:?}: {}", status.code(), violations[0].description);
+            }
+        }
+    }
+    // Nothing was lost: the credential is still served.
+    admin
+        .get_access_token(get_request("acme", "alice", "idp"))
+        .await
+        .unwrap();
+}

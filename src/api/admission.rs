@@ -68,10 +68,15 @@ pub struct Admission<S> {
     max_request_bytes: usize,
 }
 
-/// tonic's decoder answers an oversized message with a bare OUT_OF_RANGE;
-/// the error model promises every failure a credvault ErrorInfo, so it is
-/// re-issued as INVALID_FIELD here.
-fn typed_oversize(
+/// tonic answers two kinds of malformed request itself, before any
+/// credvault code runs: an oversized message with a bare OUT_OF_RANGE, and a
+/// body that is not the method's protobuf message with a bare INTERNAL
+/// (gRPC's code for a server that cannot parse, which this vault's error
+/// model keeps for its own bugs). The model promises every failure a
+/// credvault ErrorInfo, and bad input is the caller's error: both are
+/// re-issued as INVALID_FIELD on `request`, and every other answer passes
+/// as it is.
+fn typed_codec_refusal(
     response: http::Response<tonic::body::Body>,
     max: usize,
 ) -> http::Response<tonic::body::Body> {
@@ -79,24 +84,38 @@ fn typed_oversize(
     // this runs on every call.
     const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
     const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
-    let oversized = response
-        .headers()
-        .get(&GRPC_STATUS)
-        .is_some_and(|v| v == "11")
-        && response
-            .headers()
-            .get(&GRPC_MESSAGE)
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| {
-                m.contains("message%20length%20too%20large")
-                    || m.contains("message length too large")
-            });
-    if !oversized {
+    const GRPC_DETAILS: http::HeaderName = http::HeaderName::from_static("grpc-status-details-bin");
+    let headers = response.headers();
+    // An answer carries its status in the headers only when it has no
+    // body: an answered call's status is in the trailers, and passes here
+    // after one lookup.
+    let Some(code) = headers.get(&GRPC_STATUS) else {
+        return response;
+    };
+    // Statuses from the error table carry their details.
+    if headers.contains_key(&GRPC_DETAILS) {
         return response;
     }
+    let message = headers
+        .get(&GRPC_MESSAGE)
+        .map(|m| percent_encoding::percent_decode(m.as_bytes()).decode_utf8_lossy())
+        .unwrap_or_default();
+    let description = if code == "11" && message.contains("message length too large") {
+        format!("the request message is larger than {max} bytes")
+    } else if let Some(why) = message
+        .strip_prefix("failed to decode Protobuf message: ")
+        .filter(|_| code == "13")
+    {
+        // prost names the message, the field and what was wrong with the
+        // bytes, never the bytes themselves.
+        let why: String = why.chars().take(200).collect();
+        format!("not a valid protobuf message of this method's request type: {why}")
+    } else {
+        return response;
+    };
     let status: Status = ApiError::InvalidFields(vec![super::status::FieldViolation::new(
         "request",
-        format!("the request message is larger than {max} bytes"),
+        description,
     )])
     .into();
     status.into_http()
@@ -134,7 +153,7 @@ where
                 Box::pin(async move {
                     let response = inner.call(request).await;
                     drop(permit);
-                    response.map(|r| typed_oversize(r, max))
+                    response.map(|r| typed_codec_refusal(r, max))
                 })
             }
             Err(_) => {

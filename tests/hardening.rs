@@ -3,7 +3,7 @@
 //! on detached refreshes and per-identity calls, `min_valid_for` abuse, the
 //! cool-down of a failing credential, hostile provider numbers, the tenant
 //! quota, policy reload, the mesh sidecar secret, the audit of refused
-//! calls, and a Revoke racing a rotation.
+//! calls, a Revoke racing a rotation, and a call past the request timeout.
 //!
 //! Each test prints the figure the issue asks for.
 
@@ -185,6 +185,52 @@ async fn one_identity_holding_calls_open_does_not_starve_the_others() {
         "one identity opening 8 calls against a cap of 8: {shed} shed at its per-identity cap of 4"
     );
     assert_eq!(shed, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_the_request_timeout_is_typed_and_its_refresh_goes_on() {
+    let provider = provider().await;
+    let dir = vault_dir("", "request_timeout = \"1s\"", "");
+    let vault = TestVault::start(&dir).await;
+    let mut client = vault.client(&dir, "admin").await;
+    // No access token: the first call refreshes, and the provider takes
+    // longer than the call may (within the upstream's own 3 s timeout).
+    client
+        .deposit(deposit(&provider, "acme", "slow", None))
+        .await
+        .unwrap();
+    provider.set_latency(Duration::from_millis(2500));
+    let started = Instant::now();
+    let status = client
+        .get_access_token(get_request("acme", "slow", "idp"))
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    println!(
+        "a call past server.request_timeout = 1s answered after {took:?}: {:?} {}",
+        status.code(),
+        reason(&status)
+    );
+    assert_eq!(
+        (status.code(), reason(&status)),
+        (Code::DeadlineExceeded, "CALL_TIMED_OUT".into())
+    );
+    assert!(
+        took < Duration::from_millis(2000),
+        "answered after {took:?}"
+    );
+    // The refresh went on without the call, and its token is served.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    provider.set_latency(Duration::ZERO);
+    client
+        .get_access_token(get_request("acme", "slow", "idp"))
+        .await
+        .unwrap();
+    assert_eq!(
+        provider.refresh_calls(),
+        1,
+        "the timed-out call's refresh landed"
+    );
 }
 
 #[tokio::test]

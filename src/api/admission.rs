@@ -5,6 +5,9 @@
 //!   of queueing them until they time out (a queue only adds latency to work
 //!   that will be dropped anyway). Health checks are always admitted, so an
 //!   overloaded vault still reports SERVING and is not restarted by its probes.
+//!   It also bounds every admitted call by `server.request_timeout`, and gives
+//!   the answers tonic makes itself (an oversized or undecodable request) the
+//!   error model's details.
 //! - [`IdentityRateLimiter`] keeps one noisy client from using the whole
 //!   capacity: a token bucket per caller identity (bounded: idle buckets
 //!   are full and are dropped first).
@@ -17,7 +20,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use hashbrown::HashTable;
@@ -33,15 +36,25 @@ use crate::{auth::Identity, telemetry::Metrics};
 pub struct AdmissionLayer {
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
-    max_request_bytes: usize,
+    limits: CallLimits,
+}
+
+/// What bounds one admitted call.
+#[derive(Clone, Copy, Debug)]
+pub struct CallLimits {
+    /// `server.max_request_bytes`, which tonic's decoder enforces; named in
+    /// the status of a request over it.
+    pub max_request_bytes: usize,
+    /// `server.request_timeout`: the longest a call may take to answer.
+    pub request_timeout: Duration,
 }
 
 impl AdmissionLayer {
-    pub fn new(max_in_flight: usize, max_request_bytes: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(max_in_flight: usize, limits: CallLimits, metrics: Arc<Metrics>) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
             metrics,
-            max_request_bytes,
+            limits,
         }
     }
 }
@@ -54,7 +67,7 @@ impl<S> Layer<S> for AdmissionLayer {
             inner,
             permits: Arc::clone(&self.permits),
             metrics: Arc::clone(&self.metrics),
-            max_request_bytes: self.max_request_bytes,
+            limits: self.limits,
         }
     }
 }
@@ -65,7 +78,7 @@ pub struct Admission<S> {
     inner: S,
     permits: Arc<Semaphore>,
     metrics: Arc<Metrics>,
-    max_request_bytes: usize,
+    limits: CallLimits,
 }
 
 /// tonic answers two kinds of malformed request itself, before any
@@ -149,11 +162,19 @@ where
         }
         match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => {
-                let max = self.max_request_bytes;
+                let limits = self.limits;
                 Box::pin(async move {
-                    let response = inner.call(request).await;
+                    // tonic's own server timeout would answer a bare
+                    // CANCELLED; this one answers from the error table. A
+                    // refresh the call started is its own task and goes on.
+                    let Ok(response) =
+                        tokio::time::timeout(limits.request_timeout, inner.call(request)).await
+                    else {
+                        let status: Status = ApiError::TimedOut(limits.request_timeout).into();
+                        return Ok(status.into_http());
+                    };
                     drop(permit);
-                    response.map(|r| typed_codec_refusal(r, max))
+                    response.map(|r| typed_codec_refusal(r, limits.max_request_bytes))
                 })
             }
             Err(_) => {

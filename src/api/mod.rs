@@ -23,7 +23,7 @@ pub(crate) mod status;
 mod vault;
 
 pub use admin::AdminService;
-pub use admission::{AdmissionLayer, CallSlots, IdentityRateLimiter};
+pub use admission::{AdmissionLayer, CallLimits, CallSlots, IdentityRateLimiter};
 pub use call::{Calls, Gate};
 pub use events::Watching;
 pub use status::ApiError;

@@ -39,6 +39,9 @@ pub mod reason {
     /// This vault is shutting down and ended a stream it held; resume on
     /// another replica or after the restart, from the last cursor received.
     pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+    /// A call took longer than `server.request_timeout`; what it started (a
+    /// refresh) goes on, so a retry is likely to be answered at once.
+    pub const CALL_TIMED_OUT: &str = "CALL_TIMED_OUT";
     /// An admin reload refused a keyring (wrong passphrase, fingerprints).
     pub const KEYRING_REJECTED: &str = "KEYRING_REJECTED";
     /// An admin reload refused a policy file (invalid); the running one stays.
@@ -83,6 +86,8 @@ pub enum ApiError {
     ConsumerTooSlow,
     /// A watch stream was ended because this vault is shutting down.
     ShuttingDown,
+    /// The call took longer than `server.request_timeout` to answer.
+    TimedOut(std::time::Duration),
 }
 
 impl From<AuthError> for ApiError {
@@ -202,6 +207,14 @@ impl ApiError {
                 Code::Aborted,
                 CONSUMER_TOO_SLOW,
                 "the stream fell too far behind; resume after the last cursor received",
+            ),
+            Self::TimedOut(limit) => Wire::new(
+                Code::DeadlineExceeded,
+                CALL_TIMED_OUT,
+                format!(
+                    "the call took longer than the server's limit of {} ms; a refresh it started goes on: retry",
+                    limit.as_millis()
+                ),
             ),
             Self::ShuttingDown => Wire::new(
                 Code::Unavailable,

@@ -25,7 +25,7 @@ use crate::{
         pb::{
             credential_vault_server::CredentialVaultServer, vault_admin_server::VaultAdminServer,
         },
-        AdminService, AdmissionLayer, VaultService, Watching,
+        AdminService, AdmissionLayer, CallLimits, VaultService, Watching,
     },
     broker::fingerprints::KeyGuardError,
     config::{Config, ConfigError},
@@ -240,9 +240,6 @@ fn services(
     ))
     .max_decoding_message_size(server.max_request_bytes);
     Ok(tonic::transport::Server::builder()
-        // Bounds every call, upstream round trips included, so a hung
-        // provider cannot pin a client's request forever.
-        .timeout(server.request_timeout)
         // Detects dead peers on long-lived mesh connections.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -254,10 +251,16 @@ fn services(
         // below is what protects the vault.
         .max_concurrent_streams(Some(256))
         // Sheds calls beyond the global in-flight cap with OVERLOADED
-        // instead of queueing them into timeouts.
+        // instead of queueing them into timeouts, and bounds every call,
+        // upstream round trips included, so a hung provider cannot pin a
+        // client's request forever. (A client's own `grpc-timeout` is
+        // tonic's to enforce.)
         .layer(AdmissionLayer::new(
             server.max_concurrent_calls,
-            server.max_request_bytes,
+            CallLimits {
+                max_request_bytes: server.max_request_bytes,
+                request_timeout: server.request_timeout,
+            },
             Arc::clone(&vault.metrics),
         ))
         .add_service(health)

@@ -462,8 +462,8 @@ fn hits_section(w: &mut String, params: &Params, r: &Results) {
          `tls::server_config` and `tls::incoming` accept loop. The vault answers from \
          its token cache (64 credentials, valid tokens). A third side splits the gap: \
          the same `Health/Check` on the vault's own port, which passes the vault's \
-         transport settings (request timeout, keep-alive, connection age) and router \
-         but not its call frame (health checks skip admission and the gate); \
+         transport settings (keep-alive, connection age) and router but not its \
+         call frame (health checks skip admission, with its request timeout, and the gate); \
          vault health / echo is what the server costs, vault / vault health what \
          the call costs.\n",
         params.hit_rounds,

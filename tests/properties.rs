@@ -392,6 +392,20 @@ fn reference_strategy() -> impl Strategy<Value = Option<pb::CredentialRef>> {
     )
 }
 
+/// A Deposit of `acme/alice/idp` with a fresh grant at `provider` and an
+/// access token valid for an hour: a credential the vault serves from cache.
+fn alice_deposit(provider: &ProviderDouble) -> pb::DepositRequest {
+    pb::DepositRequest {
+        credential: reference("acme", "alice", "idp"),
+        client: oauth_client(&provider.token_url(), "alice-client", "alice-secret"),
+        grant: refresh_grant(
+            &provider.issue_refresh_token("alice-client"),
+            Some(("at", SystemTime::now() + Duration::from_secs(3600))),
+        ),
+        labels: Default::default(),
+    }
+}
+
 /// `server.max_request_bytes`, default.
 const MAX_REQUEST_BYTES: usize = 256 * 1024;
 
@@ -588,20 +602,8 @@ fn every_request_gets_ok_or_a_typed_status() {
     println!("answers by reason: {:?}", reasons.lock().unwrap());
     // The vault is still healthy afterwards.
     runtime.block_on(async {
-        let rt = provider.issue_refresh_token("alice-client");
         let mut admin = vault.client(&dir, "admin").await;
-        admin
-            .deposit(pb::DepositRequest {
-                credential: reference("acme", "alice", "idp"),
-                client: oauth_client(&provider.token_url(), "alice-client", "alice-secret"),
-                grant: refresh_grant(
-                    &rt,
-                    Some(("at", SystemTime::now() + Duration::from_secs(3600))),
-                ),
-                labels: Default::default(),
-            })
-            .await
-            .unwrap();
+        admin.deposit(alice_deposit(&provider)).await.unwrap();
         admin
             .get_access_token(get_request("acme", "alice", "idp"))
             .await
@@ -692,19 +694,7 @@ async fn a_request_that_is_not_protobuf_gets_a_typed_status_and_loses_nothing() 
     let dir = VaultDir::new();
     let vault = TestVault::start(&dir).await;
     let mut admin = vault.client(&dir, "admin").await;
-    let rt = provider.issue_refresh_token("alice-client");
-    admin
-        .deposit(pb::DepositRequest {
-            credential: reference("acme", "alice", "idp"),
-            client: oauth_client(&provider.token_url(), "alice-client", "alice-secret"),
-            grant: refresh_grant(
-                &rt,
-                Some(("at", SystemTime::now() + Duration::from_secs(3600))),
-            ),
-            labels: Default::default(),
-        })
-        .await
-        .unwrap();
+    admin.deposit(alice_deposit(&provider)).await.unwrap();
 
     let cert = &dir.pki.clients["admin"];
     let mut raw =

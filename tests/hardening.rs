@@ -189,22 +189,22 @@ async fn one_identity_holding_calls_open_does_not_starve_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_past_the_request_timeout_is_typed_and_its_refresh_goes_on() {
+    let capture = audit_log();
     let provider = provider().await;
     let dir = vault_dir("", "request_timeout = \"1s\"", "");
     let vault = TestVault::start(&dir).await;
     let mut client = vault.client(&dir, "admin").await;
     // No access token: the first call refreshes, and the provider takes
     // longer than the call may (within the upstream's own 3 s timeout).
-    client
-        .deposit(deposit(&provider, "acme", "slow", None))
-        .await
-        .unwrap();
+    let get = |subject: &str| get_request("acme", subject, "timeout-idp");
+    for subject in ["slow", "gone"] {
+        let mut request = deposit(&provider, "acme", subject, None);
+        request.credential = reference("acme", subject, "timeout-idp");
+        client.deposit(request).await.unwrap();
+    }
     provider.set_latency(Duration::from_millis(2500));
     let started = Instant::now();
-    let status = client
-        .get_access_token(get_request("acme", "slow", "idp"))
-        .await
-        .unwrap_err();
+    let status = client.get_access_token(get("slow")).await.unwrap_err();
     let took = started.elapsed();
     println!(
         "a call past server.request_timeout = 1s answered after {took:?}: {:?} {}",
@@ -219,18 +219,39 @@ async fn a_call_past_the_request_timeout_is_typed_and_its_refresh_goes_on() {
         took < Duration::from_millis(2000),
         "answered after {took:?}"
     );
-    // The refresh went on without the call, and its token is served.
+    // A client that hangs up mid-call.
+    let hung_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        client.get_access_token(get("gone")),
+    )
+    .await;
+    assert!(
+        hung_up.is_err(),
+        "the call was answered before the client left"
+    );
+
+    // Both refreshes went on without their calls, and their tokens are served.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     provider.set_latency(Duration::ZERO);
-    client
-        .get_access_token(get_request("acme", "slow", "idp"))
-        .await
-        .unwrap();
+    for subject in ["slow", "gone"] {
+        client.get_access_token(get(subject)).await.unwrap();
+    }
     assert_eq!(
         provider.refresh_calls(),
-        1,
-        "the timed-out call's refresh landed"
+        2,
+        "each unanswered call's refresh landed"
     );
+
+    // Both unanswered calls were audited, each with what ended it.
+    drop(vault);
+    let log = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let reasons: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("provider=\"timeout-idp\"") && l.contains("GetAccessToken"))
+        .filter_map(|l| l.split("reason=\"").nth(1)?.split('"').next())
+        .collect();
+    println!("audited GetAccessToken calls: {reasons:?}");
+    assert_eq!(reasons, ["CALL_TIMED_OUT", "CANCELLED", "OK", "OK"]);
 }
 
 #[tokio::test]

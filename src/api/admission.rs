@@ -39,6 +39,12 @@ pub struct AdmissionLayer {
     limits: CallLimits,
 }
 
+/// When an admitted call's time (`server.request_timeout`) runs out, in its
+/// request's extensions: the call frame, dropped unanswered, tells from it a
+/// call the vault gave up on from one whose client hung up.
+#[derive(Clone, Copy, Debug)]
+pub struct CallDeadline(pub Instant);
+
 /// What bounds one admitted call.
 #[derive(Clone, Copy, Debug)]
 pub struct CallLimits {
@@ -163,12 +169,16 @@ where
         match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => {
                 let limits = self.limits;
+                let deadline = tokio::time::Instant::now() + limits.request_timeout;
+                let mut request = request;
+                request
+                    .extensions_mut()
+                    .insert(CallDeadline(deadline.into_std()));
                 Box::pin(async move {
                     // tonic's own server timeout would answer a bare
                     // CANCELLED; this one answers from the error table. A
                     // refresh the call started is its own task and goes on.
-                    let Ok(response) =
-                        tokio::time::timeout(limits.request_timeout, inner.call(request)).await
+                    let Ok(response) = tokio::time::timeout_at(deadline, inner.call(request)).await
                     else {
                         let status: Status = ApiError::TimedOut(limits.request_timeout).into();
                         return Ok(status.into_http());

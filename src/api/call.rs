@@ -1,7 +1,8 @@
 //! The frame every RPC runs in: authenticate the request, admit it (validate
 //! and authorize), run it, then record the outcome (metrics, the audit
 //! event, a log line) and map it to the wire. Handlers supply only the two
-//! middle steps.
+//! middle steps. A call that ends unanswered (its client hung up, or its
+//! time ran out) is recorded too.
 
 use std::{future::Future, sync::Arc, time::Instant};
 
@@ -9,7 +10,7 @@ use http::HeaderName;
 use tonic::{Request, Response, Status};
 
 use super::{
-    admission::{CallSlots, IdentityRateLimiter},
+    admission::{CallDeadline, CallSlots, IdentityRateLimiter},
     pb::CredentialRef,
     status::ApiError,
 };
@@ -162,58 +163,107 @@ impl Calls {
     where
         Fut: Future<Output = Result<T, ApiError>>,
     {
-        let started = Instant::now();
-        let mut entry = AuditEntry::new();
+        let mut call = InFlight {
+            calls: self,
+            method,
+            started: Instant::now(),
+            deadline: request.extensions().get::<CallDeadline>().copied(),
+            entry: AuditEntry::new(),
+            answered: false,
+        };
         let admitted = self
             .gate
-            .principal(&request, &mut entry)
+            .principal(&request, &mut call.entry)
             .and_then(|principal| {
                 let slot = self.gate.slots.enter(&principal.identity)?;
-                Ok((slot, admit(principal, request.into_inner(), &mut entry)?))
+                Ok((
+                    slot,
+                    admit(principal, request.into_inner(), &mut call.entry)?,
+                ))
             });
         let result = match admitted {
             Ok((_slot, command)) => run(command).await,
             Err(error) => Err(error),
         };
-        self.finish(method, &entry, started, result)
+        call.finish(result)
     }
 
-    /// Records the outcome of one call: metrics, the audit event, a log line.
-    fn finish<T>(
-        &self,
-        method: &'static str,
-        entry: &AuditEntry,
-        started: Instant,
-        result: Result<T, ApiError>,
-    ) -> Result<Response<T>, Status> {
+    /// Records one call's outcome: its metrics and its audit event.
+    fn record(&self, method: &'static str, entry: &AuditEntry, started: Instant, reason: &str) {
         let elapsed = started.elapsed().as_secs_f64();
-        // Printed only if a line is written.
-        let identity = Who(entry.identity.as_ref());
-        let tenant = entry.tenant.as_str();
-        let provider = entry.provider.as_str();
-        let subject = entry.subject_hash.as_str();
-        let wire = result.as_ref().err().map(ApiError::wire);
-        let reason = wire.as_ref().map_or("OK", |w| w.reason);
         self.metrics.call(method, reason, elapsed);
         tracing::info!(
             target: audit::TARGET,
             method,
-            %identity,
-            tenant,
-            provider,
-            subject,
+            identity = %Who(entry.identity.as_ref()),
+            tenant = entry.tenant.as_str(),
+            provider = entry.provider.as_str(),
+            subject = entry.subject_hash.as_str(),
             reason,
             latency_ms = elapsed * 1e3,
             "call"
         );
+    }
+}
+
+/// The audit reason of a call whose client hung up before it was answered.
+/// Never sent: nobody is listening.
+const CANCELLED: &str = "CANCELLED";
+
+/// A call in the frame, until it is answered. A call can also end without
+/// an answer: its client hangs up, or the admission layer's time limit runs
+/// out, and either way the handler is dropped where it stands. It is still
+/// recorded then, on drop, so every call gets exactly one audit event.
+struct InFlight<'a> {
+    calls: &'a Calls,
+    method: &'static str,
+    started: Instant,
+    deadline: Option<CallDeadline>,
+    entry: AuditEntry,
+    answered: bool,
+}
+
+impl InFlight<'_> {
+    /// Records the answer (metrics, the audit event, a log line for a
+    /// failure) and maps it to the wire.
+    fn finish<T>(mut self, result: Result<T, ApiError>) -> Result<Response<T>, Status> {
+        self.answered = true;
+        let wire = result.as_ref().err().map(ApiError::wire);
+        let reason = wire.as_ref().map_or("OK", |w| w.reason);
+        self.calls
+            .record(self.method, &self.entry, self.started, reason);
         match (result, wire) {
             (Ok(response), _) => Ok(Response::new(response)),
             (Err(_), Some(wire)) => {
-                let detail = &wire.detail;
-                tracing::debug!(method, %identity, tenant, reason, %detail, "call failed");
+                tracing::debug!(
+                    method = self.method,
+                    identity = %Who(self.entry.identity.as_ref()),
+                    tenant = self.entry.tenant.as_str(),
+                    reason,
+                    detail = %wire.detail,
+                    "call failed"
+                );
                 Err(wire.into_status())
             }
             (Err(error), None) => Err(error.wire().into_status()),
         }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let timed_out = self
+            .deadline
+            .is_some_and(|CallDeadline(at)| Instant::now() >= at);
+        let reason = if timed_out {
+            super::status::reason::CALL_TIMED_OUT
+        } else {
+            CANCELLED
+        };
+        self.calls
+            .record(self.method, &self.entry, self.started, reason);
     }
 }

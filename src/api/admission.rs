@@ -159,7 +159,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         // The ready clone serves this call; a fresh clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -170,7 +170,6 @@ where
             Ok(permit) => {
                 let limits = self.limits;
                 let deadline = tokio::time::Instant::now() + limits.request_timeout;
-                let mut request = request;
                 request
                     .extensions_mut()
                     .insert(CallDeadline(deadline.into_std()));

@@ -37,10 +37,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
 
+    // The messages and the servers. The servers decode requests with the
+    // vault's codec, which refuses an undecodable request from the error
+    // table (`src/api/codec.rs`).
     tonic_prost_build::configure()
         .skip_debug(SECRET_BEARING)
-        .build_client(true)
+        .build_client(false)
         .build_server(true)
+        .codec_path("crate::api::codec::RequestCodec")
+        .compile_fds(descriptors.clone())?;
+
+    // The clients, with prost's own codec: an answer a client cannot decode
+    // is the server's fault, INTERNAL. Same package, so their own directory;
+    // the messages are the ones generated above.
+    let clients = out_dir.join("clients");
+    fs::create_dir_all(&clients)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .extern_path(".credvault.v1", "crate::api::pb")
+        .out_dir(&clients)
         .compile_fds(descriptors)?;
 
     // The etcd v3 API subset the replicated store speaks: a client only,

@@ -6,8 +6,8 @@
 //!   that will be dropped anyway). Health checks are always admitted, so an
 //!   overloaded vault still reports SERVING and is not restarted by its probes.
 //!   It also bounds every admitted call by `server.request_timeout`, and gives
-//!   the answers tonic makes itself (an oversized or undecodable request) the
-//!   error model's details.
+//!   the answer tonic makes itself to an oversized request the error model's
+//!   details.
 //! - [`IdentityRateLimiter`] keeps one noisy client from using the whole
 //!   capacity: a token bucket per caller identity (bounded: idle buckets
 //!   are full and are dropped first).
@@ -87,15 +87,13 @@ pub struct Admission<S> {
     limits: CallLimits,
 }
 
-/// tonic answers two kinds of malformed request itself, before any
-/// credvault code runs: an oversized message with a bare OUT_OF_RANGE, and a
-/// body that is not the method's protobuf message with a bare INTERNAL
-/// (gRPC's code for a server that cannot parse, which this vault's error
-/// model keeps for its own bugs). The model promises every failure a
-/// credvault ErrorInfo, and bad input is the caller's error: both are
-/// re-issued as INVALID_FIELD on `request`, and every other answer passes
-/// as it is.
-fn typed_codec_refusal(
+/// tonic refuses a request over `server.max_request_bytes` itself, from its
+/// length prefix and before any decoder runs, with a bare OUT_OF_RANGE. The
+/// error model promises every failure a credvault ErrorInfo, and bad input
+/// is the caller's error: it is re-issued as INVALID_FIELD on `request`, and
+/// every other answer passes as it is. (An undecodable request never gets
+/// this far untyped: the services' codec refuses it, `super::codec`.)
+fn typed_oversize(
     response: http::Response<tonic::body::Body>,
     max: usize,
 ) -> http::Response<tonic::body::Body> {
@@ -111,30 +109,22 @@ fn typed_codec_refusal(
     let Some(code) = headers.get(&GRPC_STATUS) else {
         return response;
     };
-    // Statuses from the error table carry their details.
-    if headers.contains_key(&GRPC_DETAILS) {
+    // Statuses from the error table carry their details; tonic's length
+    // refusal is the one OUT_OF_RANGE without them.
+    if code != "11" || headers.contains_key(&GRPC_DETAILS) {
         return response;
     }
-    let message = headers
-        .get(&GRPC_MESSAGE)
-        .map(|m| percent_encoding::percent_decode(m.as_bytes()).decode_utf8_lossy())
-        .unwrap_or_default();
-    let description = if code == "11" && message.contains("message length too large") {
-        format!("the request message is larger than {max} bytes")
-    } else if let Some(why) = message
-        .strip_prefix("failed to decode Protobuf message: ")
-        .filter(|_| code == "13")
-    {
-        // prost names the message, the field and what was wrong with the
-        // bytes, never the bytes themselves.
-        let why: String = why.chars().take(200).collect();
-        format!("not a valid protobuf message of this method's request type: {why}")
-    } else {
+    let tonic_refusal = headers.get(&GRPC_MESSAGE).is_some_and(|m| {
+        percent_encoding::percent_decode(m.as_bytes())
+            .decode_utf8_lossy()
+            .contains("message length too large")
+    });
+    if !tonic_refusal {
         return response;
-    };
+    }
     let status: Status = ApiError::InvalidFields(vec![super::status::FieldViolation::new(
         "request",
-        description,
+        format!("the request message is larger than {max} bytes"),
     )])
     .into();
     status.into_http()
@@ -183,7 +173,7 @@ where
                         return Ok(status.into_http());
                     };
                     drop(permit);
-                    response.map(|r| typed_codec_refusal(r, limits.max_request_bytes))
+                    response.map(|r| typed_oversize(r, limits.max_request_bytes))
                 })
             }
             Err(_) => {

@@ -7,6 +7,7 @@
 //!
 //! - [`pb`]: the generated code, with redacting `Debug` for secrets.
 //! - `call`: the frame every RPC runs in (authenticate, admit, run, record).
+//! - `codec`: the servers' request decoding, with typed refusals.
 //! - `convert`: proto -> domain validation.
 //! - `status`: the error-to-wire table.
 //! - `admission`: the global in-flight cap and the per-identity rate limit.
@@ -16,6 +17,7 @@
 mod admin;
 pub(crate) mod admission;
 mod call;
+pub(crate) mod codec;
 mod convert;
 mod events;
 pub mod pb;

@@ -12,6 +12,7 @@ use std::fmt;
 use crate::secret::REDACTED;
 
 tonic::include_proto!("credvault.v1");
+include!(concat!(env!("OUT_DIR"), "/clients/credvault.v1.rs"));
 
 /// The encoded descriptor set of `proto/`, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

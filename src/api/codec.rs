@@ -1,0 +1,118 @@
+//! The codec the vault's services decode their requests with.
+//!
+//! It is prost's own codec but for one answer. A request body that is not
+//! the method's protobuf message is bad input from the caller, and the
+//! error model promises bad input INVALID_ARGUMENT with a credvault
+//! ErrorInfo; prost's codec answers it with a bare INTERNAL, gRPC's code for
+//! a server that cannot parse, which this vault keeps for its own bugs.
+//! Deciding it here, where prost's error is still a value, means no answer
+//! is recognised afterwards by its text.
+//!
+//! `build.rs` generates the services with this codec and the clients with
+//! prost's: a client that cannot decode the vault's answer is looking at
+//! the vault's fault, and INTERNAL is the right word for it there.
+//!
+//! A request over `server.max_request_bytes` never reaches a decoder: tonic
+//! refuses it from its length prefix, and the admission layer types that
+//! answer.
+
+use std::marker::PhantomData;
+
+use prost::Message;
+use tonic::{
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder},
+    Status,
+};
+use tonic_prost::ProstEncoder;
+
+use super::{status::FieldViolation, ApiError};
+
+/// prost's codec, with typed refusals of undecodable requests.
+pub struct RequestCodec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for RequestCodec<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T, U> Codec for RequestCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = RequestDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RequestDecoder(PhantomData)
+    }
+}
+
+/// Decodes one request message; see [`RequestCodec`].
+pub struct RequestDecoder<U>(PhantomData<U>);
+
+impl<U: Message + Default> Decoder for RequestDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        U::decode(buf).map(Some).map_err(refusal)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::default()
+    }
+}
+
+/// prost's error names the message, the field and what was wrong with the
+/// bytes, never the bytes themselves; it is cut short all the same, since
+/// its path of nested fields is as long as the caller made it.
+fn refusal(error: prost::DecodeError) -> Status {
+    let error = error.to_string();
+    // prost opens with the words this status already says.
+    let why = error
+        .strip_prefix("failed to decode Protobuf message: ")
+        .unwrap_or(&error);
+    let why: String = why.chars().take(200).collect();
+    ApiError::InvalidFields(vec![FieldViolation::new(
+        "request",
+        format!("not a valid protobuf message of this method's request type: {why}"),
+    )])
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::pb::GetAccessTokenRequest;
+
+    #[test]
+    fn undecodable_bytes_are_refused_as_the_callers_error_without_echoing_them() {
+        // A string field holding bytes that are not UTF-8.
+        let bytes: &[u8] = b"\x0a\x05\x0a\x03\xff\xfe\xfd";
+        let error = GetAccessTokenRequest::decode(bytes).unwrap_err();
+        let status = refusal(error);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let details = tonic_types::StatusExt::get_error_details(&status);
+        assert_eq!(
+            details.error_info().map(|i| i.reason.as_str()),
+            Some("INVALID_FIELD")
+        );
+        let violation = &details.bad_request().unwrap().field_violations[0];
+        assert_eq!(violation.field, "request");
+        assert!(
+            violation
+                .description
+                .starts_with("not a valid protobuf message of this method's request type: "),
+            "{}",
+            violation.description
+        );
+    }
+}

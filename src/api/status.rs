@@ -212,7 +212,7 @@ impl ApiError {
                 Code::DeadlineExceeded,
                 CALL_TIMED_OUT,
                 format!(
-                    "the call took longer than the server's limit of {} ms; a refresh it started goes on: retry",
+                    "the call took longer than the server's limit of {} ms and was not answered; what it started may still land (a token refresh goes on, so a retry is answered from it)",
                     limit.as_millis()
                 ),
             ),

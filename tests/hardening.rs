@@ -254,6 +254,85 @@ async fn a_call_past_the_request_timeout_is_typed_and_its_refresh_goes_on() {
     assert_eq!(reasons, ["CALL_TIMED_OUT", "CANCELLED", "OK", "OK"]);
 }
 
+/// A call can also run out of time before any handler starts: its
+/// request is still arriving. Such a call is audited and counted once, with
+/// the identity its connection proved; a call that reached its frame is
+/// still recorded once, by the frame, with all it knew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_still_arriving_when_its_time_runs_out_is_audited_once() {
+    let capture = audit_log();
+    let provider = provider().await;
+    let dir = vault_dir("", "request_timeout = \"1s\"", "");
+    let vault = TestVault::start(&dir).await;
+    let mut admin = vault.client(&dir, "admin").await;
+    let mut request = deposit(&provider, "acme", "slow", None);
+    request.credential = reference("acme", "slow", "trickle-idp");
+    admin.deposit(request).await.unwrap();
+    provider.set_latency(Duration::from_millis(2500));
+
+    // Reached its frame: the refresh outlasts the call.
+    let mut acme = vault.client(&dir, "acme").await;
+    let framed = acme
+        .get_access_token(get_request("acme", "slow", "trickle-idp"))
+        .await
+        .unwrap_err();
+    // Never reached one: the request's headers came, its message never did.
+    let mut raw = tonic::client::Grpc::new(
+        vault
+            .channel(Some(&dir.pki.clients["stranger"]), dir.pki.ca.ca_cert_pem())
+            .await,
+    );
+    raw.ready().await.unwrap();
+    let started = Instant::now();
+    let unframed = raw
+        .client_streaming(
+            Request::new(futures::stream::pending::<pb::GetAccessTokenRequest>()),
+            http::uri::PathAndQuery::from_static("/credvault.v1.CredentialVault/GetAccessToken"),
+            tonic_prost::ProstCodec::<_, pb::GetAccessTokenResponse>::default(),
+        )
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    for status in [&framed, &unframed] {
+        assert_eq!(
+            (status.code(), reason(status)),
+            (Code::DeadlineExceeded, "CALL_TIMED_OUT".into()),
+            "{status:?}"
+        );
+    }
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+
+    let metrics = scrape_metrics(vault.ops_addr).await;
+    let timed_out = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "credvault_rpc_calls_total{method=\"GetAccessToken\",reason=\"CALL_TIMED_OUT\"}",
+            )
+        })
+        .unwrap_or_default();
+    assert!(timed_out.ends_with(" 2"), "{timed_out:?}");
+
+    drop(vault);
+    let log = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let events: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("reason=\"CALL_TIMED_OUT\"")
+                && (l.contains(&format!("identity=spiffe://{TRUST_DOMAIN}/acme "))
+                    || l.contains(&format!("identity=spiffe://{TRUST_DOMAIN}/stranger ")))
+        })
+        .collect();
+    println!("timed-out calls audited: {events:#?}");
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert!(events.iter().any(|e| e.contains("/acme ")
+        && e.contains("method=\"GetAccessToken\"")
+        && e.contains("provider=\"trickle-idp\"")));
+    assert!(events.iter().any(|e| e.contains("/stranger ")
+        && e.contains("method=\"GetAccessToken\"")
+        && e.contains("provider=\"\"")));
+}
+
 #[tokio::test]
 async fn an_oversized_min_valid_for_refreshes_once_per_interval() {
     const CALLS: usize = 20;

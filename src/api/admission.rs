@@ -15,6 +15,7 @@
 //!   global cap, so one identity holding calls open cannot starve the rest.
 
 use std::{
+    cell::Cell,
     collections::HashMap,
     future::Future,
     pin::Pin,
@@ -29,7 +30,10 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 use super::ApiError;
-use crate::{auth::Identity, telemetry::Metrics};
+use crate::{
+    auth::{Identity, Peer},
+    telemetry::Metrics,
+};
 
 /// The global in-flight limit, as a tower layer over the gRPC router.
 #[derive(Clone)]
@@ -44,6 +48,19 @@ pub struct AdmissionLayer {
 /// call the vault gave up on from one whose client hung up.
 #[derive(Clone, Copy, Debug)]
 pub struct CallDeadline(pub Instant);
+
+tokio::task_local! {
+    /// Whether the admitted call's frame has begun: set by the frame, read
+    /// by the admission layer when the call's time runs out. A task-local
+    /// lives in the call's own future, so it costs no allocation.
+    static FRAMED: Cell<bool>;
+}
+
+/// Tells the admission layer that this call's frame began, so it leaves
+/// the call's record to the frame. Outside an admitted call, nothing.
+pub(crate) fn frame_began() {
+    let _ = FRAMED.try_with(|framed| framed.set(true));
+}
 
 /// What bounds one admitted call.
 #[derive(Clone, Copy, Debug)]
@@ -163,12 +180,30 @@ where
                 request
                     .extensions_mut()
                     .insert(CallDeadline(deadline.into_std()));
+                // For the audit of a call whose time runs out before its
+                // frame began (its request was still arriving): cheap
+                // clones, of an `Arc` and of the path's shared bytes.
+                let peer = request.extensions().get::<Peer>().cloned();
+                let path = request.uri().path_and_query().cloned();
+                let metrics = Arc::clone(&self.metrics);
                 Box::pin(async move {
+                    let call = FRAMED.scope(Cell::new(false), inner.call(request));
+                    let mut call = std::pin::pin!(call);
                     // tonic's own server timeout would answer a bare
                     // CANCELLED; this one answers from the error table. A
                     // refresh the call started is its own task and goes on.
-                    let Ok(response) = tokio::time::timeout_at(deadline, inner.call(request)).await
+                    let Ok(response) = tokio::time::timeout_at(deadline, call.as_mut()).await
                     else {
+                        // A frame records its own call when it is dropped.
+                        let framed = call.as_mut().take_value().is_some_and(|f| f.get());
+                        if !framed {
+                            super::call::record_unframed(
+                                &metrics,
+                                path.as_ref().map_or("", |p| p.path()),
+                                peer.as_ref(),
+                                (deadline - limits.request_timeout).into_std(),
+                            );
+                        }
                         let status: Status = ApiError::TimedOut(limits.request_timeout).into();
                         return Ok(status.into_http());
                     };

@@ -163,6 +163,7 @@ impl Calls {
     where
         Fut: Future<Output = Result<T, ApiError>>,
     {
+        super::admission::frame_began();
         let mut call = InFlight {
             calls: self,
             method,
@@ -192,18 +193,52 @@ impl Calls {
     fn record(&self, method: &'static str, entry: &AuditEntry, started: Instant, reason: &str) {
         let elapsed = started.elapsed().as_secs_f64();
         self.metrics.call(method, reason, elapsed);
-        tracing::info!(
-            target: audit::TARGET,
-            method,
-            identity = %Who(entry.identity.as_ref()),
-            tenant = entry.tenant.as_str(),
-            provider = entry.provider.as_str(),
-            subject = entry.subject_hash.as_str(),
-            reason,
-            latency_ms = elapsed * 1e3,
-            "call"
-        );
+        audit_line(method, entry, elapsed, reason);
     }
+}
+
+/// Records a call whose time ran out before its frame began: its request
+/// was still arriving (a client trickling its body), so nothing but the
+/// connection is known of it. Its identity is the connection's on mTLS; a
+/// mesh caller's forwarded identity is in headers that only the frame
+/// authenticates, so it is left out rather than believed.
+pub(crate) fn record_unframed(
+    metrics: &Metrics,
+    path: &str,
+    peer: Option<&Peer>,
+    started: Instant,
+) {
+    // The path is one the router matched (an unknown one is answered at
+    // once and never runs out of time), so these labels are the methods';
+    // the check bounds them should that ever change.
+    let method = path
+        .rsplit('/')
+        .next()
+        .filter(|m| !m.is_empty() && m.len() <= 64 && m.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .unwrap_or("unknown");
+    let reason = super::status::reason::CALL_TIMED_OUT;
+    let mut entry = AuditEntry::new();
+    if let Some(identity) = peer.and_then(Peer::connection_identity) {
+        entry.identified(identity);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    metrics.call_failed(method, reason, elapsed);
+    audit_line(method, &entry, elapsed, reason);
+}
+
+/// The audit event of one call.
+fn audit_line(method: &str, entry: &AuditEntry, elapsed: f64, reason: &str) {
+    tracing::info!(
+        target: audit::TARGET,
+        method,
+        identity = %Who(entry.identity.as_ref()),
+        tenant = entry.tenant.as_str(),
+        provider = entry.provider.as_str(),
+        subject = entry.subject_hash.as_str(),
+        reason,
+        latency_ms = elapsed * 1e3,
+        "call"
+    );
 }
 
 /// The audit reason of a call whose client hung up before it was answered.

@@ -48,6 +48,17 @@ impl Peer {
             grants: GrantsMemo::default(),
         }))
     }
+
+    /// The identity the connection itself proves: its certificate's, on
+    /// mTLS. A mesh connection proves none; its callers are named per
+    /// request, in headers only [`Authenticator::request_identity`] may
+    /// believe.
+    pub fn connection_identity(&self) -> Option<&Identity> {
+        match self {
+            Peer::Tls(tls) => tls.identity.as_ref().ok(),
+            Peer::Mesh { .. } => None,
+        }
+    }
 }
 
 /// The header a mesh sidecar adds to prove it is the sidecar: anything else

@@ -300,6 +300,12 @@ impl Metrics {
             latency.observe(seconds);
             return;
         }
+        self.call_failed(method, reason, seconds);
+    }
+
+    /// One call that was not answered OK: `reason` is its error's, or what
+    /// ended it unanswered.
+    pub fn call_failed(&self, method: &str, reason: &str, seconds: f64) {
         self.calls
             .get_or_create(&CallLabels {
                 method: method.to_owned(),

@@ -5,7 +5,8 @@
 //!   of queueing them until they time out (a queue only adds latency to work
 //!   that will be dropped anyway). Health checks are always admitted, so an
 //!   overloaded vault still reports SERVING and is not restarted by its probes.
-//!   It also bounds every admitted call by `server.request_timeout`, and gives
+//!   It also bounds every admitted call by `server.request_timeout` (and
+//!   records a call whose time runs out before its frame began), and gives
 //!   the answer tonic makes itself to an oversized request the error model's
 //!   details.
 //! - [`IdentityRateLimiter`] keeps one noisy client from using the whole

@@ -2,7 +2,8 @@
 //! and authorize), run it, then record the outcome (metrics, the audit
 //! event, a log line) and map it to the wire. Handlers supply only the two
 //! middle steps. A call that ends unanswered (its client hung up, or its
-//! time ran out) is recorded too.
+//! time ran out) is recorded too; one whose time ran out before its frame
+//! began is recorded for the admission layer, by [`record_unframed`].
 
 use std::{future::Future, sync::Arc, time::Instant};
 

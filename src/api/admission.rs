@@ -44,23 +44,31 @@ pub struct AdmissionLayer {
     limits: CallLimits,
 }
 
-/// When an admitted call's time (`server.request_timeout`) runs out, in its
-/// request's extensions: the call frame, dropped unanswered, tells from it a
-/// call the vault gave up on from one whose client hung up.
-#[derive(Clone, Copy, Debug)]
-pub struct CallDeadline(pub Instant);
-
-tokio::task_local! {
-    /// Whether the admitted call's frame has begun: set by the frame, read
-    /// by the admission layer when the call's time runs out. A task-local
-    /// lives in the call's own future, so it costs no allocation.
-    static FRAMED: Cell<bool>;
+/// An admitted call, as its frame sees it: a task-local over the call's own
+/// future (so it costs no allocation), set up by the admission layer.
+struct CallScope {
+    /// When the call's time (`server.request_timeout`) runs out: the frame,
+    /// dropped unanswered, tells from it a call the vault gave up on from
+    /// one whose client hung up.
+    deadline: Instant,
+    /// Whether the frame has begun: read by the layer when the time runs
+    /// out, to leave the call's record to a frame that has one.
+    framed: Cell<bool>,
 }
 
-/// Tells the admission layer that this call's frame began, so it leaves
-/// the call's record to the frame. Outside an admitted call, nothing.
-pub(crate) fn frame_began() {
-    let _ = FRAMED.try_with(|framed| framed.set(true));
+tokio::task_local! {
+    static CALL: CallScope;
+}
+
+/// The frame's first step: tells the admission layer the frame began, and
+/// returns the call's deadline. `None` outside an admitted call (a service
+/// called without the layer).
+pub(crate) fn frame_began() -> Option<Instant> {
+    CALL.try_with(|call| {
+        call.framed.set(true);
+        call.deadline
+    })
+    .ok()
 }
 
 /// What bounds one admitted call.
@@ -167,7 +175,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
         // The ready clone serves this call; a fresh clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -178,9 +186,6 @@ where
             Ok(permit) => {
                 let limits = self.limits;
                 let deadline = tokio::time::Instant::now() + limits.request_timeout;
-                request
-                    .extensions_mut()
-                    .insert(CallDeadline(deadline.into_std()));
                 // For the audit of a call whose time runs out before its
                 // frame began (its request was still arriving): cheap
                 // clones, of an `Arc` and of the path's shared bytes.
@@ -188,7 +193,11 @@ where
                 let path = request.uri().path_and_query().cloned();
                 let metrics = Arc::clone(&self.metrics);
                 Box::pin(async move {
-                    let call = FRAMED.scope(Cell::new(false), inner.call(request));
+                    let scope = CallScope {
+                        deadline: deadline.into_std(),
+                        framed: Cell::new(false),
+                    };
+                    let call = CALL.scope(scope, inner.call(request));
                     let mut call = std::pin::pin!(call);
                     // tonic's own server timeout would answer a bare
                     // CANCELLED; this one answers from the error table. A
@@ -196,7 +205,7 @@ where
                     let Ok(response) = tokio::time::timeout_at(deadline, call.as_mut()).await
                     else {
                         // A frame records its own call when it is dropped.
-                        let framed = call.as_mut().take_value().is_some_and(|f| f.get());
+                        let framed = call.as_mut().take_value().is_some_and(|c| c.framed.get());
                         if !framed {
                             super::call::record_unframed(
                                 &metrics,

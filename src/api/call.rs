@@ -11,7 +11,7 @@ use http::HeaderName;
 use tonic::{Request, Response, Status};
 
 use super::{
-    admission::{CallDeadline, CallSlots, IdentityRateLimiter},
+    admission::{CallSlots, IdentityRateLimiter},
     pb::CredentialRef,
     status::ApiError,
 };
@@ -164,12 +164,11 @@ impl Calls {
     where
         Fut: Future<Output = Result<T, ApiError>>,
     {
-        super::admission::frame_began();
         let mut call = InFlight {
             calls: self,
             method,
             started: Instant::now(),
-            deadline: request.extensions().get::<CallDeadline>().copied(),
+            deadline: super::admission::frame_began(),
             entry: AuditEntry::new(),
             answered: false,
         };
@@ -254,7 +253,7 @@ struct InFlight<'a> {
     calls: &'a Calls,
     method: &'static str,
     started: Instant,
-    deadline: Option<CallDeadline>,
+    deadline: Option<Instant>,
     entry: AuditEntry,
     answered: bool,
 }
@@ -291,9 +290,7 @@ impl Drop for InFlight<'_> {
         if self.answered {
             return;
         }
-        let timed_out = self
-            .deadline
-            .is_some_and(|CallDeadline(at)| Instant::now() >= at);
+        let timed_out = self.deadline.is_some_and(|at| Instant::now() >= at);
         let reason = if timed_out {
             super::status::reason::CALL_TIMED_OUT
         } else {

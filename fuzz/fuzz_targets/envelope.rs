@@ -5,7 +5,7 @@
 
 use std::sync::OnceLock;
 
-use credvault::crypto::{self, Keyring, OpenError, RecordIdentity};
+use credvault_crypto::crypto::{self, Keyring, OpenError, RecordIdentity};
 use libfuzzer_sys::fuzz_target;
 
 const ID: RecordIdentity<'static> = RecordIdentity {

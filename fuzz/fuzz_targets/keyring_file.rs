@@ -14,7 +14,7 @@ use aes_gcm_siv::{
     aead::{AeadInPlace, KeyInit},
     Aes256GcmSiv, Key, Nonce,
 };
-use credvault::{crypto, secret::SecretString};
+use credvault_crypto::{crypto, secret::SecretString};
 use libfuzzer_sys::fuzz_target;
 
 const PASSPHRASE: &str = "test passphrase, not a secret";

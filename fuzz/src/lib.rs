@@ -11,9 +11,6 @@
 //! so `crate::files` and `crate::secret` in `crypto` name them here as
 //! they do in the vault.
 #![forbid(unsafe_code)]
-// Whatever the targets do not reach (key rotation, the shared keyring, its
-// reload source) is built but unused here.
-#![allow(dead_code)]
 
 #[path = "../../src/files.rs"]
 pub mod files;

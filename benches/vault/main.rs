@@ -11,7 +11,10 @@
 //! `--only hits,burst,refresh,deposit,scale,replicas` (a subset; development aid),
 //! `--hits-side echo|health|vault|none` (scenario 1 alone, and of it that side
 //! alone, or none; no report is written: a profiling aid, see
-//! `callgrind_sides.py`).
+//! `callgrind_sides.py`), `--audit PATH` (scenarios 1 and 2 with the log
+//! subscriber a served vault installs by default, writing every call's
+//! audit line to `PATH`; without it, no subscriber runs and the vault
+//! skips its audit lines).
 //!
 //! Under `cargo test --all-targets` cargo runs this binary without `--bench`
 //! (debug build, test-runner arguments): it then does a smoke run of every
@@ -78,6 +81,8 @@ pub struct Params {
     pub scale_levels: Vec<usize>,
     pub scale_misses: usize,
     pub scale_warm: usize,
+    /// Where the in-process vault's log lines go (`--audit`), if anywhere.
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Params {
@@ -106,6 +111,7 @@ impl Params {
             scale_levels: vec![1_000, 100_000, 1_000_000],
             scale_misses: 2_000,
             scale_warm: 50_000,
+            audit_log: None,
         };
         match mode {
             Mode::Full => full,
@@ -155,6 +161,26 @@ pub struct Results {
     pub replicas: Option<replicas::ReplicasResult>,
 }
 
+/// The subscriber `credvault serve` installs with its default `[log]`
+/// settings (filter `info`, text), writing to `path` instead of stderr:
+/// every call's audit line is formatted and written, one `write` each, as
+/// in a served vault. Process-wide, so it covers the scenarios that run in
+/// this process (1 and 2); the echo writes no lines of its own.
+fn install_audit_log(path: &std::path::Path) {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open the audit log {}: {e}", path.display()));
+    let defaults = credvault::config::LogConfig::default();
+    credvault::telemetry::init_logging_to(
+        &defaults.filter,
+        defaults.format,
+        false,
+        std::sync::Arc::new(file),
+    );
+}
+
 fn main() {
     // A failed scenario must end the process: unwinding out of `block_on`
     // would otherwise wait on the runtime's blocking threads and the
@@ -198,7 +224,13 @@ fn main() {
         Mode::Quick => Some(root.join("target").join("BENCHMARKS-quick.md")),
         Mode::Smoke => None,
     });
-    let params = Params::for_mode(mode);
+    let params = Params {
+        audit_log: value_of("--audit").map(PathBuf::from),
+        ..Params::for_mode(mode)
+    };
+    if let Some(path) = &params.audit_log {
+        install_audit_log(path);
+    }
     let shown: Vec<&str> = args
         .iter()
         .map(String::as_str)

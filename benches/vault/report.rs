@@ -447,6 +447,21 @@ fn targets(w: &mut String, params: &Params, r: &Results) {
     let _ = writeln!(w);
 }
 
+/// What the in-process vault did with its audit lines (scenarios 1 and 2).
+fn audit_note(params: &Params) -> String {
+    match &params.audit_log {
+        Some(path) => format!(
+            "The vault writes every call's audit line, with the subscriber a served \
+             vault installs by default (`--audit`, to `{}`).",
+            path.display()
+        ),
+        None => "No log subscriber runs in this process, so the vault skips its audit \
+                 lines, which a served vault writes to stderr, one per call (`--audit PATH` \
+                 writes them)."
+            .to_owned(),
+    }
+}
+
 fn hits_section(w: &mut String, params: &Params, r: &Results) {
     if r.hits.is_empty() {
         return;
@@ -465,10 +480,11 @@ fn hits_section(w: &mut String, params: &Params, r: &Results) {
          transport settings (keep-alive, connection age) and router but not its \
          call frame (health checks skip admission, with its request timeout, and the gate); \
          vault health / echo is what the server costs, vault / vault health what \
-         the call costs.\n",
+         the call costs. {}\n",
         params.hit_rounds,
         params.hit_measure.as_secs_f64(),
-        params.warmup.as_secs_f64()
+        params.warmup.as_secs_f64(),
+        audit_note(params)
     );
     let _ = writeln!(
         w,

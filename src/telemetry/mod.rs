@@ -23,14 +23,24 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber: `RUST_LOG` wins over `filter`.
+/// Installs the global subscriber, writing to stderr: `RUST_LOG` wins over
+/// `filter`.
 pub fn init_logging(filter: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
     // Colours only for a person at a terminal; log pipelines get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    init_logging_to(filter, format, ansi, std::io::stderr);
+}
+
+/// [`init_logging`], writing to `writer` (the benchmarks write the audit
+/// trail to a file, to price it).
+pub fn init_logging_to<W>(filter: &str, format: LogFormat, ansi: bool, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
     let builder = fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(ansi);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

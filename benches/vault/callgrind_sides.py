@@ -8,6 +8,9 @@ the whole process (client, TLS, HTTP/2, server, handler), nothing else.
     python3 benches/vault/callgrind_sides.py profile /tmp/cg   # ~10 minutes
     python3 benches/vault/callgrind_sides.py report /tmp/cg
 
+`profile DIR --audit PATH` profiles with the vault's audit lines written to
+PATH (the bench's `--audit`), as a served vault writes them.
+
 `profile` builds the bench and runs it under callgrind four times:
 `--quick --hits-side SIDE` for each side alone, and `none` (start-up only: the
 vault up and its 64 credentials deposited), whose cost `report` takes off
@@ -156,8 +159,9 @@ def bench_binary():
     sys.exit("cargo built no `vault` bench executable")
 
 
-def profile(folder):
-    """One callgrind profile per side, handshakes not counted."""
+def profile(folder, extra):
+    """One callgrind profile per side, handshakes not counted; `extra`
+    are more bench arguments (`--audit PATH`)."""
     os.makedirs(folder, exist_ok=True)
     binary = bench_binary()
     toggles = [f"--toggle-collect={step}" for step in HANDSHAKE_STEPS]
@@ -169,7 +173,7 @@ def profile(folder):
                 # --collect-atstart turns it back on.
                 ["valgrind", "--tool=callgrind", *toggles, "--collect-atstart=yes",
                  f"--callgrind-out-file={folder}/side-{side}.out",
-                 binary, "--bench", "--quick", "--hits-side", side],
+                 binary, "--bench", "--quick", "--hits-side", side, *extra],
                 check=True,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -209,6 +213,10 @@ def report(folder):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("profile", "report"):
-        sys.exit(f"usage: {sys.argv[0]} profile|report DIR")
-    {"profile": profile, "report": report}[sys.argv[1]](sys.argv[2])
+    args = sys.argv[1:]
+    if len(args) == 2 and args[0] == "report":
+        report(args[1])
+    elif args[:1] == ["profile"] and (len(args) == 2 or (len(args) == 4 and args[2] == "--audit")):
+        profile(args[1], args[2:])
+    else:
+        sys.exit(f"usage: {sys.argv[0]} profile DIR [--audit PATH] | report DIR")

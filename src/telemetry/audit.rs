@@ -20,13 +20,14 @@ pub const TARGET: &str = "credvault::audit";
 /// The subject hash's HMAC, keyed once per process under a random key of
 /// SHA-256's block size. Keying it costs two SHA-256 compressions (the
 /// padded key, inner and outer), as many as hashing a subject: a clone of
-/// the keyed state per call skips them.
+/// the keyed state per call skips them. The key is lent, not copied, so
+/// its one copy is wiped once the HMAC is keyed.
 fn keyed() -> &'static Hmac<Sha256> {
     static KEYED: OnceLock<Hmac<Sha256>> = OnceLock::new();
     KEYED.get_or_init(|| {
         let mut key = zeroize::Zeroizing::new([0u8; 64]);
         rand::rngs::OsRng.fill_bytes(key.as_mut());
-        <Hmac<Sha256> as KeyInit>::new(&(*key).into())
+        <Hmac<Sha256> as KeyInit>::new((&*key).into())
     })
 }
 

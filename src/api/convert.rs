@@ -156,8 +156,17 @@ pub fn credential_ref(id: CredentialId) -> pb::CredentialRef {
 }
 
 fn credential_id(caller: &Caller, reference: pb::CredentialRef) -> CredentialId {
+    // A named tenant is the one authorized (`authorize` scopes the caller
+    // to exactly it), so the request's own string is moved instead of the
+    // caller's copied: one allocation fewer on every call that names one.
+    let tenant = if reference.tenant.is_empty() {
+        caller.tenant.clone()
+    } else {
+        debug_assert_eq!(reference.tenant, caller.tenant);
+        reference.tenant
+    };
     CredentialId {
-        tenant: caller.tenant.clone(),
+        tenant,
         subject: reference.subject,
         provider: reference.provider,
     }

@@ -15,15 +15,18 @@
 //! A request over `server.max_request_bytes` never reaches a decoder: tonic
 //! refuses it from its length prefix, and the admission layer types that
 //! answer.
+//!
+//! Answers are encoded as prost encodes them, into a buffer on the stack
+//! that is then handed to tonic in one copy: see [`ResponseEncoder`].
 
 use std::marker::PhantomData;
 
+use bytes::BufMut;
 use prost::Message;
 use tonic::{
-    codec::{BufferSettings, Codec, DecodeBuf, Decoder},
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     Status,
 };
-use tonic_prost::ProstEncoder;
 
 use super::{status::FieldViolation, ApiError};
 
@@ -43,11 +46,11 @@ where
 {
     type Encode = T;
     type Decode = U;
-    type Encoder = ProstEncoder<T>;
+    type Encoder = ResponseEncoder<T>;
     type Decoder = RequestDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::default()
+        ResponseEncoder(PhantomData)
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -68,6 +71,51 @@ impl<U: Message + Default> Decoder for RequestDecoder<U> {
 
     fn buffer_settings(&self) -> BufferSettings {
         BufferSettings::default()
+    }
+}
+
+/// The longest answer encoded on the stack. A cache hit's answer (a
+/// token, its type, expiry and scopes) is well under it; a longer one, such
+/// as a page of a listing, is encoded straight into tonic's buffer.
+const STACK_ANSWER: usize = 1024;
+
+/// Encodes one answer: prost's encoding, written in one copy.
+///
+/// prost writes a message a byte at a time for every tag, length and
+/// integer, and each of those bytes was a `put_slice` into tonic's buffer,
+/// its capacity checked and the byte copied by a call to `memcpy`. Into a
+/// slice on the stack the same byte is a store, and tonic's buffer takes
+/// the whole answer at once (callgrind, 2026-12-04: see BENCHMARKS.md).
+/// The bytes on the wire are prost's, byte for byte.
+pub struct ResponseEncoder<T>(PhantomData<T>);
+
+impl<T: Message> Encoder for ResponseEncoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        encode_answer(&item, buf);
+        Ok(())
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::default()
+    }
+}
+
+/// Appends `item`'s encoding to `buf` (which grows as needed, as tonic's
+/// does).
+fn encode_answer(item: &impl Message, buf: &mut impl BufMut) {
+    let len = item.encoded_len();
+    if len <= STACK_ANSWER {
+        let mut stack = [0u8; STACK_ANSWER];
+        let mut unwritten = &mut stack[..len];
+        // `encoded_len` is exactly what `encode_raw` writes, so the slice
+        // has room for all of it.
+        item.encode_raw(&mut unwritten);
+        buf.put_slice(&stack[..len]);
+    } else {
+        item.encode_raw(buf);
     }
 }
 
@@ -92,6 +140,29 @@ fn refusal(error: prost::DecodeError) -> Status {
 mod tests {
     use super::*;
     use crate::api::pb::GetAccessTokenRequest;
+
+    /// An answer on either side of the stack's limit is prost's encoding,
+    /// byte for byte, with nothing written after it.
+    #[test]
+    fn answers_are_encoded_exactly_as_prost_encodes_them() {
+        use crate::api::pb::GetAccessTokenResponse;
+        for token_len in [0, 1, 100, STACK_ANSWER - 40, STACK_ANSWER, 5000] {
+            let answer = GetAccessTokenResponse {
+                access_token: "t".repeat(token_len),
+                token_type: "Bearer".into(),
+                expires_at: Some(prost_types::Timestamp {
+                    seconds: 1_799_999_999,
+                    nanos: 123_456_789,
+                }),
+                scopes: vec!["read".into(), "write".into()],
+            };
+            let expected = answer.encode_to_vec();
+            let mut buf = bytes::BytesMut::from(&b"before"[..]);
+            encode_answer(&answer, &mut buf);
+            assert_eq!(&buf[..6], b"before");
+            assert_eq!(&buf[6..], &expected[..], "token of {token_len} bytes");
+        }
+    }
 
     #[test]
     fn undecodable_bytes_are_refused_as_the_callers_error() {

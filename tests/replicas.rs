@@ -11,104 +11,12 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use credvault::{
-    api::pb::{self, credential_vault_client::CredentialVaultClient},
-    store::{self, CasOutcome, EtcdSettings, Revision, StoreKey, StoreSettings},
-};
+use credvault::api::pb::{self, credential_vault_client::CredentialVaultClient};
 use support::{etcd::EtcdCluster, provider::ProviderDouble, vault::*};
 use tonic::{transport::Channel, Code};
 
 const CLIENT_ID: &str = "vault-client";
 const CLIENT_SECRET: &str = "client-secret-replicas";
-
-fn settings(cluster: &EtcdCluster, prefix: &str) -> EtcdSettings {
-    EtcdSettings {
-        endpoints: cluster.endpoints(),
-        prefix: prefix.as_bytes().to_vec(),
-        dial_timeout: Duration::from_secs(2),
-        request_timeout: Duration::from_secs(3),
-        max_staleness: Duration::from_secs(1),
-        claim_takeover: Duration::from_secs(5),
-        ca: None,
-        cert: None,
-        key: None,
-    }
-}
-
-#[tokio::test]
-async fn the_etcd_store_keeps_the_store_contract() {
-    let cluster = EtcdCluster::start(3);
-    let store = store::open(&StoreSettings::Replicated(settings(&cluster, "/contract/")))
-        .await
-        .unwrap();
-    let key = StoreKey::new("acme", "alice", "google");
-
-    let CasOutcome::Written(Some(r1)) = store
-        .compare_and_swap(&key, None, Some(b"one".to_vec()))
-        .await
-        .unwrap()
-    else {
-        panic!("create must succeed");
-    };
-    // Creating again conflicts and shows what is stored.
-    let again = store
-        .compare_and_swap(&key, None, Some(b"dup".to_vec()))
-        .await
-        .unwrap();
-    assert!(matches!(again, CasOutcome::Conflict(Some(ref v)) if v.value == b"one"));
-    let CasOutcome::Written(Some(r2)) = store
-        .compare_and_swap(&key, Some(r1), Some(b"two".to_vec()))
-        .await
-        .unwrap()
-    else {
-        panic!("update at the read revision must succeed");
-    };
-    assert!(r2 > r1);
-    let stale = store
-        .compare_and_swap(&key, Some(r1), Some(b"stale".to_vec()))
-        .await
-        .unwrap();
-    assert!(matches!(stale, CasOutcome::Conflict(Some(ref v)) if v.revision == r2));
-    assert_eq!(store.get(&key).await.unwrap().unwrap().value, b"two");
-
-    // Scans are scoped to a tenant, in key order, and page.
-    for (tenant, subject) in [("acme", "b"), ("acme", "c"), ("acmex", "a")] {
-        store
-            .compare_and_swap(&StoreKey::new(tenant, subject, "p"), None, Some(vec![1]))
-            .await
-            .unwrap();
-    }
-    let prefix = StoreKey::tenant_prefix("acme");
-    let page1 = store.scan(&prefix, None, 2).await.unwrap();
-    assert_eq!(page1.len(), 2);
-    let page2 = store.scan(&prefix, Some(&page1[1].0), 10).await.unwrap();
-    assert_eq!(page2.len(), 1, "acmex must not leak into acme");
-    assert_eq!(store.count_after(None).await.unwrap(), 4);
-
-    // Deletes, bookkeeping, put-if-absent.
-    assert_eq!(
-        store.compare_and_swap(&key, Some(r2), None).await.unwrap(),
-        CasOutcome::Written(None)
-    );
-    assert_eq!(store.get(&key).await.unwrap(), None);
-    store.put_meta("rewrap/cursor", vec![9]).await.unwrap();
-    assert_eq!(
-        store.get_meta("rewrap/cursor").await.unwrap(),
-        Some(vec![9])
-    );
-    assert_eq!(
-        store.put_meta_if_absent("fp/1", vec![1]).await.unwrap(),
-        None
-    );
-    assert_eq!(
-        store.put_meta_if_absent("fp/1", vec![2]).await.unwrap(),
-        Some(vec![1])
-    );
-    let meta = store.all_meta().await.unwrap();
-    assert_eq!(meta.len(), 2, "{meta:?}");
-    // Revisions are cluster-wide and never reused.
-    assert!(Revision(0) < r1);
-}
 
 /// A fresh three-member cluster and a provider double that knows the
 /// vault's OAuth client.

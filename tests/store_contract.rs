@@ -1,0 +1,276 @@
+//! The storage seam's contract, held by both backends: one list of checks
+//! run against the embedded sled store and against a real 3-member etcd
+//! cluster, both opened through `store::open` as the vault opens them.
+//!
+//! What only one engine has (sled's crash recovery of a cut-off event,
+//! etcd's claims and watch) is tested beside that engine; what every
+//! `CredentialStore` must do is stated once, here, so the two cannot drift.
+
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use credvault::store::{
+    self, CasOutcome, CredentialStore, EtcdSettings, EventCursor, NewEvent, Revision, StoreKey,
+    StoreSettings, Write,
+};
+use support::etcd::EtcdCluster;
+
+#[tokio::test]
+async fn the_embedded_store_keeps_the_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = StoreSettings::Embedded {
+        data_dir: dir.path().to_path_buf(),
+    };
+    keeps_the_store_contract(&settings).await;
+}
+
+#[tokio::test]
+async fn the_etcd_store_keeps_the_store_contract() {
+    let cluster = EtcdCluster::start(3);
+    let settings = StoreSettings::Replicated(EtcdSettings {
+        endpoints: cluster.endpoints(),
+        prefix: b"/contract/".to_vec(),
+        dial_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(3),
+        max_staleness: Duration::from_secs(1),
+        claim_takeover: Duration::from_secs(5),
+        ca: None,
+        cert: None,
+        key: None,
+    });
+    keeps_the_store_contract(&settings).await;
+}
+
+/// Every check, in order, on one fresh store; the last ones reopen it.
+async fn keeps_the_store_contract(settings: &StoreSettings) {
+    let store = store::open(settings).await.unwrap();
+    let key = StoreKey::new("acme", "alice", "google");
+
+    let (r1, r2) = compare_and_swap_creates_updates_and_detects_conflicts(&store, &key).await;
+    scans_are_scoped_to_a_tenant_in_key_order_and_page(&store).await;
+    deletes_and_bookkeeping(&store, &key, r2).await;
+    // Revisions start above zero (zero is no revision on either engine).
+    assert!(Revision(0) < r1);
+
+    let logged = a_write_and_its_event_land_together(&store).await;
+
+    // What was acknowledged is there after a reopen, revision and all, and
+    // the log's positions go on from where they were.
+    let kept = StoreKey::new("acme", "b", "p");
+    let before = store.get(&kept).await.unwrap().unwrap();
+    drop(store);
+    let store = store::open(settings).await.unwrap();
+    assert_eq!(store.get(&kept).await.unwrap().as_ref(), Some(&before));
+    let write = Write {
+        value: Some(b"after reopen".to_vec()),
+        event: Some(event(4)),
+        ..Write::DURABLE
+    };
+    let events_key = StoreKey::new("acme", "events", "google");
+    assert!(matches!(
+        store.write(&events_key, write).await.unwrap(),
+        CasOutcome::Written(Some(_))
+    ));
+    let after = store.events_after(&logged.cursor, 10).await.unwrap();
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0].payload, vec![4]);
+    assert!(after[0].cursor.position > logged.cursor.position);
+}
+
+fn event(n: u8) -> NewEvent {
+    NewEvent {
+        at_ms: 1_000 + u64::from(n),
+        payload: vec![n],
+    }
+}
+
+/// Returns the revisions of the create and of the update.
+async fn compare_and_swap_creates_updates_and_detects_conflicts(
+    store: &Arc<dyn CredentialStore>,
+    key: &StoreKey,
+) -> (Revision, Revision) {
+    let CasOutcome::Written(Some(r1)) = store
+        .compare_and_swap(key, None, Some(b"one".to_vec()))
+        .await
+        .unwrap()
+    else {
+        panic!("create must succeed");
+    };
+    // Creating again conflicts, and shows what is stored.
+    let again = store
+        .compare_and_swap(key, None, Some(b"dup".to_vec()))
+        .await
+        .unwrap();
+    assert!(matches!(again, CasOutcome::Conflict(Some(ref v)) if v.value == b"one"));
+
+    let CasOutcome::Written(Some(r2)) = store
+        .compare_and_swap(key, Some(r1), Some(b"two".to_vec()))
+        .await
+        .unwrap()
+    else {
+        panic!("update at the read revision must succeed");
+    };
+    assert!(r2 > r1);
+
+    // A writer still holding r1 loses, and sees the newer revision.
+    let stale = store
+        .compare_and_swap(key, Some(r1), Some(b"stale".to_vec()))
+        .await
+        .unwrap();
+    assert!(matches!(stale, CasOutcome::Conflict(Some(ref v)) if v.revision == r2));
+    let stored = store.get(key).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.value.as_slice(), stored.revision),
+        (&b"two"[..], r2)
+    );
+    (r1, r2)
+}
+
+async fn scans_are_scoped_to_a_tenant_in_key_order_and_page(store: &Arc<dyn CredentialStore>) {
+    for (tenant, subject) in [("acme", "c"), ("acmex", "a"), ("acme", "b")] {
+        store
+            .compare_and_swap(&StoreKey::new(tenant, subject, "p"), None, Some(vec![1]))
+            .await
+            .unwrap();
+    }
+    // With `acme/alice/google` from before: three records of `acme`, in the
+    // order of their keys' bytes (which is not the subjects' order: a key
+    // spells each part's length before it).
+    let mut expected: Vec<StoreKey> = ["alice", "b", "c"]
+        .into_iter()
+        .map(|subject| {
+            StoreKey::new(
+                "acme",
+                subject,
+                if subject == "alice" { "google" } else { "p" },
+            )
+        })
+        .collect();
+    expected.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    let prefix = StoreKey::tenant_prefix("acme");
+    let page1 = store.scan(&prefix, None, 2).await.unwrap();
+    let keys = |page: &[(StoreKey, credvault::store::Versioned)]| -> Vec<StoreKey> {
+        page.iter().map(|(key, _)| key.clone()).collect()
+    };
+    assert_eq!(keys(&page1), expected[..2]);
+    let page2 = store.scan(&prefix, Some(&page1[1].0), 10).await.unwrap();
+    assert_eq!(
+        keys(&page2),
+        expected[2..],
+        "the tenant `acmex` must not leak into `acme`"
+    );
+    assert_eq!(store.count_after(None).await.unwrap(), 4);
+    assert_eq!(
+        store.count_after(Some(page1[1].0.clone())).await.unwrap(),
+        2
+    );
+}
+
+async fn deletes_and_bookkeeping(
+    store: &Arc<dyn CredentialStore>,
+    key: &StoreKey,
+    current: Revision,
+) {
+    assert_eq!(
+        store
+            .compare_and_swap(key, Some(current), None)
+            .await
+            .unwrap(),
+        CasOutcome::Written(None)
+    );
+    assert_eq!(store.get(key).await.unwrap(), None);
+    // Deleting what is gone conflicts rather than succeeding twice.
+    assert_eq!(
+        store
+            .compare_and_swap(key, Some(current), None)
+            .await
+            .unwrap(),
+        CasOutcome::Conflict(None)
+    );
+
+    store.put_meta("rewrap/cursor", vec![9]).await.unwrap();
+    assert_eq!(
+        store.get_meta("rewrap/cursor").await.unwrap(),
+        Some(vec![9])
+    );
+    assert_eq!(
+        store.put_meta_if_absent("fp/1", vec![1]).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.put_meta_if_absent("fp/1", vec![2]).await.unwrap(),
+        Some(vec![1])
+    );
+    let mut meta = store.all_meta().await.unwrap();
+    meta.sort();
+    assert_eq!(
+        meta,
+        [
+            ("fp/1".to_string(), vec![1]),
+            ("rewrap/cursor".to_string(), vec![9])
+        ],
+    );
+}
+
+/// An event is logged with its write or not at all, in write order, and
+/// scans see records only. Returns the last event logged.
+async fn a_write_and_its_event_land_together(
+    store: &Arc<dyn CredentialStore>,
+) -> credvault::store::LoggedEvent {
+    let key = StoreKey::new("acme", "events", "google");
+    let everything = StoreKey::from_bytes(Vec::new());
+    let scanned_before = store.scan(&everything, None, 100).await.unwrap();
+    let write = Write {
+        value: Some(b"one".to_vec()),
+        event: Some(event(1)),
+        ..Write::DURABLE
+    };
+    let CasOutcome::Written(Some(r1)) = store.write(&key, write).await.unwrap() else {
+        panic!("the create must succeed");
+    };
+    // A conflicting write logs nothing.
+    let stale = Write {
+        value: Some(b"stale".to_vec()),
+        event: Some(event(2)),
+        ..Write::DURABLE
+    };
+    assert!(matches!(
+        store.write(&key, stale).await.unwrap(),
+        CasOutcome::Conflict(_)
+    ));
+    let delete = Write {
+        expected: Some(r1),
+        event: Some(event(3)),
+        ..Write::DURABLE
+    };
+    assert_eq!(
+        store.write(&key, delete).await.unwrap(),
+        CasOutcome::Written(None)
+    );
+
+    let logged = store
+        .events_after(&EventCursor::default(), 10)
+        .await
+        .unwrap();
+    let payloads: Vec<Vec<u8>> = logged.iter().map(|e| e.payload.clone()).collect();
+    assert_eq!(payloads, [vec![1], vec![3]]);
+    assert!(logged[0].cursor < logged[1].cursor);
+    assert_eq!(logged[0].cursor.at_ms, 1_001);
+    // The horizon stands at or past the newest event (etcd's is the
+    // cluster's revision, sled's the event itself); reading from it finds
+    // none.
+    let horizon = store.event_horizon().await.unwrap();
+    assert!(horizon.head.position >= logged[1].cursor.position);
+    assert!(store
+        .events_after(&horizon.head, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // The log is no record: a scan of everything sees what it saw before.
+    assert_eq!(
+        store.scan(&everything, None, 100).await.unwrap(),
+        scanned_before
+    );
+    logged[1].clone()
+}

@@ -35,6 +35,7 @@ use credvault::{
 };
 
 use serde::{Deserialize, Serialize};
+use tonic::service::Routes;
 use tonic_health::pb::{
     health_check_response,
     health_server::{Health, HealthServer},
@@ -296,7 +297,7 @@ pub async fn child(params: &Params, side: Side, concurrency: usize, round: usize
                 value: vec![0x5a; value_bytes].into(),
                 timing: Arc::clone(&timing),
             };
-            let (addr, _stop) = serve_bare(&dir, HealthServer::new(echo)).await;
+            let (addr, _stop) = serve_bare(&dir, Routes::new(HealthServer::new(echo))).await;
             let clients = Arc::new(
                 health_clients(&dir, addr, crate::hits::connections_for(concurrency)).await,
             );

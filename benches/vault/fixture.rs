@@ -15,11 +15,11 @@ use credvault::{
     server::tls,
 };
 use tokio::{net::TcpListener, sync::oneshot};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server};
-use tonic_health::pb::{
-    health_client::HealthClient,
-    health_server::{Health, HealthServer},
+use tonic::{
+    service::Routes,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server},
 };
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::support::{
     provider::ProviderDouble,
@@ -208,17 +208,14 @@ async fn start_echo(
     oneshot::Sender<()>,
 ) {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let (addr, stop) = serve_bare(dir, health).await;
+    let (addr, stop) = serve_bare(dir, Routes::new(health)).await;
     (addr, reporter, stop)
 }
 
-/// Serves one `grpc.health.v1.Health` implementation on a bare tonic server
-/// behind the vault's TLS configuration and accept loop (see
-/// [`start_echo`]); dropping the sender stops it.
-pub async fn serve_bare<H: Health>(
-    dir: &VaultDir,
-    service: HealthServer<H>,
-) -> (SocketAddr, oneshot::Sender<()>) {
+/// Serves `routes` on a bare tonic server behind the vault's TLS
+/// configuration and accept loop (see [`start_echo`]); dropping the sender
+/// stops it.
+pub async fn serve_bare(dir: &VaultDir, routes: Routes) -> (SocketAddr, oneshot::Sender<()>) {
     let config = dir.config();
     let tls_config = tls::server_config(&config.tls.cert, &config.tls.key, &config.tls.client_ca)
         .expect("echo tls config");
@@ -244,7 +241,7 @@ pub async fn serve_bare<H: Health>(
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(
         Server::builder()
-            .add_service(service)
+            .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stopped.await;
             }),

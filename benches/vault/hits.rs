@@ -3,12 +3,16 @@
 
 use std::sync::Arc;
 
-use credvault::api::pb::{self, credential_vault_client::CredentialVaultClient};
-use tonic::transport::Channel;
+use credvault::api::pb::{
+    self,
+    credential_vault_client::CredentialVaultClient,
+    credential_vault_server::{CredentialVault, CredentialVaultServer},
+};
+use tonic::{codegen::BoxStream, service::Routes, transport::Channel, Request, Response, Status};
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 use crate::{
-    fixture::{far_future, Bench, PROVIDER, TENANT},
+    fixture::{far_future, serve_bare, vault_clients, Bench, PROVIDER, TENANT},
     load::{closed_loop, Sample},
     support::vault::get_request,
     Params,
@@ -27,6 +31,9 @@ pub struct HitRow {
     /// the vault's transport settings and router, so the gap to the echo
     /// splits into the server's part and the call's.
     pub vault_health: Sample,
+    /// [`ContractEcho`]: the contract's messages and generated code, none of
+    /// the vault's work.
+    pub contract_echo: Sample,
 }
 
 impl HitRow {
@@ -39,7 +46,7 @@ impl HitRow {
     }
 }
 
-/// The three sides of the scenario.
+/// The four sides of the scenario.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     /// `Health/Check` on the bare tonic server.
@@ -48,6 +55,8 @@ pub enum Side {
     VaultHealth,
     /// GetAccessToken from the cache.
     Vault,
+    /// GetAccessToken from [`ContractEcho`].
+    ContractEcho,
 }
 
 impl Side {
@@ -59,6 +68,7 @@ impl Side {
             "echo" => Some(vec![Self::Echo]),
             "health" => Some(vec![Self::VaultHealth]),
             "vault" => Some(vec![Self::Vault]),
+            "contract" => Some(vec![Self::ContractEcho]),
             "none" => Some(vec![]),
             _ => None,
         }
@@ -93,12 +103,22 @@ pub async fn run(bench: &Bench, params: &Params, only: Option<&[Side]>) -> Vec<H
             .map(|i| get_request(TENANT, &format!("hit-{i}"), PROVIDER))
             .collect(),
     );
+    let answer = admin
+        .get_access_token(requests[0].clone())
+        .await
+        .expect("the vault's answer, for the contract echo")
+        .into_inner();
+    let (contract_addr, _contract_stop) = serve_bare(
+        &bench.dir,
+        Routes::new(CredentialVaultServer::new(ContractEcho { answer })),
+    )
+    .await;
 
     let mut rows = Vec::new();
     for &concurrency in &params.hit_concurrency {
         let connections = connections_for(concurrency);
-        let (mut vault_runs, mut echo_runs, mut vault_health_runs) =
-            (Vec::new(), Vec::new(), Vec::new());
+        let (mut vault_runs, mut echo_runs, mut vault_health_runs, mut contract_runs) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 0..params.hit_rounds {
             // Rotate which side goes first so drift in the machine's load
             // does not always favour the same one. Every side gets new
@@ -106,8 +126,14 @@ pub async fn run(bench: &Bench, params: &Params, only: Option<&[Side]>) -> Vec<H
             // runtime's two workers lasts as long as the connection and moves
             // a side's rate by several percent, so it is averaged over rounds
             // rather than fixed for the whole run.
-            for turn in 0..3 {
-                let side = [Side::Echo, Side::VaultHealth, Side::Vault][(round + turn) % 3];
+            const ORDER: [Side; 4] = [
+                Side::Echo,
+                Side::VaultHealth,
+                Side::Vault,
+                Side::ContractEcho,
+            ];
+            for turn in 0..ORDER.len() {
+                let side = ORDER[(round + turn) % ORDER.len()];
                 if only.is_some_and(|only| !only.contains(&side)) {
                     continue;
                 }
@@ -133,11 +159,20 @@ pub async fn run(bench: &Bench, params: &Params, only: Option<&[Side]>) -> Vec<H
                         )
                         .await,
                     ),
+                    Side::ContractEcho => contract_runs.push(
+                        cache_hits(
+                            vault_clients(&bench.dir, contract_addr, connections).await,
+                            Arc::clone(&requests),
+                            concurrency,
+                            params,
+                        )
+                        .await,
+                    ),
                 }
             }
         }
         if only.is_some() {
-            let calls: usize = [&echo_runs, &vault_health_runs, &vault_runs]
+            let calls: usize = [&echo_runs, &vault_health_runs, &vault_runs, &contract_runs]
                 .into_iter()
                 .flatten()
                 .map(Sample::count)
@@ -151,15 +186,19 @@ pub async fn run(bench: &Bench, params: &Params, only: Option<&[Side]>) -> Vec<H
             echo: Sample::merge(echo_runs),
             vault: Sample::merge(vault_runs),
             vault_health: Sample::merge(vault_health_runs),
+            contract_echo: Sample::merge(contract_runs),
         };
         row.echo.expect_clean("echo Health/Check");
         row.vault.expect_clean("GetAccessToken (cache hit)");
         row.vault_health.expect_clean("the vault's Health/Check");
+        row.contract_echo
+            .expect_clean("the contract echo's GetAccessToken");
         eprintln!(
-            "  c={concurrency:>3}: vault {:>8.0} rps p99 {:>6.0} us | vault health {:>8.0} rps | echo {:>8.0} rps p99 {:>6.0} us",
+            "  c={concurrency:>3}: vault {:>8.0} rps p99 {:>6.0} us | vault health {:>8.0} rps | contract echo {:>8.0} rps | echo {:>8.0} rps p99 {:>6.0} us",
             row.vault.rps(),
             row.vault.pct(99.0).as_secs_f64() * 1e6,
             row.vault_health.rps(),
+            row.contract_echo.rps(),
             row.echo.rps(),
             row.echo.pct(99.0).as_secs_f64() * 1e6,
         );
@@ -221,4 +260,84 @@ async fn cache_hits(
         },
     )
     .await
+}
+
+/// The least a GetAccessToken can cost: the contract's generated server
+/// (tonic's unary wrapper and the vault's request codec, `api::codec`) on the
+/// bare echo server, answering every call with a copy of the vault's own
+/// answer to the same request. It decodes the same request and encodes the
+/// same answer as the vault, and does nothing else: no admission, no gate, no
+/// cache lookup, no audit entry. So the gap between it and the echo is what
+/// the contract's messages cost, and the gap between the vault and it is
+/// what the vault's own work costs.
+struct ContractEcho {
+    answer: pb::GetAccessTokenResponse,
+}
+
+/// Every method but GetAccessToken is refused: the scenario calls none.
+fn not_echoed<T>() -> Result<Response<T>, Status> {
+    Err(Status::unimplemented(
+        "the contract echo answers GetAccessToken only",
+    ))
+}
+
+#[tonic::async_trait]
+impl CredentialVault for ContractEcho {
+    async fn get_access_token(
+        &self,
+        _: Request<pb::GetAccessTokenRequest>,
+    ) -> Result<Response<pb::GetAccessTokenResponse>, Status> {
+        Ok(Response::new(self.answer.clone()))
+    }
+
+    async fn deposit(
+        &self,
+        _: Request<pb::DepositRequest>,
+    ) -> Result<Response<pb::DepositResponse>, Status> {
+        not_echoed()
+    }
+
+    async fn revoke(
+        &self,
+        _: Request<pb::RevokeRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        not_echoed()
+    }
+
+    async fn begin_authorization(
+        &self,
+        _: Request<pb::BeginAuthorizationRequest>,
+    ) -> Result<Response<pb::BeginAuthorizationResponse>, Status> {
+        not_echoed()
+    }
+
+    async fn complete_authorization(
+        &self,
+        _: Request<pb::CompleteAuthorizationRequest>,
+    ) -> Result<Response<pb::CompleteAuthorizationResponse>, Status> {
+        not_echoed()
+    }
+
+    async fn begin_device_authorization(
+        &self,
+        _: Request<pb::BeginDeviceAuthorizationRequest>,
+    ) -> Result<Response<pb::BeginDeviceAuthorizationResponse>, Status> {
+        not_echoed()
+    }
+
+    async fn get_authorization(
+        &self,
+        _: Request<pb::GetAuthorizationRequest>,
+    ) -> Result<Response<pb::Authorization>, Status> {
+        not_echoed()
+    }
+
+    type WatchCredentialEventsStream = BoxStream<pb::CredentialEvent>;
+
+    async fn watch_credential_events(
+        &self,
+        _: Request<pb::WatchCredentialEventsRequest>,
+    ) -> Result<Response<Self::WatchCredentialEventsStream>, Status> {
+        not_echoed()
+    }
 }

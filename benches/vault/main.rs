@@ -9,7 +9,7 @@
 //!
 //! Options after `--`: `--quick`, `--out PATH` (where the report goes),
 //! `--only hits,burst,refresh,deposit,scale,replicas` (a subset; development aid),
-//! `--hits-side echo|health|vault|none` (scenario 1 alone, and of it that side
+//! `--hits-side echo|health|vault|contract|none` (scenario 1 alone, and of it that side
 //! alone, or none; no report is written: a profiling aid, see
 //! `callgrind_sides.py`), `--audit PATH` (scenarios 1 and 2 with the log
 //! subscriber a served vault installs by default, writing every call's
@@ -212,7 +212,7 @@ fn main() {
     };
     let hits_side = value_of("--hits-side").map(|name| {
         hits::Side::parse(&name).unwrap_or_else(|| {
-            panic!("--hits-side takes echo, health, vault or none, not {name:?}")
+            panic!("--hits-side takes echo, health, vault, contract or none, not {name:?}")
         })
     });
     // A profile of one side of scenario 1 runs that scenario alone.

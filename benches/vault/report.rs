@@ -480,7 +480,12 @@ fn hits_section(w: &mut String, params: &Params, r: &Results) {
          transport settings (keep-alive, connection age) and router but not its \
          call frame (health checks skip admission, with its request timeout, and the gate); \
          vault health / echo is what the server costs, vault / vault health what \
-         the call costs. {}\n",
+         the call costs. A fourth side is the least a GetAccessToken can cost: the \
+         contract echo, the vault's generated `CredentialVault` server (tonic's unary \
+         wrapper, the vault's request codec) on the bare echo server, answering each \
+         call with a copy of the vault's own answer to the same request and doing \
+         nothing else; contract echo / echo is what the contract's messages cost, \
+         vault / contract echo what the vault's own work costs. {}\n",
         params.hit_rounds,
         params.hit_measure.as_secs_f64(),
         params.warmup.as_secs_f64(),
@@ -488,26 +493,31 @@ fn hits_section(w: &mut String, params: &Params, r: &Results) {
     );
     let _ = writeln!(
         w,
-        "| c | conns | vault req/s | vault health req/s | echo req/s | throughput ratio | vault health / echo | vault / vault health | vault p50 / p99 (us) | echo p50 / p99 (us) | p99 ratio |"
+        "| c | conns | vault req/s | vault health req/s | contract echo req/s | echo req/s | throughput ratio | vault health / echo | vault / vault health | contract echo / echo | vault / contract echo | vault p50 / p99 (us) | contract echo p50 / p99 (us) | echo p50 / p99 (us) | p99 ratio |"
     );
     let _ = writeln!(
         w,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for row in &r.hits {
         let _ = writeln!(
             w,
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {} / {} | {} / {} | {:.2}x |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {} / {} | {} / {} | {} / {} | {:.2}x |",
             row.concurrency,
             row.connections,
             row.vault.rps(),
             row.vault_health.rps(),
+            row.contract_echo.rps(),
             row.echo.rps(),
             row.throughput_ratio(),
             row.vault_health.rps() / row.echo.rps().max(1.0),
             row.vault.rps() / row.vault_health.rps().max(1.0),
+            row.contract_echo.rps() / row.echo.rps().max(1.0),
+            row.vault.rps() / row.contract_echo.rps().max(1.0),
             us(row.vault.pct(50.0)),
             us(row.vault.pct(99.0)),
+            us(row.contract_echo.pct(50.0)),
+            us(row.contract_echo.pct(99.0)),
             us(row.echo.pct(50.0)),
             us(row.echo.pct(99.0)),
             row.p99_ratio()

@@ -59,7 +59,7 @@ CALLS = {
     "echo": re.compile(r"HealthService as .*Health>::check$"),
     "health": re.compile(r"HealthService as .*Health>::check$"),
     "vault": re.compile(r"VaultService as .*CredentialVault>::get_access_token$"),
-    "contract": re.compile(r"ContractEcho as .*CredentialVault>::get_access_token$"),
+    "contract": re.compile(r"ContractEcho as .*CredentialVault>::get_access_token(::\{\{closure\}\})?$"),
 }
 
 

@@ -13,7 +13,8 @@ PATH (the bench's `--audit`), as a served vault writes them.
 
 `profile` builds the bench and runs it under callgrind five times:
 `--quick --hits-side SIDE` for each side alone, and `none` (start-up only: the
-vault up and its 64 credentials deposited), whose cost `report` takes off
+vault up, its 64 credentials deposited, and the contract echo started with
+the vault's answer), whose cost `report` takes off
 each function before dividing by the side's calls (its server handler's
 calls, warm-up included).
 

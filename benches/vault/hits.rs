@@ -61,8 +61,9 @@ pub enum Side {
 
 impl Side {
     /// The sides a `--hits-side` name selects: one, or none (`none`: the vault
-    /// starts and its credentials are deposited, then nothing, which is what
-    /// a profile of one side subtracts).
+    /// starts, its credentials are deposited and the contract echo starts
+    /// with the vault's answer, then nothing, which is what a profile of one
+    /// side subtracts).
     pub fn parse(name: &str) -> Option<Vec<Self>> {
         match name {
             "echo" => Some(vec![Self::Echo]),

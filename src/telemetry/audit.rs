@@ -41,7 +41,16 @@ pub fn enabled() -> bool {
 pub fn subject_hash(subject: &str) -> String {
     let mut mac = keyed().clone();
     mac.update(subject.as_bytes());
-    hex::encode(&mac.finalize().into_bytes()[..8])
+    let digest = mac.finalize().into_bytes();
+    // By hand: `hex::encode` collects one `char` at a time, some 700
+    // instructions on every audited call.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hash = String::with_capacity(16);
+    for byte in &digest[..8] {
+        hash.push(char::from(HEX[usize::from(byte >> 4)]));
+        hash.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    hash
 }
 
 #[cfg(test)]
@@ -55,5 +64,9 @@ mod tests {
         assert_ne!(a, subject_hash("bob@example.com"));
         assert_eq!(a.len(), 16);
         assert!(!a.contains("alice"));
+        // The first 8 bytes of the HMAC, in lowercase hex.
+        let mut mac = keyed().clone();
+        mac.update(b"alice@example.com");
+        assert_eq!(a, hex::encode(&mac.finalize().into_bytes()[..8]));
     }
 }

@@ -10,11 +10,12 @@
 //! timestamp through a dozen padded integer formats.
 //!
 //! Nothing about the line changes. The fast paths cover only what they can
-//! write exactly as tracing-subscriber would: a string field whose every
-//! byte is printable ASCII other than `"` and `\` (its `Debug` is then the
-//! string in quotes), a message of printable ASCII (written as it is), and
-//! a time between the years 1970 and 9999. Everything else (other value
-//! types, escapes, ANSI colours, dates outside that range) is handed to
+//! write exactly as tracing-subscriber would: a named field without ANSI
+//! colours (`name=` then the value's `Debug`, with no styling to write), a
+//! string value whose every byte is printable ASCII other than `"` and `\`
+//! (its `Debug` is then the string in quotes), and a time between the
+//! years 1970 and 9999. Everything else (the message, `r#` and `log.`
+//! names, errors, colours, dates outside that range) is handed to
 //! tracing-subscriber's own formatter.
 //! The tests compare both formatters' lines over those cases.
 
@@ -68,39 +69,40 @@ impl TextVisitor<'_> {
         self.is_empty &= field.name().starts_with("log.");
     }
 
-    /// The separating space, unless this is the first field.
-    fn pad(&mut self) -> fmt::Result {
-        if std::mem::take(&mut self.is_empty) {
-            Ok(())
-        } else {
-            self.writer.write_char(' ')
+    /// The fields the library writes its own way: the message (unquoted,
+    /// with terminal escapes sanitized), `r#` names (which lose their
+    /// prefix), `log.` ones (skipped), and any field when ANSI colours
+    /// style the name.
+    fn is_special(&self, field: &Field) -> bool {
+        let name = field.name();
+        name == "message"
+            || name.starts_with("r#")
+            || name.starts_with("log.")
+            || self.writer.has_ansi_escapes()
+    }
+
+    /// `name=` and the value `write_value` writes, after a separating space
+    /// unless it is the first field.
+    fn named(
+        &mut self,
+        name: &str,
+        write_value: impl FnOnce(&mut Writer<'_>) -> fmt::Result,
+    ) -> fmt::Result {
+        if !std::mem::take(&mut self.is_empty) {
+            self.writer.write_char(' ')?;
         }
-    }
-
-    /// The message, which needs no escaping.
-    fn message(&mut self, value: &str) -> fmt::Result {
-        self.pad()?;
-        self.writer.write_str(value)
-    }
-
-    /// `name="value"`, for a value whose `Debug` is itself in quotes.
-    fn plain(&mut self, name: &str, value: &str) -> fmt::Result {
-        self.pad()?;
         self.writer.write_str(name)?;
-        self.writer.write_str("=\"")?;
-        self.writer.write_str(value)?;
-        self.writer.write_char('"')
+        self.writer.write_char('=')?;
+        write_value(&mut self.writer)
     }
-}
-
-fn is_printable_ascii(value: &str) -> bool {
-    value.bytes().all(|b| matches!(b, b' '..=b'~'))
 }
 
 /// Whether `str`'s `Debug` of `value` is `value` in quotes: it escapes
 /// only `"`, `\`, control characters and some non-ASCII ones.
 fn debug_is_verbatim(value: &str) -> bool {
-    is_printable_ascii(value) && !value.bytes().any(|b| b == b'"' || b == b'\\')
+    value
+        .bytes()
+        .all(|b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\')
 }
 
 impl Visit for TextVisitor<'_> {
@@ -108,20 +110,14 @@ impl Visit for TextVisitor<'_> {
         if self.result.is_err() {
             return;
         }
-        let name = field.name();
-        // The library's cases: `r#` names lose their prefix, `log.` ones
-        // are skipped, ANSI colours style the name.
-        if name.starts_with("r#") || name.starts_with("log.") || self.writer.has_ansi_escapes() {
-            return self.upstream(field, |visitor| visitor.record_str(field, value));
-        }
-        if name == "message" && is_printable_ascii(value) {
-            // Written as it is (`Display`); the library's escaping of
-            // terminal control characters finds none here.
-            self.result = self.message(value);
-        } else if name != "message" && debug_is_verbatim(value) {
-            self.result = self.plain(name, value);
-        } else {
+        if self.is_special(field) || !debug_is_verbatim(value) {
             self.upstream(field, |visitor| visitor.record_str(field, value));
+        } else {
+            self.result = self.named(field.name(), |writer| {
+                writer.write_char('"')?;
+                writer.write_str(value)?;
+                writer.write_char('"')
+            });
         }
     }
 
@@ -132,8 +128,15 @@ impl Visit for TextVisitor<'_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if self.result.is_ok() {
+        if self.result.is_err() {
+            return;
+        }
+        if self.is_special(field) {
             self.upstream(field, |visitor| visitor.record_debug(field, value));
+        } else {
+            // The library's `{name}={value:?}`, without its styles, which
+            // write nothing when colours are off.
+            self.result = self.named(field.name(), |writer| write!(writer, "{value:?}"));
         }
     }
 }
@@ -341,7 +344,8 @@ mod tests {
             assert_eq!(ours, theirs, "ansi: {ansi}");
         }
         // Spelled out as well, so that a change in the library reads as
-        // one: what the fast paths write (plain strings, a plain message)...
+        // one: what the fast path writes (plain strings; the message is the
+        // library's)...
         let ours = lines(TextFields, UtcMicros, false);
         assert!(ours[0].contains(r#"tenant="acme" provider="" subject="5f3a9c0e1b2d4a67""#));
         assert!(

@@ -1,13 +1,14 @@
-//! The text log line, byte for byte as tracing-subscriber writes it, for a
-//! fraction of the work: its fields ([`TextFields`]) and its timestamp
-//! ([`UtcMicros`]).
+//! The text log line, byte for byte as tracing-subscriber writes it, for
+//! less work: its fields ([`TextFields`]) and its timestamp ([`UtcMicros`]).
 //!
 //! Why: a served vault writes one audit line per call, on the worker that
-//! answers it, before the answer leaves. Counted with callgrind, the line
-//! cost a cache hit some 13 000 instructions besides the subject's HMAC,
-//! most of it in `core::fmt`: each string field goes through `str`'s
-//! `Debug`, one escape check and one `write_char` per character, and the
-//! timestamp through a dozen padded integer formats.
+//! answers it, before the answer leaves. Counted with callgrind, formatting
+//! the line cost a cache hit 13 260 instructions, most of them in
+//! `core::fmt`: each string field went through `str`'s `Debug` (an escape
+//! check and a `write_char` per character), each field name through two
+//! ANSI styles that write nothing when colours are off, and the timestamp
+//! through seven padded integer formats (2 425 instructions). With these
+//! two, the line costs 6 335 (BENCHMARKS.md, 2026-12-04 evening).
 //!
 //! Nothing about the line changes. The fast paths cover only what they can
 //! write exactly as tracing-subscriber would: a named field without ANSI
@@ -17,7 +18,8 @@
 //! years 1970 and 9999. Everything else (the message, `r#` and `log.`
 //! names, errors, colours, dates outside that range) is handed to
 //! tracing-subscriber's own formatter.
-//! The tests compare both formatters' lines over those cases.
+//! The tests compare both formatters' lines over those cases, and the JSON
+//! lines, which share the timestamp.
 
 use std::{
     fmt,

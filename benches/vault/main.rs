@@ -14,7 +14,8 @@
 //! `callgrind_sides.py`), `--audit PATH` (scenarios 1 and 2 with the log
 //! subscriber a served vault installs by default, writing every call's
 //! audit line to `PATH`; without it, no subscriber runs and the vault
-//! skips its audit lines).
+//! skips its audit lines), `--audit-format text|json` (the lines' format,
+//! `log.format`; text by default, as in a served vault).
 //!
 //! Under `cargo test --all-targets` cargo runs this binary without `--bench`
 //! (debug build, test-runner arguments): it then does a smoke run of every
@@ -83,6 +84,8 @@ pub struct Params {
     pub scale_warm: usize,
     /// Where the in-process vault's log lines go (`--audit`), if anywhere.
     pub audit_log: Option<PathBuf>,
+    /// Their format (`--audit-format`): a served vault's default unless set.
+    pub audit_format: credvault::telemetry::LogFormat,
 }
 
 impl Params {
@@ -112,6 +115,7 @@ impl Params {
             scale_misses: 2_000,
             scale_warm: 50_000,
             audit_log: None,
+            audit_format: credvault::config::LogConfig::default().format,
         };
         match mode {
             Mode::Full => full,
@@ -165,11 +169,12 @@ pub struct Results {
 }
 
 /// The subscriber `credvault serve` installs with its default `[log]`
-/// settings (filter `info`, text), writing to `path` instead of stderr:
+/// settings (filter `info`; text unless `--audit-format json`), writing to
+/// `path` instead of stderr:
 /// every call's audit line is formatted and written, one `write` each, as
 /// in a served vault. Process-wide, so it covers the scenarios that run in
 /// this process (1 and 2); the echo writes no lines of its own.
-fn install_audit_log(path: &std::path::Path) {
+fn install_audit_log(path: &std::path::Path, format: credvault::telemetry::LogFormat) {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -178,7 +183,7 @@ fn install_audit_log(path: &std::path::Path) {
     let defaults = credvault::config::LogConfig::default();
     credvault::telemetry::init_logging_to(
         &defaults.filter,
-        defaults.format,
+        format,
         false,
         std::sync::Arc::new(file),
     );
@@ -227,12 +232,19 @@ fn main() {
         Mode::Quick => Some(root.join("target").join("BENCHMARKS-quick.md")),
         Mode::Smoke => None,
     });
+    let defaults = Params::for_mode(mode);
     let params = Params {
         audit_log: value_of("--audit").map(PathBuf::from),
-        ..Params::for_mode(mode)
+        audit_format: match value_of("--audit-format").as_deref() {
+            None => defaults.audit_format,
+            Some("text") => credvault::telemetry::LogFormat::Text,
+            Some("json") => credvault::telemetry::LogFormat::Json,
+            Some(other) => panic!("--audit-format takes text or json, not {other:?}"),
+        },
+        ..defaults
     };
     if let Some(path) = &params.audit_log {
-        install_audit_log(path);
+        install_audit_log(path, params.audit_format);
     }
     let shown: Vec<&str> = args
         .iter()

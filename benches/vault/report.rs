@@ -452,8 +452,12 @@ fn audit_note(params: &Params) -> String {
     match &params.audit_log {
         Some(path) => format!(
             "The vault writes every call's audit line, with the subscriber a served \
-             vault installs by default (`--audit`, to `{}`).",
-            path.display()
+             vault installs by default (`--audit`, to `{}`, as {}).",
+            path.display(),
+            match params.audit_format {
+                credvault::telemetry::LogFormat::Text => "text",
+                credvault::telemetry::LogFormat::Json => "JSON (`--audit-format json`)",
+            }
         ),
         None => "No log subscriber runs in this process, so the vault skips its audit \
                  lines, which a served vault writes to stderr, one per call (`--audit PATH` \

@@ -3,15 +3,15 @@
 //! - [`init_logging`]: the global `tracing` subscriber (text or JSON).
 //! - [`metrics`]: the Prometheus metrics served on the ops listener.
 //! - [`audit`]: the per-call audit event and the subject's keyed hash.
-//! - `text`: the text format's fields and timestamp, as tracing-subscriber
-//!   writes them, for less work on the call path.
+//! - `lines`: the text and JSON lines, as tracing-subscriber writes them,
+//!   for less work on the call path.
 //!
 //! Structured fields, lowercase messages; secrets never reach any of them
 //! because every type that holds one prints `[redacted]`.
 
 pub mod audit;
+mod lines;
 pub mod metrics;
-mod text;
 
 use serde::Deserialize;
 use tracing_subscriber::{fmt, EnvFilter};
@@ -41,15 +41,19 @@ where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
-    // The library's formats, written by `text` where that is cheaper: the
+    // The library's formats, written by `lines` where that is cheaper: the
     // audit line is written on the call path.
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(ansi)
-        .with_timer(text::UtcMicros);
+        .with_timer(lines::UtcMicros);
     let _ = match format {
-        LogFormat::Text => builder.fmt_fields(text::TextFields).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.fmt_fields(lines::TextFields).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .event_format(lines::JsonLine::new())
+            .try_init(),
     };
 }

@@ -689,15 +689,11 @@ async fn certificates_and_the_ca_bundle_reload_without_dropping_open_connections
     assert_eq!(status.code(), Code::NotFound);
 }
 
-#[tokio::test]
-async fn every_call_leaves_one_audit_event_without_secrets() {
-    // Covered in-process by tests/no_secret_leaks.rs (which captures every
-    // log line); here: the event's shape, from a real server's output.
+/// A refused GetAccessToken on a real `credvault dev`, with its log lines
+/// in the format `env` sets: that call's audit event, and the whole log.
+async fn refused_call_audited(env: &[(&str, &str)]) -> (String, String) {
     let dir = tempfile::tempdir().unwrap();
-    let dev = support::dev::DevProcess::start_capturing(
-        dir.path(),
-        &[("RUST_LOG", "warn,credvault::audit=info")],
-    );
+    let dev = support::dev::DevProcess::start_capturing(dir.path(), env);
     let channel = dev.channel(dir.path(), "acme");
     let mut client = CredentialVaultClient::new(channel);
     client
@@ -708,7 +704,20 @@ async fn every_call_leaves_one_audit_event_without_secrets() {
     let event = log
         .lines()
         .find(|l| l.contains("credvault::audit") && l.contains("GetAccessToken"))
-        .unwrap_or_else(|| panic!("no audit event in:\n{log}"));
+        .unwrap_or_else(|| panic!("no audit event in:\n{log}"))
+        .to_owned();
+    assert!(
+        !log.contains("alice@example.com"),
+        "the subject appears in clear"
+    );
+    (event, log)
+}
+
+#[tokio::test]
+async fn every_call_leaves_one_audit_event_without_secrets() {
+    // Covered in-process by tests/no_secret_leaks.rs (which captures every
+    // log line); here: the event's shape, from a real server's output.
+    let (event, _) = refused_call_audited(&[("RUST_LOG", "warn,credvault::audit=info")]).await;
     for field in [
         "identity=spiffe://credvault.dev/acme",
         "tenant=\"acme\"",
@@ -718,10 +727,67 @@ async fn every_call_leaves_one_audit_event_without_secrets() {
     ] {
         assert!(event.contains(field), "{field} missing from {event}");
     }
-    assert!(
-        !log.contains("alice@example.com"),
-        "the subject appears in clear"
+}
+
+#[tokio::test]
+async fn the_audit_event_is_one_json_object_when_logs_are_json() {
+    // `log.format = "json"`, as the README tells operators to route the
+    // audit trail: the vault writes this line itself (telemetry::lines).
+    let (event, _) = refused_call_audited(&[
+        ("RUST_LOG", "warn,credvault::audit=info"),
+        ("CREDVAULT_LOG__FORMAT", "json"),
+    ])
+    .await;
+    let line = event;
+    let event: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    // Exactly these keys, in this order (the library's: time, level, the
+    // event's fields as written, target).
+    let keys = [
+        "timestamp",
+        "level",
+        "message",
+        "method",
+        "identity",
+        "tenant",
+        "provider",
+        "subject",
+        "reason",
+        "latency_ms",
+        "target",
+    ];
+    assert_eq!(
+        event.as_object().map(|o| o.len()),
+        Some(keys.len()),
+        "{line}"
     );
+    let at: Vec<usize> = keys
+        .iter()
+        .map(|k| {
+            line.find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("{k} in {line}"))
+        })
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{line}");
+    assert_eq!(event["level"], "INFO");
+    assert_eq!(event["target"], "credvault::audit");
+    assert_eq!(event["message"], "call");
+    assert_eq!(event["method"], "GetAccessToken");
+    assert_eq!(event["identity"], "spiffe://credvault.dev/acme");
+    assert_eq!(event["tenant"], "acme");
+    assert_eq!(event["provider"], "google");
+    assert_eq!(event["reason"], "CREDENTIAL_NOT_FOUND");
+    assert!(
+        event["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "{event}"
+    );
+    let subject = event["subject"].as_str().expect("the subject's hash");
+    assert!(
+        subject.len() == 16 && subject.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{subject}"
+    );
+    let at = event["timestamp"].as_str().expect("a timestamp");
+    assert!(at.len() == 27 && at.ends_with('Z'), "{at}");
 }
 
 #[tokio::test]

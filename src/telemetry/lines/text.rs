@@ -19,8 +19,8 @@ use tracing_subscriber::{
     },
 };
 
-/// tracing-subscriber's `DefaultFields` output, with plain string fields
-/// written without `core::fmt`.
+/// tracing-subscriber's `DefaultFields` output: named fields written
+/// without the library's empty styles, plain strings without `core::fmt`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TextFields;
 

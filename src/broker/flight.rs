@@ -54,8 +54,13 @@ where
                     flight.clone()
                 }
                 None => {
+                    // Boxed where it is made: a refresh's future is some
+                    // 6.7 KiB, and unboxed it was copied whole at every
+                    // move on its way into the task and again as the task's
+                    // stage changed, about ten times per flight.
+                    let work = Box::pin(work());
                     let flight =
-                        spawn_flight(Arc::clone(&self.inflight), key.clone(), work(), on_panic);
+                        spawn_flight(Arc::clone(&self.inflight), key.clone(), work, on_panic);
                     inflight.insert(key, flight.clone());
                     flight
                 }

@@ -55,9 +55,10 @@ where
                 }
                 None => {
                     // Boxed where it is made: a refresh's future is some
-                    // 6.7 KiB, and unboxed it was copied whole at every
-                    // move on its way into the task and again as the task's
-                    // stage changed, about ten times per flight.
+                    // 6.6 KiB, and a future moves by being copied, so
+                    // unboxed it would be copied whole at each move into
+                    // the task and at each change of the task's stage
+                    // (about ten times a flight). Boxed, a pointer moves.
                     let work = Box::pin(work());
                     let flight =
                         spawn_flight(Arc::clone(&self.inflight), key.clone(), work, on_panic);

@@ -690,8 +690,8 @@ async fn certificates_and_the_ca_bundle_reload_without_dropping_open_connections
 }
 
 /// A refused GetAccessToken on a real `credvault dev`, with its log lines
-/// in the format `env` sets: that call's audit event, and the whole log.
-async fn refused_call_audited(env: &[(&str, &str)]) -> (String, String) {
+/// in the format `env` sets: that call's audit event.
+async fn refused_call_audited(env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let dev = support::dev::DevProcess::start_capturing(dir.path(), env);
     let channel = dev.channel(dir.path(), "acme");
@@ -710,14 +710,14 @@ async fn refused_call_audited(env: &[(&str, &str)]) -> (String, String) {
         !log.contains("alice@example.com"),
         "the subject appears in clear"
     );
-    (event, log)
+    event
 }
 
 #[tokio::test]
 async fn every_call_leaves_one_audit_event_without_secrets() {
     // Covered in-process by tests/no_secret_leaks.rs (which captures every
     // log line); here: the event's shape, from a real server's output.
-    let (event, _) = refused_call_audited(&[("RUST_LOG", "warn,credvault::audit=info")]).await;
+    let event = refused_call_audited(&[("RUST_LOG", "warn,credvault::audit=info")]).await;
     for field in [
         "identity=spiffe://credvault.dev/acme",
         "tenant=\"acme\"",
@@ -733,12 +733,11 @@ async fn every_call_leaves_one_audit_event_without_secrets() {
 async fn the_audit_event_is_one_json_object_when_logs_are_json() {
     // `log.format = "json"`, as the README tells operators to route the
     // audit trail: the vault writes this line itself (telemetry::lines).
-    let (event, _) = refused_call_audited(&[
+    let line = refused_call_audited(&[
         ("RUST_LOG", "warn,credvault::audit=info"),
         ("CREDVAULT_LOG__FORMAT", "json"),
     ])
     .await;
-    let line = event;
     let event: serde_json::Value =
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     // Exactly these keys, in this order (the library's: time, level, the

@@ -19,7 +19,7 @@ use std::fmt::{self, Write as _};
 use serde::Serialize;
 use tracing::{
     field::{Field, Visit},
-    Event, Level, Subscriber,
+    Event, Subscriber,
 };
 use tracing_subscriber::{
     fmt::{
@@ -95,7 +95,8 @@ where
         };
         line.out.push(b'{');
         line.entry("timestamp", timestamp.as_str());
-        line.entry("level", level(meta.level()));
+        // The names tracing-serde writes too.
+        line.entry("level", meta.level().as_str());
         event.record(&mut line);
         line.entry("target", meta.target());
         line.out.push(b'}');
@@ -104,21 +105,6 @@ where
         // copied from `str`s.
         writer.write_str(std::str::from_utf8(&line.out).map_err(|_| fmt::Error)?)?;
         writer.write_char('\n')
-    }
-}
-
-/// The level as tracing-serde names it.
-fn level(level: &Level) -> &'static str {
-    if *level == Level::ERROR {
-        "ERROR"
-    } else if *level == Level::WARN {
-        "WARN"
-    } else if *level == Level::INFO {
-        "INFO"
-    } else if *level == Level::DEBUG {
-        "DEBUG"
-    } else {
-        "TRACE"
     }
 }
 
@@ -198,7 +184,7 @@ mod tests {
         let out = emit::Lines::default();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(out.clone())
-            .with_max_level(Level::TRACE)
+            .with_max_level(tracing::Level::TRACE)
             .json()
             .flatten_event(true)
             .event_format(format)

@@ -15,7 +15,10 @@
 //! sealed values carry a random nonce, so finding our exact bytes proves our
 //! write landed. Past the write's patience it answers
 //! `STORAGE_UNAVAILABLE` with its outcome unknown: etcd may still commit it.
-//! Endpoints are balanced and failed over by the channel.
+//! Calls go round the members; a member that fails a call (refused, timed
+//! out, or answering `UNAVAILABLE`) is left out for a while, so a frozen
+//! member costs one call its timeout, not a share of every call
+//! (`members.rs`).
 //!
 //! **Exactly one refresh across replicas.** Inside its in-process flight, a
 //! replica creates the claim key with put-if-absent before calling the
@@ -66,15 +69,16 @@
 //! another takes it over after the bound. An etcd member killed: the client
 //! fails over; acknowledged writes are on a majority.
 
+mod members;
 mod rpc;
 mod watch;
 
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use tonic::transport::Channel;
 
 use self::{
+    members::Members,
     rpc::{
         compare::{CompareResult, CompareTarget, TargetUnion},
         kv_client::KvClient,
@@ -125,7 +129,7 @@ const TRIM_BATCH: i64 = 1000;
 
 /// The etcd-backed store.
 pub struct EtcdStore {
-    kv: KvClient<Channel>,
+    kv: KvClient<Members>,
     prefix: Vec<u8>,
     replica: String,
     watcher: Arc<Watcher>,
@@ -165,11 +169,11 @@ impl EtcdStore {
     /// Connects (lazily: a cluster that is down now is retried per call)
     /// and starts the watch and the heartbeat.
     pub async fn open(settings: &EtcdSettings) -> Result<Self, StoreError> {
-        let channel = rpc::channel(settings)?;
+        let members = rpc::members(settings)?;
         let replica = rpc::replica_id();
-        let kv = KvClient::new(channel.clone());
+        let kv = KvClient::new(members.clone());
         let watcher = Watcher::start(
-            channel,
+            members,
             kv.clone(),
             settings.prefix.clone(),
             replica.clone(),

@@ -1,12 +1,12 @@
 //! The etcd v3 gRPC client: code generated from the API subset in
-//! `proto/etcd/`, the channel over every endpoint, and the mapping of
+//! `proto/etcd/`, the connection to every member, and the mapping of
 //! transport failures to [`StoreError`].
 
 #![allow(clippy::all, clippy::pedantic, missing_docs, dead_code)]
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use super::EtcdSettings;
+use super::{members::Members, EtcdSettings};
 use crate::store::StoreError;
 
 /// etcd's `mvccpb` package (keys and events).
@@ -22,9 +22,9 @@ pub mod etcdserverpb {
 
 pub use etcdserverpb::*;
 
-/// One channel balanced over every endpoint: a member that is down is
-/// skipped, so calls fail over to the others.
-pub fn channel(settings: &EtcdSettings) -> Result<Channel, StoreError> {
+/// One lazily connected channel per endpoint, taken in turn, with a member
+/// that fails left out for a while ([`Members`]).
+pub fn members(settings: &EtcdSettings) -> Result<Members, StoreError> {
     if settings.endpoints.is_empty() {
         return Err(StoreError::Io("storage.etcd.endpoints is empty".into()));
     }
@@ -43,9 +43,9 @@ pub fn channel(settings: &EtcdSettings) -> Result<Channel, StoreError> {
                 .tls_config(tls.clone())
                 .map_err(|e| StoreError::Io(format!("etcd tls: {e}")))?;
         }
-        endpoints.push(endpoint);
+        endpoints.push(endpoint.connect_lazy());
     }
-    Ok(Channel::balance_list(endpoints.into_iter()))
+    Ok(Members::new(endpoints))
 }
 
 fn tls(settings: &EtcdSettings) -> Result<Option<ClientTlsConfig>, StoreError> {

@@ -17,9 +17,9 @@ use std::{
 
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use super::{
+    members::Members,
     prefix_end,
     rpc::{
         kv_client::KvClient, mvccpb::event::EventType, watch_client::WatchClient,
@@ -61,8 +61,8 @@ struct ReplicaView {
 impl Watcher {
     /// Starts the watch and the heartbeat; both run until the process ends.
     pub fn start(
-        channel: Channel,
-        kv: KvClient<Channel>,
+        members: Members,
+        kv: KvClient<Members>,
         prefix: Vec<u8>,
         replica: String,
         max_staleness: Duration,
@@ -83,7 +83,7 @@ impl Watcher {
         heartbeat_key.extend_from_slice(replica.as_bytes());
         tokio::spawn(watch_loop(
             Arc::downgrade(&watcher),
-            channel,
+            members,
             kv.clone(),
             prefix,
             heartbeat_key.clone(),
@@ -209,12 +209,12 @@ impl Watcher {
 
 async fn watch_loop(
     watcher: std::sync::Weak<Watcher>,
-    channel: Channel,
-    mut kv: KvClient<Channel>,
+    members: Members,
+    mut kv: KvClient<Members>,
     prefix: Vec<u8>,
     heartbeat_key: Vec<u8>,
 ) {
-    let mut client = WatchClient::new(channel);
+    let mut client = WatchClient::new(members);
     loop {
         let Some(state) = watcher.upgrade() else {
             return;
@@ -308,7 +308,7 @@ async fn follow(
 
 async fn heartbeat_loop(
     watcher: std::sync::Weak<Watcher>,
-    mut kv: KvClient<Channel>,
+    mut kv: KvClient<Members>,
     key: Vec<u8>,
 ) {
     loop {

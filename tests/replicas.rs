@@ -833,7 +833,7 @@ async fn a_frozen_etcd_member_cannot_make_a_replica_serve_stale_tokens() {
         cluster.freeze(member, true);
         // A frozen leader means an election: A's revoke may answer a typed
         // UNAVAILABLE meanwhile, which a client retries. The first etcd call
-        // A routes to the frozen member waits out its request timeout (3 s),
+        // A routes to the frozen member waits out its request timeout (5 s),
         // and the attempt fails; A then leaves that member out, so the next
         // attempt lands. Before A benched a failed member, a frozen one kept
         // a third of A's calls and six attempts in a row could fail: the

@@ -33,10 +33,11 @@ use std::{
 use tonic::{body::Body, transport::Channel};
 use tower::{Service, ServiceExt};
 
-/// How long a member is left out after its first failure in a row. Longer
-/// than a request's timeout (3 s by default): a member that froze should
-/// not be back in the turn by the time the caller has retried. Leaving a
-/// healthy member out costs little, as the others take its calls.
+/// How long a member is left out after its first failure in a row: long
+/// enough that a frozen member is still out when the callers that met it
+/// retry, and while it stays frozen it then costs one call a timeout per
+/// bench, the benches doubling. Leaving a healthy member out costs little,
+/// as the others take its calls.
 pub const FIRST_BENCH: Duration = Duration::from_secs(5);
 /// The longest a member is left out; it then gets one call to show it is
 /// back.

@@ -65,8 +65,12 @@ struct Member {
 
 impl Members {
     /// One lazily connected channel per member: a member that is down now
-    /// is tried again when its turn comes.
-    pub fn new(channels: Vec<Channel>) -> Self {
+    /// is tried again when its turn comes. `None` without a member: there
+    /// would be no one to call.
+    pub fn new(channels: Vec<Channel>) -> Option<Self> {
+        if channels.is_empty() {
+            return None;
+        }
         let members = channels
             .into_iter()
             .map(|channel| Member {
@@ -75,13 +79,13 @@ impl Members {
                 failures_in_a_row: AtomicU32::new(0),
             })
             .collect();
-        Self {
+        Some(Self {
             shared: Arc::new(Shared {
                 members,
                 turn: AtomicUsize::new(0),
                 epoch: Instant::now(),
             }),
-        }
+        })
     }
 }
 
@@ -189,7 +193,12 @@ mod tests {
                     .connect_lazy()
             })
             .collect();
-        Members::new(channels)
+        Members::new(channels).unwrap()
+    }
+
+    #[test]
+    fn without_a_member_there_is_no_transport() {
+        assert!(Members::new(Vec::new()).is_none());
     }
 
     #[tokio::test]

@@ -25,9 +25,6 @@ pub use etcdserverpb::*;
 /// One lazily connected channel per endpoint, taken in turn, with a member
 /// that fails left out for a while ([`Members`]).
 pub fn members(settings: &EtcdSettings) -> Result<Members, StoreError> {
-    if settings.endpoints.is_empty() {
-        return Err(StoreError::Io("storage.etcd.endpoints is empty".into()));
-    }
     let tls = tls(settings)?;
     let mut endpoints = Vec::with_capacity(settings.endpoints.len());
     for url in &settings.endpoints {
@@ -45,7 +42,7 @@ pub fn members(settings: &EtcdSettings) -> Result<Members, StoreError> {
         }
         endpoints.push(endpoint.connect_lazy());
     }
-    Ok(Members::new(endpoints))
+    Members::new(endpoints).ok_or_else(|| StoreError::Io("storage.etcd.endpoints is empty".into()))
 }
 
 fn tls(settings: &EtcdSettings) -> Result<Option<ClientTlsConfig>, StoreError> {

@@ -30,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tonic::{body::Body, transport::Channel};
+use tonic::{body::Body, transport::Channel, Code};
 use tower::{Service, ServiceExt};
 
 /// How long a member is left out after its first failure in a row: long
@@ -149,12 +149,11 @@ fn millis(duration: Duration) -> u64 {
 /// response's headers (gRPC's trailers-only form); one that follows
 /// messages, as on a watch stream, is the watch's to handle.
 fn healthy(result: &Result<http::Response<Body>, tonic::transport::Error>) -> bool {
-    const UNAVAILABLE: &[u8] = b"14";
     match result {
         Ok(response) => response
             .headers()
             .get("grpc-status")
-            .is_none_or(|status| status.as_bytes() != UNAVAILABLE),
+            .is_none_or(|status| Code::from_bytes(status.as_bytes()) != Code::Unavailable),
         Err(_) => false,
     }
 }

@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use credvault::api::pb::{self, credential_vault_client::CredentialVaultClient};
+use credvault::api::pb::{
+    self, credential_vault_client::CredentialVaultClient, vault_admin_client::VaultAdminClient,
+};
 use support::{etcd::EtcdCluster, provider::ProviderDouble, vault::*};
 use tonic::{transport::Channel, Code};
 
@@ -635,7 +637,6 @@ async fn get_once_available(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_primary_rolls_out_across_replicas_without_key_version_unavailable() {
-    use credvault::api::pb::vault_admin_client::VaultAdminClient;
     use std::sync::{Arc, Mutex};
     let (cluster, provider) = cluster_and_provider().await;
     let dir = vault_dir(&cluster, "/rollout/", "");
@@ -833,11 +834,12 @@ async fn a_frozen_etcd_member_cannot_make_a_replica_serve_stale_tokens() {
         cluster.freeze(member, true);
         // A frozen leader means an election: A's revoke may answer a typed
         // UNAVAILABLE meanwhile, which a client retries. The first etcd call
-        // A routes to the frozen member waits out its request timeout (5 s),
-        // and the attempt fails; A then leaves that member out, so the next
-        // attempt lands. Before A benched a failed member, a frozen one kept
-        // a third of A's calls and six attempts in a row could fail: the
-        // deadline is generous, the staleness bound below is the point.
+        // A routes to the frozen member waits out its request timeout (5 s);
+        // a read is then read again elsewhere, a write's attempt fails. A
+        // then leaves that member out, so the next attempt lands. Before A
+        // benched a failed member, a frozen one kept a third of A's calls
+        // and six attempts in a row could fail: the deadline is generous,
+        // the staleness bound below is the point.
         let frozen = Instant::now();
         let deadline = frozen + Duration::from_secs(30);
         let mut failed_attempts = 0;
@@ -886,6 +888,100 @@ async fn a_frozen_etcd_member_cannot_make_a_replica_serve_stale_tokens() {
         cluster.freeze(member, false);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// One read's outcome in the frozen-member test, in seconds since the freeze.
+struct Read {
+    started: f64,
+    took: f64,
+    failed: Option<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_etcd_member_fails_no_read_and_takes_one_call_per_bench() {
+    let (cluster, provider) = cluster_and_provider().await;
+    let dir = vault_dir(&cluster, "/frozen-reads/", "");
+    let vault = TestVault::start(&dir).await;
+    vault
+        .client(&dir, "admin")
+        .await
+        .deposit(deposit(&provider, "alice", None))
+        .await
+        .unwrap();
+    let admin = VaultAdminClient::new(
+        vault
+            .channel(Some(&dir.pki.clients["admin"]), dir.pki.ca.ca_cert_pem())
+            .await,
+    );
+    // A follower: freezing the leader would add an election to the picture.
+    let leader = cluster.leader().expect("the cluster has a leader");
+    let member = (leader + 1) % 3;
+    cluster.freeze(member, true);
+    let frozen = Instant::now();
+    // Every DescribeCredential reads the record from etcd. Six readers for
+    // 17 s: all of them meet the member as it freezes (the first read to
+    // time out, at 5 s, benches it); its bench ends at about 10 s, and the
+    // read that tries it then times out at about 15 s.
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let mut admin = admin.clone();
+        readers.spawn(async move {
+            let mut reads = Vec::new();
+            while frozen.elapsed() < Duration::from_secs(17) {
+                let started = frozen.elapsed();
+                let result = admin
+                    .describe_credential(pb::DescribeCredentialRequest {
+                        credential: reference("acme", "alice", "idp"),
+                    })
+                    .await;
+                reads.push(Read {
+                    started: started.as_secs_f64(),
+                    took: (frozen.elapsed() - started).as_secs_f64(),
+                    failed: result.err().map(|s| format!("{:?}", error_info(&s).0)),
+                });
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            reads
+        });
+    }
+    let mut reads = Vec::new();
+    while let Some(joined) = readers.join_next().await {
+        reads.extend(joined.unwrap());
+    }
+    cluster.freeze(member, false);
+    let slow = |read: &&Read| read.took > 3.0;
+    // The member is benched once the first read that met it has timed out.
+    let benched = reads
+        .iter()
+        .filter(slow)
+        .map(|read| read.started + read.took)
+        .fold(f64::INFINITY, f64::min);
+    let failed: Vec<_> = reads.iter().filter_map(|r| r.failed.as_ref()).collect();
+    let slow_after: Vec<(f64, f64)> = reads
+        .iter()
+        .filter(slow)
+        .filter(|read| read.started > benched)
+        .map(|read| (read.started, read.took))
+        .collect();
+    println!(
+        "member {member} frozen for 17 s: {} reads, {} failed, {} waited out the timeout as it froze, benched at {benched:.1} s, then {} slow (started, took): {slow_after:?}",
+        reads.len(),
+        failed.len(),
+        reads.iter().filter(slow).count() - slow_after.len(),
+        slow_after.len(),
+    );
+    assert!(
+        reads.len() > 100,
+        "the readers hardly read: {}",
+        reads.len()
+    );
+    assert!(benched.is_finite(), "no read met the frozen member");
+    // A read that met the frozen member was answered by another.
+    assert!(failed.is_empty(), "{failed:?}");
+    // After the bench, the member is tried by one call, not by a share of
+    // all of them: at most one slow read (the trial may also be one of the
+    // replica's own calls, a heartbeat).
+    assert!(slow_after.len() <= 1, "{slow_after:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,10 +14,19 @@
 //! A member is benched when a call to it fails in the transport (refused,
 //! reset, timed out) or when it answers `UNAVAILABLE` (etcd's "no leader",
 //! "leader changed": a member cut off from the quorum). The bench lasts
-//! [`FIRST_BENCH`], doubling with each failure in a row up to [`LONGEST_BENCH`];
-//! one good answer from the member ends it. When every member is benched
-//! the call goes to the one whose bench ends first, so a cluster that comes
-//! back is used at once, never refused by this layer.
+//! [`FIRST_BENCH`], doubling with each failure in a row up to [`LONGEST_BENCH`].
+//! Calls that were out together fail together: only the first failure
+//! after what a call saw when it was sent counts, so the calls one freeze
+//! caught are one failure, not a run of them.
+//! When it ends, the member gets one call, its trial, and stays out of the
+//! turn until the trial answers: a good answer puts it back, a failure
+//! benches it for longer. Without the trial, a member still frozen took its
+//! share of every call made while the first of them waited out its timeout,
+//! and each of those failed, once per bench. A trial whose caller gave up
+//! holds the member out for [`FIRST_BENCH`] at most, then another call
+//! tries it. When every member is out the call goes to the one whose bench
+//! ends first, so a cluster that comes back is used at once, never refused
+//! by this layer.
 
 use std::{
     future::Future,
@@ -35,9 +44,11 @@ use tower::{Service, ServiceExt};
 
 /// How long a member is left out after its first failure in a row: long
 /// enough that a frozen member is still out when the callers that met it
-/// retry, and while it stays frozen it then costs one call a timeout per
-/// bench, the benches doubling. Leaving a healthy member out costs little,
-/// as the others take its calls.
+/// retry, and while it stays frozen it then costs one call (its trial) a
+/// timeout per bench, the benches doubling. Leaving a healthy member out
+/// costs little, as the others take its calls. Also how long a trial holds
+/// its member out of the turn before another call may try it: the default
+/// request timeout, so a trial normally answers or fails within it.
 pub const FIRST_BENCH: Duration = Duration::from_secs(5);
 /// The longest a member is left out; it then gets one call to show it is
 /// back.
@@ -58,9 +69,32 @@ struct Shared {
 
 struct Member {
     channel: Channel,
-    /// Milliseconds since `epoch` until which the member is left out.
+    /// Milliseconds since `epoch` until which the member is left out: its
+    /// bench, or its trial's hold.
     benched_until: AtomicU64,
+    /// Zero for a member in good standing; otherwise its next call is a
+    /// trial.
     failures_in_a_row: AtomicU32,
+}
+
+impl Member {
+    /// Whether a call may go to this member now, `until` being its
+    /// `benched_until` as read, already past. A member in good standing
+    /// takes any number of calls; one whose bench has ended takes one, the
+    /// call that wins the right to hold it out while it is tried.
+    fn takes_a_call(&self, until: u64, now: u64) -> bool {
+        if self.failures_in_a_row.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
+        self.benched_until
+            .compare_exchange(
+                until,
+                now.saturating_add(millis(FIRST_BENCH)),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
 }
 
 impl Members {
@@ -89,44 +123,73 @@ impl Members {
     }
 }
 
+impl Members {
+    /// Whether some member is in good standing: not benched, not on trial.
+    /// A read that just failed retries only then, so that once every member
+    /// has failed a call (the cluster down, or cut off from this replica)
+    /// a caller waits out one timeout, not two.
+    pub fn any_in_good_standing(&self) -> bool {
+        self.shared.members.iter().any(|member| {
+            member.failures_in_a_row.load(Ordering::Relaxed) == 0
+                && member.benched_until.load(Ordering::Relaxed) == 0
+        })
+    }
+}
+
 impl Shared {
     fn now(&self) -> u64 {
         millis(self.epoch.elapsed())
     }
 
-    /// The member for the next call: the next in turn that is not benched,
-    /// or, if all are, the one whose bench ends first.
-    fn pick(&self, now: u64) -> usize {
+    /// The member for the next call: the next in turn that takes one (not
+    /// benched, not on trial), or, if none does, the one back soonest; with
+    /// the member's failures in a row as the call found them.
+    fn pick(&self, now: u64) -> (usize, u32) {
         let count = self.members.len();
         let start = self.turn.fetch_add(1, Ordering::Relaxed) % count;
         let mut soonest = (u64::MAX, start);
         for step in 0..count {
             let index = (start + step) % count;
-            let until = self.members[index].benched_until.load(Ordering::Relaxed);
-            if until <= now {
-                return index;
+            let member = &self.members[index];
+            let until = member.benched_until.load(Ordering::Relaxed);
+            if until <= now && member.takes_a_call(until, now) {
+                return (index, member.failures_in_a_row.load(Ordering::Relaxed));
             }
             if until < soonest.0 {
                 soonest = (until, index);
             }
         }
-        soonest.1
+        let index = soonest.1;
+        (
+            index,
+            self.members[index]
+                .failures_in_a_row
+                .load(Ordering::Relaxed),
+        )
     }
 
-    fn record(&self, index: usize, healthy: bool, now: u64) {
+    /// Records a call's outcome; `seen` is the member's failures in a row
+    /// when the call was sent. Any good answer puts the member back. A
+    /// failure counts only if no other call's failure has counted since
+    /// this call was sent: six calls caught by one freeze bench the member
+    /// once, not for six doublings.
+    fn record(&self, index: usize, healthy: bool, now: u64, seen: u32) {
         let member = &self.members[index];
         if healthy {
             member.failures_in_a_row.store(0, Ordering::Relaxed);
             member.benched_until.store(0, Ordering::Relaxed);
             return;
         }
-        let failures = member
+        let failures = seen.saturating_add(1);
+        if member
             .failures_in_a_row
-            .fetch_add(1, Ordering::Relaxed)
-            .saturating_add(1);
-        member
-            .benched_until
-            .store(now.saturating_add(bench(failures)), Ordering::Relaxed);
+            .compare_exchange(seen, failures, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            member
+                .benched_until
+                .store(now.saturating_add(bench(failures)), Ordering::Relaxed);
+        }
     }
 }
 
@@ -170,11 +233,11 @@ impl Service<http::Request<Body>> for Members {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let shared = Arc::clone(&self.shared);
-        let index = shared.pick(shared.now());
+        let (index, seen) = shared.pick(shared.now());
         let channel = shared.members[index].channel.clone();
         Box::pin(async move {
             let result = channel.oneshot(request).await;
-            shared.record(index, healthy(&result), shared.now());
+            shared.record(index, healthy(&result), shared.now(), seen);
             result
         })
     }
@@ -195,6 +258,28 @@ mod tests {
         Members::new(channels).unwrap()
     }
 
+    /// The members `n` calls made at `now` go to.
+    fn picks(shared: &Shared, n: usize, now: u64) -> Vec<usize> {
+        (0..n).map(|_| shared.pick(now).0).collect()
+    }
+
+    fn calls_to(picks: &[usize], member: usize) -> usize {
+        picks.iter().filter(|&&p| p == member).count()
+    }
+
+    /// A call to `member`, sent after every earlier failure was recorded,
+    /// fails at `now`.
+    fn fail(shared: &Shared, member: usize, now: u64) {
+        let seen = shared.members[member]
+            .failures_in_a_row
+            .load(Ordering::Relaxed);
+        shared.record(member, false, now, seen);
+    }
+
+    fn benched_until(shared: &Shared, member: usize) -> u64 {
+        shared.members[member].benched_until.load(Ordering::Relaxed)
+    }
+
     #[test]
     fn without_a_member_there_is_no_transport() {
         assert!(Members::new(Vec::new()).is_none());
@@ -203,21 +288,84 @@ mod tests {
     #[tokio::test]
     async fn calls_go_round_the_members() {
         let members = members(3);
-        let picks: Vec<usize> = (0..6).map(|_| members.shared.pick(0)).collect();
-        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        assert_eq!(picks(&members.shared, 6, 0), [0, 1, 2, 0, 1, 2]);
     }
 
     #[tokio::test]
     async fn a_failed_member_is_left_out_until_its_bench_ends() {
         let members = members(3);
         let shared = &members.shared;
-        shared.record(1, false, 10_000);
-        let picks: Vec<usize> = (0..6).map(|_| shared.pick(10_500)).collect();
-        assert!(!picks.contains(&1), "{picks:?}");
-        assert!(picks.contains(&0) && picks.contains(&2), "{picks:?}");
-        // Back in the turn once its bench (5 s) has passed.
-        let picks: Vec<usize> = (0..3).map(|_| shared.pick(15_000)).collect();
-        assert!(picks.contains(&1), "{picks:?}");
+        fail(shared, 1, 10_000);
+        let during = picks(shared, 6, 10_500);
+        assert_eq!(calls_to(&during, 1), 0, "{during:?}");
+        assert!(
+            calls_to(&during, 0) > 0 && calls_to(&during, 2) > 0,
+            "{during:?}"
+        );
+        // Tried again once its bench (5 s) has passed.
+        let after = picks(shared, 3, 15_000);
+        assert_eq!(calls_to(&after, 1), 1, "{after:?}");
+    }
+
+    #[tokio::test]
+    async fn a_member_back_from_its_bench_takes_one_call_until_that_call_answers() {
+        let members = members(3);
+        let shared = &members.shared;
+        fail(shared, 1, 10_000);
+        // Its bench over, the member gets one call, however many are made
+        // while that one is out.
+        let trial = picks(shared, 30, 15_000);
+        assert_eq!(calls_to(&trial, 1), 1, "{trial:?}");
+        let while_out = picks(shared, 30, 19_000);
+        assert_eq!(calls_to(&while_out, 1), 0, "{while_out:?}");
+        // The trial answered: back in the turn for every call.
+        shared.record(1, true, 19_500, 1);
+        let back = picks(shared, 6, 19_500);
+        assert_eq!(calls_to(&back, 1), 2, "{back:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_trial_benches_longer_and_an_abandoned_one_is_tried_again() {
+        let members = members(3);
+        let shared = &members.shared;
+        fail(shared, 2, 0);
+        let trial = picks(shared, 6, 5_000);
+        assert_eq!(calls_to(&trial, 2), 1, "{trial:?}");
+        // The trial failed: out for 10 s now.
+        fail(shared, 2, 10_000);
+        assert_eq!(benched_until(shared, 2), 20_000);
+        assert_eq!(calls_to(&picks(shared, 30, 19_999), 2), 0);
+        // A trial whose caller gave up (no answer recorded) holds the
+        // member out for FIRST_BENCH, then another call tries it.
+        assert_eq!(calls_to(&picks(shared, 30, 20_000), 2), 1);
+        assert_eq!(calls_to(&picks(shared, 30, 24_999), 2), 0);
+        assert_eq!(calls_to(&picks(shared, 30, 25_000), 2), 1);
+    }
+
+    #[tokio::test]
+    async fn calls_caught_together_by_one_failure_count_once() {
+        let members = members(3);
+        let shared = &members.shared;
+        // Six calls sent to member 0 in good standing, all failing as it
+        // freezes: one failure, the first bench.
+        let sent: Vec<u32> = (0..6)
+            .map(|_| shared.pick(0))
+            .filter(|p| p.0 == 0)
+            .map(|p| p.1)
+            .collect();
+        assert_eq!(sent, [0, 0]);
+        for seen in [0, 0, 0, 0, 0, 0] {
+            shared.record(0, false, 5_000, seen);
+        }
+        assert_eq!(benched_until(shared, 0), 10_000);
+        // Its trial, sent having seen that failure, fails: the bench doubles.
+        let (trial, seen) = (0..3)
+            .map(|_| shared.pick(10_000))
+            .find(|p| p.0 == 0)
+            .unwrap();
+        assert_eq!((trial, seen), (0, 1));
+        shared.record(0, false, 15_000, seen);
+        assert_eq!(benched_until(shared, 0), 25_000);
     }
 
     #[tokio::test]
@@ -230,34 +378,42 @@ mod tests {
         let members = members(2);
         let shared = &members.shared;
         for _ in 0..3 {
-            shared.record(0, false, 0);
+            fail(shared, 0, 0);
         }
-        assert_eq!(
-            shared.members[0].benched_until.load(Ordering::Relaxed),
-            20_000
-        );
-        shared.record(0, true, 100);
-        assert_eq!(shared.members[0].benched_until.load(Ordering::Relaxed), 0);
-        shared.record(0, false, 200);
-        assert_eq!(
-            shared.members[0].benched_until.load(Ordering::Relaxed),
-            5_200
-        );
+        assert_eq!(benched_until(shared, 0), 20_000);
+        shared.record(0, true, 100, 3);
+        assert_eq!(benched_until(shared, 0), 0);
+        fail(shared, 0, 200);
+        assert_eq!(benched_until(shared, 0), 5_200);
     }
 
     #[tokio::test]
     async fn with_every_member_benched_the_call_goes_to_the_soonest_back() {
         let members = members(3);
         let shared = &members.shared;
-        shared.record(0, false, 0);
-        shared.record(0, false, 0); // until 10 000
-        shared.record(1, false, 500); // until 5 500
-        shared.record(2, false, 0);
-        shared.record(2, false, 0);
-        shared.record(2, false, 0); // until 20 000
+        fail(shared, 0, 0);
+        fail(shared, 0, 0); // until 10 000
+        fail(shared, 1, 500); // until 5 500
         for _ in 0..3 {
-            assert_eq!(shared.pick(600), 1);
+            fail(shared, 2, 0); // until 20 000
         }
+        assert_eq!(picks(shared, 3, 600), [1, 1, 1]);
+    }
+
+    #[tokio::test]
+    async fn good_standing_is_a_member_neither_benched_nor_on_trial() {
+        let members = members(2);
+        assert!(members.any_in_good_standing());
+        fail(&members.shared, 0, 0);
+        assert!(members.any_in_good_standing());
+        fail(&members.shared, 1, 0);
+        assert!(!members.any_in_good_standing());
+        // Benches over, trials due: still not in good standing until one
+        // answers.
+        let _ = picks(&members.shared, 2, 60_000);
+        assert!(!members.any_in_good_standing());
+        members.shared.record(1, true, 60_001, 1);
+        assert!(members.any_in_good_standing());
     }
 
     #[tokio::test]
@@ -284,11 +440,6 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         assert!(members.call(request).await.is_err());
-        assert!(
-            members.shared.members[0]
-                .benched_until
-                .load(Ordering::Relaxed)
-                > 0
-        );
+        assert!(benched_until(&members.shared, 0) > 0);
     }
 }

@@ -16,9 +16,12 @@
 //! write landed. Past the write's patience it answers
 //! `STORAGE_UNAVAILABLE` with its outcome unknown: etcd may still commit it.
 //! Calls go round the members; a member that fails a call (refused, timed
-//! out, or answering `UNAVAILABLE`) is left out for a while, so a frozen
-//! member costs one call its timeout, not a share of every call
-//! (`members.rs`).
+//! out, or answering `UNAVAILABLE`) is left out for a while, then tried with
+//! one call, so a frozen member costs one call its timeout per bench, not a
+//! share of every call (`members.rs`). A read that failed so is tried once
+//! more, on a member in good standing: reads change nothing, and without it
+//! every read that met a member as it froze failed although a quorum could
+//! answer.
 //!
 //! **Exactly one refresh across replicas.** Inside its in-process flight, a
 //! replica creates the claim key with put-if-absent before calling the
@@ -84,7 +87,8 @@ use self::{
         kv_client::KvClient,
         request_op::Request as Op,
         response_op::Response as OpResponse,
-        Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, TxnResponse,
+        Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp,
+        TxnRequest, TxnResponse,
     },
     watch::Watcher,
 };
@@ -130,6 +134,9 @@ const TRIM_BATCH: i64 = 1000;
 /// The etcd-backed store.
 pub struct EtcdStore {
     kv: KvClient<Members>,
+    /// The transport under `kv`, asked whether a failed read can go
+    /// elsewhere.
+    members: Members,
     prefix: Vec<u8>,
     replica: String,
     watcher: Arc<Watcher>,
@@ -156,14 +163,31 @@ impl EtcdStore {
             limit: i64::try_from(limit).unwrap_or(i64::MAX),
             ..shape
         };
+        Ok(self.range(request).await?.kvs)
+    }
+
+    /// Every read goes through here. A read whose member failed it in a way
+    /// that benches the member (timed out, refused, no leader: the failures
+    /// that leave a write's outcome unknown) is tried once more, on another
+    /// member, if one is in good standing. A read changes nothing, so trying
+    /// it twice is safe; it costs the caller that met a frozen member one
+    /// timeout and an answer instead of one timeout and an error.
+    async fn range(&self, request: RangeRequest) -> Result<RangeResponse, StoreError> {
+        let failed = match self.kv.clone().range(request.clone()).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) => rpc::Failed::from(status),
+        };
+        if !(failed.outcome_unknown() && self.members.any_in_good_standing()) {
+            return Err(failed.into());
+        }
+        tracing::debug!("an etcd member failed a read; reading from another");
         Ok(self
             .kv
             .clone()
             .range(request)
             .await
             .map_err(rpc::status_error)?
-            .into_inner()
-            .kvs)
+            .into_inner())
     }
 
     /// Connects (lazily: a cluster that is down now is retried per call)
@@ -173,7 +197,7 @@ impl EtcdStore {
         let replica = rpc::replica_id();
         let kv = KvClient::new(members.clone());
         let watcher = Watcher::start(
-            members,
+            members.clone(),
             kv.clone(),
             settings.prefix.clone(),
             replica.clone(),
@@ -181,6 +205,7 @@ impl EtcdStore {
         );
         Ok(Self {
             kv,
+            members,
             prefix: settings.prefix.clone(),
             replica,
             watcher,
@@ -199,15 +224,11 @@ impl EtcdStore {
 
     async fn range_one(&self, key: Vec<u8>) -> Result<Option<Versioned>, StoreError> {
         let response = self
-            .kv
-            .clone()
             .range(RangeRequest {
                 key,
                 ..Default::default()
             })
-            .await
-            .map_err(rpc::status_error)?
-            .into_inner();
+            .await?;
         Ok(response.kvs.into_iter().next().map(|kv| Versioned {
             revision: Revision(u64::try_from(kv.mod_revision).unwrap_or(0)),
             value: kv.value,
@@ -539,16 +560,12 @@ impl CredentialStore for EtcdStore {
     async fn all_meta(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let base = self.key(META, b"");
         let response = self
-            .kv
-            .clone()
             .range(RangeRequest {
                 key: base.clone(),
                 range_end: prefix_end(&base),
                 ..Default::default()
             })
-            .await
-            .map_err(rpc::status_error)?
-            .into_inner();
+            .await?;
         response
             .kvs
             .into_iter()
@@ -653,15 +670,11 @@ impl CredentialStore for EtcdStore {
         // one. Its time is this replica's clock, which is what a later
         // resume narrows by (less the skew bound).
         let response = self
-            .kv
-            .clone()
             .range(RangeRequest {
                 key: self.key(META, EVENTS_TRIMMED.as_bytes()),
                 ..Default::default()
             })
-            .await
-            .map_err(rpc::status_error)?
-            .into_inner();
+            .await?;
         let revision = response.header.as_ref().map_or(0, |h| h.revision);
         let trimmed_through = response
             .kvs
@@ -688,8 +701,6 @@ impl CredentialStore for EtcdStore {
         let mut trimmed = 0u64;
         loop {
             let old = self
-                .kv
-                .clone()
                 .range(RangeRequest {
                     key: base.clone(),
                     range_end: end.clone(),
@@ -697,9 +708,7 @@ impl CredentialStore for EtcdStore {
                     keys_only: true,
                     ..Default::default()
                 })
-                .await
-                .map_err(rpc::status_error)?
-                .into_inner();
+                .await?;
             let Some(last) = old.kvs.last().map(|kv| kv.key.clone()) else {
                 return Ok(trimmed);
             };

@@ -18,7 +18,8 @@
 //! Calls that were out together fail together: only the first failure
 //! after what a call saw when it was sent counts, so the calls one freeze
 //! caught are one failure, not a run of them.
-//! When it ends, the member gets one call, its trial, and stays out of the
+//!
+//! When a bench ends, the member gets one call, its trial, and stays out of the
 //! turn until the trial answers: a good answer puts it back, a failure
 //! benches it for longer. Without the trial, a member still frozen took its
 //! share of every call made while the first of them waited out its timeout,

@@ -919,9 +919,11 @@ async fn a_frozen_etcd_member_fails_no_read_and_takes_one_call_per_bench() {
     cluster.freeze(member, true);
     let frozen = Instant::now();
     // Every DescribeCredential reads the record from etcd. Six readers for
-    // 17 s: all of them meet the member as it freezes (the first read to
-    // time out, at 5 s, benches it); its bench ends at about 10 s, and the
-    // read that tries it then times out at about 15 s.
+    // 17 s: all of them meet the member as it freezes. The first read to
+    // time out, at 5 s, benches it, unless the replica's watch was on it
+    // and benched it sooner (about 1 s in, on a heartbeat it missed). Its
+    // bench ends 5 s later, and the one call that tries it, its trial,
+    // times out 5 s after that: the member is then benched for 10 s.
     let mut readers = tokio::task::JoinSet::new();
     for _ in 0..6 {
         let mut admin = admin.clone();
@@ -950,7 +952,8 @@ async fn a_frozen_etcd_member_fails_no_read_and_takes_one_call_per_bench() {
     }
     cluster.freeze(member, false);
     let slow = |read: &&Read| read.took > 3.0;
-    // The member is benched once the first read that met it has timed out.
+    // The member is benched once the first read that met it has timed out,
+    // if not before.
     let benched = reads
         .iter()
         .filter(slow)
@@ -982,6 +985,54 @@ async fn a_frozen_etcd_member_fails_no_read_and_takes_one_call_per_bench() {
     // all of them: at most one slow read (the trial may also be one of the
     // replica's own calls, a heartbeat).
     assert!(slow_after.len() <= 1, "{slow_after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_etcd_member_under_the_watch_costs_readiness_about_max_staleness() {
+    let (cluster, _provider) = cluster_and_provider().await;
+    let dir = vault_dir(&cluster, "/frozen-watch/", "");
+    let vault = TestVault::start(&dir).await;
+    // The replica's watch is on one of the three members. Whichever is
+    // frozen, the replica must be ready again (fresh, serving from its
+    // cache) within max_staleness (1 s) and a re-open, not after HTTP/2
+    // keep-alive gives up on the frozen member's stream (up to 15 s); a
+    // frozen leader adds its election (0.5 s).
+    for member in 0..3 {
+        assert_eq!(readyz(vault.ops_addr).await, Some(200), "ready before");
+        let leader = cluster.leader();
+        cluster.freeze(member, true);
+        let frozen = Instant::now();
+        let mut unready = Vec::new();
+        while frozen.elapsed() < Duration::from_secs(6) {
+            let polled = Instant::now();
+            if readyz(vault.ops_addr).await != Some(200) {
+                unready.push(frozen.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(50).saturating_sub(polled.elapsed())).await;
+        }
+        cluster.freeze(member, false);
+        println!(
+            "member {member} frozen (the leader: {}): unready at {} polls of 50 ms, from {:?} to {:?} after the freeze",
+            leader == Some(member),
+            unready.len(),
+            unready.first(),
+            unready.last()
+        );
+        assert!(
+            unready.iter().all(|at| *at < Duration::from_millis(3500)),
+            "member {member}: still unready {:?} after the freeze",
+            unready.last()
+        );
+        // Thawed: ready again before the next member.
+        let thawed = Instant::now();
+        while readyz(vault.ops_addr).await != Some(200) {
+            assert!(
+                thawed.elapsed() < Duration::from_secs(20),
+                "never ready again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,23 +11,35 @@
 //! Here the first call that times out benches the member: the calls after
 //! it go to the others.
 //!
-//! A member is benched when a call to it fails in the transport (refused,
-//! reset, timed out) or when it answers `UNAVAILABLE` (etcd's "no leader",
-//! "leader changed": a member cut off from the quorum). The bench lasts
-//! [`FIRST_BENCH`], doubling with each failure in a row up to [`LONGEST_BENCH`].
-//! Calls that were out together fail together: only the first failure
-//! after what a call saw when it was sent counts, so the calls one freeze
-//! caught are one failure, not a run of them.
+//! A member is benched when it answers `UNAVAILABLE` ("no leader", "request
+//! timed out": a member cut off from the quorum), or when a call to it
+//! fails in the transport (refused, reset, timed out) and the member has
+//! answered nothing since that call was sent. The proviso is for elections:
+//! while a frozen leader is replaced, calls that healthy members forwarded
+//! to it time out too, and benching those members for it sent every call
+//! to the frozen leader, the one member then left in good standing. For the
+//! same reason "leader changed", the answer to a call caught by an election,
+//! is an answer: the member is in the new term. The bench lasts
+//! [`FIRST_BENCH`], doubling with each failure in a row up to
+//! [`LONGEST_BENCH`]. Calls that were out together fail together: only the
+//! first failure after what a call saw when it was sent counts, so the
+//! calls one freeze caught are one failure, not a run of them.
 //!
 //! When a bench ends, the member gets one call, its trial, and stays out of the
 //! turn until the trial answers: a good answer puts it back, a failure
 //! benches it for longer. Without the trial, a member still frozen took its
 //! share of every call made while the first of them waited out its timeout,
 //! and each of those failed, once per bench. A trial whose caller gave up
-//! holds the member out for [`FIRST_BENCH`] at most, then another call
-//! tries it. When every member is out the call goes to the one whose bench
+//! holds the member out a little longer than the request timeout, then
+//! another call tries it. When every member is out the call goes to the one whose bench
 //! ends first, so a cluster that comes back is used at once, never refused
 //! by this layer.
+//!
+//! A stream (the watch) fails without failing its call: its member answered
+//! the call and then fell silent. Each response carries the member that
+//! answered it ([`AnsweredBy`], in its extensions), so the watch can count a
+//! silence against that member ([`Members::went_silent`]) and reopen on
+//! another.
 
 use std::{
     future::Future,
@@ -47,13 +59,16 @@ use tower::{Service, ServiceExt};
 /// enough that a frozen member is still out when the callers that met it
 /// retry, and while it stays frozen it then costs one call (its trial) a
 /// timeout per bench, the benches doubling. Leaving a healthy member out
-/// costs little, as the others take its calls. Also how long a trial holds
-/// its member out of the turn before another call may try it: the default
-/// request timeout, so a trial normally answers or fails within it.
+/// costs little, as the others take its calls.
 pub const FIRST_BENCH: Duration = Duration::from_secs(5);
 /// The longest a member is left out; it then gets one call to show it is
 /// back.
 pub const LONGEST_BENCH: Duration = Duration::from_secs(60);
+/// How much longer than a call's own timeout its trial holds the member
+/// out: the time for the timed-out call's failure to be recorded. A hold
+/// that ended with the timeout let a second call in as the first failed,
+/// and both waited out the timeout.
+const TRIAL_MARGIN: Duration = Duration::from_secs(1);
 
 /// Every member, cheap to clone: the clones share the turn and the benches.
 #[derive(Clone)]
@@ -66,6 +81,10 @@ struct Shared {
     turn: AtomicUsize,
     /// The zero of the benches' millisecond clock.
     epoch: Instant,
+    /// Milliseconds a trial holds its member out of the turn: the request
+    /// timeout and [`TRIAL_MARGIN`], so a trial answers or fails within
+    /// it, and one whose caller gave up is followed by another.
+    trial_hold: u64,
 }
 
 struct Member {
@@ -76,6 +95,28 @@ struct Member {
     /// Zero for a member in good standing; otherwise its next call is a
     /// trial.
     failures_in_a_row: AtomicU32,
+    /// Good answers so far: a call that got none counts against the member
+    /// only if this has not moved since the call was sent.
+    answers: AtomicU64,
+}
+
+/// What a call found when it was sent, to judge its outcome by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Ticket {
+    index: usize,
+    failures: u32,
+    answers: u64,
+}
+
+/// How a call to a member ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The member answered for the cluster, whatever the answer.
+    Answered,
+    /// It answered that it cannot serve (`UNAVAILABLE`).
+    Unavailable,
+    /// No answer: refused, reset or timed out in the transport.
+    NoAnswer,
 }
 
 impl Member {
@@ -83,14 +124,14 @@ impl Member {
     /// `benched_until` as read, already past. A member in good standing
     /// takes any number of calls; one whose bench has ended takes one, the
     /// call that wins the right to hold it out while it is tried.
-    fn takes_a_call(&self, until: u64, now: u64) -> bool {
+    fn takes_a_call(&self, until: u64, now: u64, hold: u64) -> bool {
         if self.failures_in_a_row.load(Ordering::Relaxed) == 0 {
             return true;
         }
         self.benched_until
             .compare_exchange(
                 until,
-                now.saturating_add(millis(FIRST_BENCH)),
+                now.saturating_add(hold),
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             )
@@ -102,7 +143,8 @@ impl Members {
     /// One lazily connected channel per member: a member that is down now
     /// is tried again when its turn comes. `None` without a member: there
     /// would be no one to call.
-    pub fn new(channels: Vec<Channel>) -> Option<Self> {
+    /// `request_timeout` is the channels' own: how long a call may wait.
+    pub fn new(channels: Vec<Channel>, request_timeout: Duration) -> Option<Self> {
         if channels.is_empty() {
             return None;
         }
@@ -112,6 +154,7 @@ impl Members {
                 channel,
                 benched_until: AtomicU64::new(0),
                 failures_in_a_row: AtomicU32::new(0),
+                answers: AtomicU64::new(0),
             })
             .collect();
         Some(Self {
@@ -119,12 +162,29 @@ impl Members {
                 members,
                 turn: AtomicUsize::new(0),
                 epoch: Instant::now(),
+                trial_hold: millis(request_timeout.saturating_add(TRIAL_MARGIN)),
             }),
         })
     }
 }
 
+/// Which member answered a call, in the response's extensions.
+#[derive(Clone, Copy, Debug)]
+pub struct AnsweredBy {
+    index: usize,
+}
+
 impl Members {
+    /// A stream this member answered has gone silent past what its peer
+    /// allows: counted as a failure of the member, unless it is out of the
+    /// turn already (benched, or held for its trial), so the next call, and
+    /// the stream reopened, go to another member. Counted whatever else the
+    /// member answered: a member whose watch misses what the cluster
+    /// acknowledged is no place for the watch.
+    pub fn went_silent(&self, answered: AnsweredBy) {
+        self.shared.went_silent(answered.index, self.shared.now());
+    }
+
     /// Whether some member is in good standing: not benched, not on trial.
     /// A read that just failed retries only then, so that once every member
     /// has failed a call (the cluster down, or cut off from this replica)
@@ -144,8 +204,8 @@ impl Shared {
 
     /// The member for the next call: the next in turn that takes one (not
     /// benched, not on trial), or, if none does, the one back soonest; with
-    /// the member's failures in a row as the call found them.
-    fn pick(&self, now: u64) -> (usize, u32) {
+    /// what the call found of it.
+    fn pick(&self, now: u64) -> Ticket {
         let count = self.members.len();
         let start = self.turn.fetch_add(1, Ordering::Relaxed) % count;
         let mut soonest = (u64::MAX, start);
@@ -153,38 +213,64 @@ impl Shared {
             let index = (start + step) % count;
             let member = &self.members[index];
             let until = member.benched_until.load(Ordering::Relaxed);
-            if until <= now && member.takes_a_call(until, now) {
-                return (index, member.failures_in_a_row.load(Ordering::Relaxed));
+            if until <= now && member.takes_a_call(until, now, self.trial_hold) {
+                return self.ticket(index);
             }
             if until < soonest.0 {
                 soonest = (until, index);
             }
         }
-        let index = soonest.1;
-        (
-            index,
-            self.members[index]
-                .failures_in_a_row
-                .load(Ordering::Relaxed),
-        )
+        self.ticket(soonest.1)
     }
 
-    /// Records a call's outcome; `seen` is the member's failures in a row
-    /// when the call was sent. Any good answer puts the member back. A
-    /// failure counts only if no other call's failure has counted since
-    /// this call was sent: six calls caught by one freeze bench the member
-    /// once, not for six doublings.
-    fn record(&self, index: usize, healthy: bool, now: u64, seen: u32) {
-        let member = &self.members[index];
-        if healthy {
-            member.failures_in_a_row.store(0, Ordering::Relaxed);
-            member.benched_until.store(0, Ordering::Relaxed);
+    /// [`Members::went_silent`] at `now`.
+    fn went_silent(&self, index: usize, now: u64) {
+        let Some(member) = self.members.get(index) else {
+            return;
+        };
+        if member.benched_until.load(Ordering::Relaxed) > now {
             return;
         }
-        let failures = seen.saturating_add(1);
+        self.record(self.ticket(index), Outcome::Unavailable, now);
+    }
+
+    fn ticket(&self, index: usize) -> Ticket {
+        let member = &self.members[index];
+        Ticket {
+            index,
+            failures: member.failures_in_a_row.load(Ordering::Relaxed),
+            answers: member.answers.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records a call's outcome, `ticket` being what it found when sent.
+    /// Any answer puts the member back. No answer counts only if the member
+    /// gave none since. A failure counts only if no other call's failure
+    /// has counted since this call was sent: six calls caught by one freeze
+    /// bench the member once, not for six doublings.
+    fn record(&self, ticket: Ticket, outcome: Outcome, now: u64) {
+        let member = &self.members[ticket.index];
+        match outcome {
+            Outcome::Answered => {
+                member.answers.fetch_add(1, Ordering::Relaxed);
+                member.failures_in_a_row.store(0, Ordering::Relaxed);
+                member.benched_until.store(0, Ordering::Relaxed);
+                return;
+            }
+            Outcome::NoAnswer if member.answers.load(Ordering::Relaxed) != ticket.answers => {
+                return;
+            }
+            Outcome::NoAnswer | Outcome::Unavailable => {}
+        }
+        let failures = ticket.failures.saturating_add(1);
         if member
             .failures_in_a_row
-            .compare_exchange(seen, failures, Ordering::Relaxed, Ordering::Relaxed)
+            .compare_exchange(
+                ticket.failures,
+                failures,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
             .is_ok()
         {
             member
@@ -208,17 +294,27 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Whether the call's outcome says the member can serve: it answered, and
-/// not with `UNAVAILABLE`. An error status without a message comes in the
-/// response's headers (gRPC's trailers-only form); one that follows
-/// messages, as on a watch stream, is the watch's to handle.
-fn healthy(result: &Result<http::Response<Body>, tonic::transport::Error>) -> bool {
-    match result {
-        Ok(response) => response
-            .headers()
-            .get("grpc-status")
-            .is_none_or(|status| Code::from_bytes(status.as_bytes()) != Code::Unavailable),
-        Err(_) => false,
+/// etcd's answer to a call an election caught (`ErrGRPCLeaderChanged`).
+const LEADER_CHANGED: &[u8] = b"etcdserver: leader changed";
+
+/// How the call ended for its member. An error status without a message
+/// comes in the response's headers (gRPC's trailers-only form); one that
+/// follows messages, as on a watch stream, is the watch's to handle.
+fn outcome(result: &Result<http::Response<Body>, tonic::transport::Error>) -> Outcome {
+    let Ok(response) = result else {
+        return Outcome::NoAnswer;
+    };
+    let headers = response.headers();
+    let unavailable = headers
+        .get("grpc-status")
+        .is_some_and(|status| Code::from_bytes(status.as_bytes()) == Code::Unavailable);
+    let leader_changed = headers
+        .get("grpc-message")
+        .is_some_and(|message| message.as_bytes() == LEADER_CHANGED);
+    if unavailable && !leader_changed {
+        Outcome::Unavailable
+    } else {
+        Outcome::Answered
     }
 }
 
@@ -234,11 +330,16 @@ impl Service<http::Request<Body>> for Members {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let shared = Arc::clone(&self.shared);
-        let (index, seen) = shared.pick(shared.now());
-        let channel = shared.members[index].channel.clone();
+        let ticket = shared.pick(shared.now());
+        let channel = shared.members[ticket.index].channel.clone();
         Box::pin(async move {
-            let result = channel.oneshot(request).await;
-            shared.record(index, healthy(&result), shared.now(), seen);
+            let mut result = channel.oneshot(request).await;
+            shared.record(ticket, outcome(&result), shared.now());
+            if let Ok(response) = &mut result {
+                response.extensions_mut().insert(AnsweredBy {
+                    index: ticket.index,
+                });
+            }
             result
         })
     }
@@ -256,25 +357,29 @@ mod tests {
                     .connect_lazy()
             })
             .collect();
-        Members::new(channels).unwrap()
+        // A 4 s request timeout: trials hold their member out for 5 s.
+        Members::new(channels, Duration::from_secs(4)).unwrap()
     }
 
     /// The members `n` calls made at `now` go to.
     fn picks(shared: &Shared, n: usize, now: u64) -> Vec<usize> {
-        (0..n).map(|_| shared.pick(now).0).collect()
+        (0..n).map(|_| shared.pick(now).index).collect()
     }
 
     fn calls_to(picks: &[usize], member: usize) -> usize {
         picks.iter().filter(|&&p| p == member).count()
     }
 
-    /// A call to `member`, sent after every earlier failure was recorded,
-    /// fails at `now`.
+    /// A call to `member`, sent after every earlier outcome was recorded,
+    /// gets no answer at `now`.
     fn fail(shared: &Shared, member: usize, now: u64) {
-        let seen = shared.members[member]
-            .failures_in_a_row
-            .load(Ordering::Relaxed);
-        shared.record(member, false, now, seen);
+        shared.record(shared.ticket(member), Outcome::NoAnswer, now);
+    }
+
+    /// A call to `member`, sent after every earlier outcome was recorded,
+    /// is answered at `now`.
+    fn answer(shared: &Shared, member: usize, now: u64) {
+        shared.record(shared.ticket(member), Outcome::Answered, now);
     }
 
     fn benched_until(shared: &Shared, member: usize) -> u64 {
@@ -283,7 +388,7 @@ mod tests {
 
     #[test]
     fn without_a_member_there_is_no_transport() {
-        assert!(Members::new(Vec::new()).is_none());
+        assert!(Members::new(Vec::new(), FIRST_BENCH).is_none());
     }
 
     #[tokio::test]
@@ -320,7 +425,7 @@ mod tests {
         let while_out = picks(shared, 30, 19_000);
         assert_eq!(calls_to(&while_out, 1), 0, "{while_out:?}");
         // The trial answered: back in the turn for every call.
-        shared.record(1, true, 19_500, 1);
+        answer(shared, 1, 19_500);
         let back = picks(shared, 6, 19_500);
         assert_eq!(calls_to(&back, 1), 2, "{back:?}");
     }
@@ -337,7 +442,8 @@ mod tests {
         assert_eq!(benched_until(shared, 2), 20_000);
         assert_eq!(calls_to(&picks(shared, 30, 19_999), 2), 0);
         // A trial whose caller gave up (no answer recorded) holds the
-        // member out for FIRST_BENCH, then another call tries it.
+        // member out for its request timeout and a second, then another
+        // call tries it.
         assert_eq!(calls_to(&picks(shared, 30, 20_000), 2), 1);
         assert_eq!(calls_to(&picks(shared, 30, 24_999), 2), 0);
         assert_eq!(calls_to(&picks(shared, 30, 25_000), 2), 1);
@@ -349,23 +455,22 @@ mod tests {
         let shared = &members.shared;
         // Six calls sent to member 0 in good standing, all failing as it
         // freezes: one failure, the first bench.
-        let sent: Vec<u32> = (0..6)
+        let sent: Vec<Ticket> = (0..6)
             .map(|_| shared.pick(0))
-            .filter(|p| p.0 == 0)
-            .map(|p| p.1)
+            .filter(|ticket| ticket.index == 0)
             .collect();
-        assert_eq!(sent, [0, 0]);
-        for seen in [0, 0, 0, 0, 0, 0] {
-            shared.record(0, false, 5_000, seen);
+        assert_eq!(sent.len(), 2);
+        for ticket in sent.iter().cycle().take(6) {
+            shared.record(*ticket, Outcome::NoAnswer, 5_000);
         }
         assert_eq!(benched_until(shared, 0), 10_000);
         // Its trial, sent having seen that failure, fails: the bench doubles.
-        let (trial, seen) = (0..3)
+        let trial = (0..3)
             .map(|_| shared.pick(10_000))
-            .find(|p| p.0 == 0)
+            .find(|ticket| ticket.index == 0)
             .unwrap();
-        assert_eq!((trial, seen), (0, 1));
-        shared.record(0, false, 15_000, seen);
+        assert_eq!(trial.failures, 1);
+        shared.record(trial, Outcome::NoAnswer, 15_000);
         assert_eq!(benched_until(shared, 0), 25_000);
     }
 
@@ -382,7 +487,7 @@ mod tests {
             fail(shared, 0, 0);
         }
         assert_eq!(benched_until(shared, 0), 20_000);
-        shared.record(0, true, 100, 3);
+        answer(shared, 0, 100);
         assert_eq!(benched_until(shared, 0), 0);
         fail(shared, 0, 200);
         assert_eq!(benched_until(shared, 0), 5_200);
@@ -402,6 +507,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn no_answer_counts_only_if_the_member_answered_nothing_since() {
+        let members = members(3);
+        let shared = &members.shared;
+        // A call a healthy member forwarded to a frozen leader: it times
+        // out, but the member answered another call meanwhile.
+        let forwarded = shared.ticket(1);
+        answer(shared, 1, 100);
+        shared.record(forwarded, Outcome::NoAnswer, 5_000);
+        assert_eq!(benched_until(shared, 1), 0);
+        assert!(members.any_in_good_standing());
+        // Silent since the call was sent: benched.
+        let sent = shared.ticket(1);
+        shared.record(sent, Outcome::NoAnswer, 5_000);
+        assert_eq!(benched_until(shared, 1), 10_000);
+        // UNAVAILABLE is an answer that it cannot serve: it counts whatever
+        // the member answered before.
+        answer(shared, 2, 0);
+        let refused = shared.ticket(2);
+        answer(shared, 2, 10);
+        shared.record(refused, Outcome::Unavailable, 20);
+        assert_eq!(benched_until(shared, 2), 5_020);
+    }
+
+    #[tokio::test]
+    async fn a_silent_stream_benches_the_member_that_answered_it_once() {
+        let members = members(3);
+        let shared = &members.shared;
+        members.went_silent(AnsweredBy { index: 1 });
+        let until = benched_until(shared, 1);
+        assert!(until >= millis(FIRST_BENCH), "{until}");
+        assert_eq!(calls_to(&picks(shared, 6, 0), 1), 0);
+        // Already benched: a second silence (another stream of the same
+        // freeze) does not double the bench.
+        members.went_silent(AnsweredBy { index: 1 });
+        assert_eq!(benched_until(shared, 1), until);
+        // An index this transport never handed out is ignored.
+        members.went_silent(AnsweredBy { index: 7 });
+        // A member whose bench is over but whose trial has not been sent
+        // is not out of the turn: its silence counts, and its next call is
+        // not the reopened watch's.
+        fail(shared, 2, 0);
+        shared.went_silent(2, 5_000);
+        assert_eq!(benched_until(shared, 2), 15_000);
+    }
+
+    #[tokio::test]
     async fn good_standing_is_a_member_neither_benched_nor_on_trial() {
         let members = members(2);
         assert!(members.any_in_good_standing());
@@ -413,27 +564,34 @@ mod tests {
         // answers.
         let _ = picks(&members.shared, 2, 60_000);
         assert!(!members.any_in_good_standing());
-        members.shared.record(1, true, 60_001, 1);
+        answer(&members.shared, 1, 60_001);
         assert!(members.any_in_good_standing());
     }
 
     #[tokio::test]
-    async fn unavailable_and_transport_failures_count_against_a_member() {
-        let answer = |status: Option<&str>| {
+    async fn an_answer_of_unavailable_counts_against_a_member_unless_the_leader_changed() {
+        let answer = |status: Option<&str>, message: &str| {
             let mut response = http::Response::new(Body::empty());
             if let Some(status) = status {
-                response
-                    .headers_mut()
-                    .insert("grpc-status", status.parse().unwrap());
+                let headers = response.headers_mut();
+                headers.insert("grpc-status", status.parse().unwrap());
+                headers.insert("grpc-message", message.parse().unwrap());
             }
-            Ok(response)
+            outcome(&Ok(response))
         };
-        assert!(healthy(&answer(None)));
-        assert!(healthy(&answer(Some("0"))));
+        assert_eq!(answer(None, ""), Outcome::Answered);
+        assert_eq!(answer(Some("0"), ""), Outcome::Answered);
         // NOT_FOUND, FAILED_PRECONDITION: the member answered for the cluster.
-        assert!(healthy(&answer(Some("5"))));
-        assert!(healthy(&answer(Some("9"))));
-        assert!(!healthy(&answer(Some("14"))));
+        assert_eq!(answer(Some("5"), ""), Outcome::Answered);
+        assert_eq!(answer(Some("9"), ""), Outcome::Answered);
+        for message in ["etcdserver: no leader", "etcdserver: request timed out"] {
+            assert_eq!(answer(Some("14"), message), Outcome::Unavailable);
+        }
+        // An election caught the call; the member is in the new term.
+        assert_eq!(
+            answer(Some("14"), "etcdserver: leader changed"),
+            Outcome::Answered
+        );
         // A member nobody listens on: the connection is refused.
         let mut members = members(1);
         let request = http::Request::builder()

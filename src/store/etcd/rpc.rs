@@ -42,7 +42,8 @@ pub fn members(settings: &EtcdSettings) -> Result<Members, StoreError> {
         }
         endpoints.push(endpoint.connect_lazy());
     }
-    Members::new(endpoints).ok_or_else(|| StoreError::Io("storage.etcd.endpoints is empty".into()))
+    Members::new(endpoints, settings.request_timeout)
+        .ok_or_else(|| StoreError::Io("storage.etcd.endpoints is empty".into()))
 }
 
 fn tls(settings: &EtcdSettings) -> Result<Option<ClientTlsConfig>, StoreError> {

@@ -5,9 +5,20 @@
 //! The watch is re-opened from the last seen revision + 1 after any break,
 //! so no event is missed; if etcd compacted past that revision, every cache
 //! is cleared ([`Change::Reset`]) and the watch starts from now.
+//!
+//! A watch whose member froze does not break: its connection stays open
+//! and it just says nothing, until HTTP/2 keep-alive gives up on it (up to
+//! 15 s). Silence alone does not show it: during a leader election nothing
+//! is written, and every watch is silent. What does is a heartbeat the
+//! cluster acknowledged that has not come back through the watch within
+//! half of `max_staleness`: the watch is then counted against its member
+//! and re-opened on another, and the replica is not fresh for about that
+//! long, not for the keep-alive's. Heartbeats are sent without waiting for
+//! the one before, for the same reason: one stuck on a frozen member must
+//! not hold back the next, which goes to another.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering},
         Arc, Mutex,
@@ -19,7 +30,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
-    members::Members,
+    members::{AnsweredBy, Members},
     prefix_end,
     rpc::{
         kv_client::KvClient, mvccpb::event::EventType, watch_client::WatchClient,
@@ -34,6 +45,9 @@ use crate::store::{Change, Revision, StoreKey};
 /// then sees `Lagged` and treats it as a reset).
 const CHANGES_BUFFER: usize = 4096;
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+/// The least time an acknowledged heartbeat is given to come back through
+/// the watch, whatever `max_staleness` says.
+const GRACE_FLOOR: Duration = Duration::from_millis(50);
 
 /// The watch's shared state.
 pub struct Watcher {
@@ -42,6 +56,11 @@ pub struct Watcher {
     confirmed: Mutex<Option<Instant>>,
     /// Heartbeats written and not yet seen, by sequence number.
     pending: Mutex<HashMap<u64, Instant>>,
+    /// Heartbeats the cluster acknowledged that the watch has not shown
+    /// yet, with when each was acknowledged.
+    unseen: Mutex<BTreeMap<u64, Instant>>,
+    /// The newest heartbeat seen back through the watch.
+    seen: AtomicU64,
     sequence: AtomicU64,
     last_revision: AtomicI64,
     max_staleness: Duration,
@@ -72,6 +91,8 @@ impl Watcher {
             changes,
             confirmed: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
+            unseen: Mutex::new(BTreeMap::new()),
+            seen: AtomicU64::new(0),
             sequence: AtomicU64::new(0),
             last_revision: AtomicI64::new(0),
             max_staleness,
@@ -138,11 +159,42 @@ impl Watcher {
         }
     }
 
+    /// The cluster acknowledged heartbeat `sequence`: from now on the
+    /// watch owes it ([`Watcher::watch_lost`]).
+    fn heartbeat_acknowledged(&self, sequence: u64) {
+        let mut unseen = self.unseen.lock().unwrap_or_else(|e| e.into_inner());
+        // The watch may show a write before its reply arrives.
+        if sequence > self.seen.load(Ordering::SeqCst) {
+            unseen.insert(sequence, Instant::now());
+            // A watch that lost the cluster is re-opened long before this.
+            while unseen.len() > 64 {
+                unseen.pop_first();
+            }
+        }
+    }
+
+    /// Whether the watch opened at `opened` has lost the cluster: a
+    /// heartbeat acknowledged at least `grace` ago (and at least `grace`
+    /// after the watch opened, which replays what it missed) has not come
+    /// back through it.
+    fn watch_lost(&self, grace: Duration, opened: Instant) -> bool {
+        self.unseen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first_key_value()
+            .is_some_and(|(_, &at)| at.max(opened).elapsed() >= grace)
+    }
+
     fn heartbeat_seen(&self, value: &[u8]) {
         let Ok(bytes) = <[u8; 8]>::try_from(value) else {
             return;
         };
         let sequence = u64::from_be_bytes(bytes);
+        self.seen.fetch_max(sequence, Ordering::SeqCst);
+        self.unseen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&acknowledged, _| acknowledged > sequence);
         let sent = {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             let sent = pending.remove(&sequence);
@@ -214,42 +266,19 @@ async fn watch_loop(
     prefix: Vec<u8>,
     heartbeat_key: Vec<u8>,
 ) {
-    let mut client = WatchClient::new(members);
+    let mut client = WatchClient::new(members.clone());
     loop {
         let Some(state) = watcher.upgrade() else {
             return;
         };
         let mut start = state.last_revision.load(Ordering::SeqCst) + 1;
         if start == 1 {
-            // First open: from now (the caches start empty), knowing the
-            // replicas already there.
-            let mut replicas = prefix.clone();
-            replicas.push(KEYS);
-            match kv
-                .range(RangeRequest {
-                    key: replicas.clone(),
-                    range_end: prefix_end(&replicas),
-                    ..Default::default()
-                })
-                .await
-            {
-                Ok(response) => {
-                    let response = response.into_inner();
-                    for kv in &response.kvs {
-                        if let Some(name) = kv.key.get(replicas.len()..) {
-                            state.replica_event(KEYS, name, &kv.value);
-                        }
-                    }
-                    let now = response.header.map_or(0, |h| h.revision);
-                    state.last_revision.fetch_max(now, Ordering::SeqCst);
-                    start = now + 1;
-                }
-                Err(_) => {
-                    drop(state);
-                    tokio::time::sleep(RECONNECT_PAUSE).await;
-                    continue;
-                }
-            }
+            let Some(now) = first_open(&state, &mut kv, &prefix).await else {
+                drop(state);
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+                continue;
+            };
+            start = now + 1;
         }
         let (tx, rx) = mpsc::channel(1);
         let _ = tx
@@ -263,31 +292,89 @@ async fn watch_loop(
                 })),
             })
             .await;
+        let grace = (state.max_staleness / 2).max(GRACE_FLOOR);
         drop(state);
-        let stream = match client.watch(ReceiverStream::new(rx)).await {
-            Ok(stream) => stream.into_inner(),
+        let (answered, stream) = match client.watch(ReceiverStream::new(rx)).await {
+            Ok(stream) => (
+                stream.extensions().get::<AnsweredBy>().copied(),
+                stream.into_inner(),
+            ),
             Err(_) => {
                 tokio::time::sleep(RECONNECT_PAUSE).await;
                 continue;
             }
         };
-        follow(&watcher, stream, &prefix, &heartbeat_key).await;
-        // Keep the request side open until the stream ends; then reopen.
+        let lost = follow(&watcher, stream, &prefix, &heartbeat_key, grace).await;
+        // The request side stayed open until the stream ended.
         drop(tx);
-        tokio::time::sleep(RECONNECT_PAUSE).await;
+        match (lost, answered) {
+            (true, Some(answered)) => {
+                tracing::warn!(
+                    "store watch missed an acknowledged heartbeat; reopening it on another etcd member"
+                );
+                // Benched, so the reopened watch goes to another member at
+                // once: every pause here is time the replica is not fresh.
+                members.went_silent(answered);
+            }
+            _ => tokio::time::sleep(RECONNECT_PAUSE).await,
+        }
     }
 }
 
-/// Applies one watch stream's responses until it breaks.
+/// Before the first open, which is from now (the caches start empty):
+/// learns the replicas already there; answers the revision to watch after.
+async fn first_open(state: &Watcher, kv: &mut KvClient<Members>, prefix: &[u8]) -> Option<i64> {
+    let mut replicas = prefix.to_vec();
+    replicas.push(KEYS);
+    let response = kv
+        .range(RangeRequest {
+            key: replicas.clone(),
+            range_end: prefix_end(&replicas),
+            ..Default::default()
+        })
+        .await
+        .ok()?
+        .into_inner();
+    for kv in &response.kvs {
+        if let Some(name) = kv.key.get(replicas.len()..) {
+            state.replica_event(KEYS, name, &kv.value);
+        }
+    }
+    let now = response.header.map_or(0, |h| h.revision);
+    state.last_revision.fetch_max(now, Ordering::SeqCst);
+    Some(now)
+}
+
+/// Applies one watch stream's responses until it breaks, or until it has
+/// lost the cluster (an acknowledged heartbeat missing for `grace`);
+/// answers whether it lost it.
 async fn follow(
     watcher: &std::sync::Weak<Watcher>,
     mut stream: tonic::Streaming<WatchResponse>,
     prefix: &[u8],
     heartbeat_key: &[u8],
-) {
-    while let Ok(Some(response)) = stream.message().await {
+    grace: Duration,
+) -> bool {
+    let opened = Instant::now();
+    let every = grace / 4;
+    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let response = tokio::select! {
+            message = stream.message() => match message {
+                Ok(Some(response)) => response,
+                _ => return false,
+            },
+            _ = check.tick() => {
+                match watcher.upgrade() {
+                    Some(state) if state.watch_lost(grace, opened) => return true,
+                    Some(_) => continue,
+                    None => return false,
+                }
+            }
+        };
         let Some(state) = watcher.upgrade() else {
-            return;
+            return false;
         };
         if response.compact_revision > 0 || response.canceled {
             // History we needed is gone: forget every cached entry and
@@ -300,17 +387,13 @@ async fn follow(
                 .last_revision
                 .fetch_max(response.compact_revision, Ordering::SeqCst);
             let _ = state.changes.send(Change::Reset);
-            return;
+            return false;
         }
         state.apply(response, prefix, heartbeat_key);
     }
 }
 
-async fn heartbeat_loop(
-    watcher: std::sync::Weak<Watcher>,
-    mut kv: KvClient<Members>,
-    key: Vec<u8>,
-) {
+async fn heartbeat_loop(watcher: std::sync::Weak<Watcher>, kv: KvClient<Members>, key: Vec<u8>) {
     loop {
         let Some(state) = watcher.upgrade() else {
             return;
@@ -326,13 +409,22 @@ async fn heartbeat_loop(
             pending.insert(sequence, Instant::now());
         }
         drop(state);
-        let _ = kv
-            .put(PutRequest {
-                key: key.clone(),
-                value: sequence.to_be_bytes().to_vec(),
-                ..Default::default()
-            })
-            .await;
+        // Not awaited here: a put stuck on a frozen member waits out its
+        // request timeout on its own, and the next heartbeat goes out on
+        // time, to the next member in turn.
+        let (mut kv, watcher) = (kv.clone(), watcher.clone());
+        let put = PutRequest {
+            key: key.clone(),
+            value: sequence.to_be_bytes().to_vec(),
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            if kv.put(put).await.is_ok() {
+                if let Some(state) = watcher.upgrade() {
+                    state.heartbeat_acknowledged(sequence);
+                }
+            }
+        });
         tokio::time::sleep(every).await;
     }
 }

@@ -31,9 +31,9 @@
 //! share of every call made while the first of them waited out its timeout,
 //! and each of those failed, once per bench. A trial whose caller gave up
 //! holds the member out a little longer than the request timeout, then
-//! another call tries it. When every member is out the call goes to the one whose bench
-//! ends first, so a cluster that comes back is used at once, never refused
-//! by this layer.
+//! another call tries it. When every member is out the call goes to the one
+//! whose bench ends first, so a cluster that comes back is used at once,
+//! never refused by this layer.
 //!
 //! A stream (the watch) fails without failing its call: its member answered
 //! the call and then fell silent. Each response carries the member that
@@ -113,8 +113,9 @@ struct Ticket {
 enum Outcome {
     /// The member answered for the cluster, whatever the answer.
     Answered,
-    /// It answered that it cannot serve (`UNAVAILABLE`).
-    Unavailable,
+    /// It answered that it cannot serve (`UNAVAILABLE`), or a stream it
+    /// answered fell silent: counts whatever else it answered.
+    CannotServe,
     /// No answer: refused, reset or timed out in the transport.
     NoAnswer,
 }
@@ -231,7 +232,7 @@ impl Shared {
         if member.benched_until.load(Ordering::Relaxed) > now {
             return;
         }
-        self.record(self.ticket(index), Outcome::Unavailable, now);
+        self.record(self.ticket(index), Outcome::CannotServe, now);
     }
 
     fn ticket(&self, index: usize) -> Ticket {
@@ -260,7 +261,7 @@ impl Shared {
             Outcome::NoAnswer if member.answers.load(Ordering::Relaxed) != ticket.answers => {
                 return;
             }
-            Outcome::NoAnswer | Outcome::Unavailable => {}
+            Outcome::NoAnswer | Outcome::CannotServe => {}
         }
         let failures = ticket.failures.saturating_add(1);
         if member
@@ -312,7 +313,7 @@ fn outcome(result: &Result<http::Response<Body>, tonic::transport::Error>) -> Ou
         .get("grpc-message")
         .is_some_and(|message| message.as_bytes() == LEADER_CHANGED);
     if unavailable && !leader_changed {
-        Outcome::Unavailable
+        Outcome::CannotServe
     } else {
         Outcome::Answered
     }
@@ -526,7 +527,7 @@ mod tests {
         answer(shared, 2, 0);
         let refused = shared.ticket(2);
         answer(shared, 2, 10);
-        shared.record(refused, Outcome::Unavailable, 20);
+        shared.record(refused, Outcome::CannotServe, 20);
         assert_eq!(benched_until(shared, 2), 5_020);
     }
 
@@ -585,7 +586,7 @@ mod tests {
         assert_eq!(answer(Some("5"), ""), Outcome::Answered);
         assert_eq!(answer(Some("9"), ""), Outcome::Answered);
         for message in ["etcdserver: no leader", "etcdserver: request timed out"] {
-            assert_eq!(answer(Some("14"), message), Outcome::Unavailable);
+            assert_eq!(answer(Some("14"), message), Outcome::CannotServe);
         }
         // An election caught the call; the member is in the new term.
         assert_eq!(

@@ -18,7 +18,7 @@
 //! not hold back the next, which goes to another.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering},
         Arc, Mutex,
@@ -49,18 +49,20 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 /// the watch, whatever `max_staleness` says.
 const GRACE_FLOOR: Duration = Duration::from_millis(50);
 
+/// A heartbeat written and not yet seen back through the watch.
+struct Heartbeat {
+    sent: Instant,
+    /// When the cluster acknowledged it: from then on the watch owes it.
+    acknowledged: Option<Instant>,
+}
+
 /// The watch's shared state.
 pub struct Watcher {
     changes: broadcast::Sender<Change>,
     /// When the last heartbeat seen back through the watch was written.
     confirmed: Mutex<Option<Instant>>,
     /// Heartbeats written and not yet seen, by sequence number.
-    pending: Mutex<HashMap<u64, Instant>>,
-    /// Heartbeats the cluster acknowledged that the watch has not shown
-    /// yet, with when each was acknowledged.
-    unseen: Mutex<BTreeMap<u64, Instant>>,
-    /// The newest heartbeat seen back through the watch.
-    seen: AtomicU64,
+    pending: Mutex<HashMap<u64, Heartbeat>>,
     sequence: AtomicU64,
     last_revision: AtomicI64,
     max_staleness: Duration,
@@ -91,8 +93,6 @@ impl Watcher {
             changes,
             confirmed: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
-            unseen: Mutex::new(BTreeMap::new()),
-            seen: AtomicU64::new(0),
             sequence: AtomicU64::new(0),
             last_revision: AtomicI64::new(0),
             max_staleness,
@@ -160,16 +160,12 @@ impl Watcher {
     }
 
     /// The cluster acknowledged heartbeat `sequence`: from now on the
-    /// watch owes it ([`Watcher::watch_lost`]).
+    /// watch owes it ([`Watcher::watch_lost`]). One no longer pending was
+    /// seen already: the watch may show a write before its reply arrives.
     fn heartbeat_acknowledged(&self, sequence: u64) {
-        let mut unseen = self.unseen.lock().unwrap_or_else(|e| e.into_inner());
-        // The watch may show a write before its reply arrives.
-        if sequence > self.seen.load(Ordering::SeqCst) {
-            unseen.insert(sequence, Instant::now());
-            // A watch that lost the cluster is re-opened long before this.
-            while unseen.len() > 64 {
-                unseen.pop_first();
-            }
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(heartbeat) = pending.get_mut(&sequence) {
+            heartbeat.acknowledged = Some(Instant::now());
         }
     }
 
@@ -178,11 +174,13 @@ impl Watcher {
     /// after the watch opened, which replays what it missed) has not come
     /// back through it.
     fn watch_lost(&self, grace: Duration, opened: Instant) -> bool {
-        self.unseen
+        self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .first_key_value()
-            .is_some_and(|(_, &at)| at.max(opened).elapsed() >= grace)
+            .values()
+            .filter_map(|heartbeat| heartbeat.acknowledged)
+            .min()
+            .is_some_and(|at| at.max(opened).elapsed() >= grace)
     }
 
     fn heartbeat_seen(&self, value: &[u8]) {
@@ -190,14 +188,9 @@ impl Watcher {
             return;
         };
         let sequence = u64::from_be_bytes(bytes);
-        self.seen.fetch_max(sequence, Ordering::SeqCst);
-        self.unseen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|&acknowledged, _| acknowledged > sequence);
         let sent = {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            let sent = pending.remove(&sequence);
+            let sent = pending.remove(&sequence).map(|heartbeat| heartbeat.sent);
             // Older heartbeats that never came back are superseded.
             pending.retain(|s, _| *s > sequence);
             sent
@@ -406,7 +399,13 @@ async fn heartbeat_loop(watcher: std::sync::Weak<Watcher>, kv: KvClient<Members>
             if pending.len() > 64 {
                 pending.retain(|s, _| *s + 32 > sequence);
             }
-            pending.insert(sequence, Instant::now());
+            pending.insert(
+                sequence,
+                Heartbeat {
+                    sent: Instant::now(),
+                    acknowledged: None,
+                },
+            );
         }
         drop(state);
         // Not awaited here: a put stuck on a frozen member waits out its

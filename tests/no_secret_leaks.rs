@@ -9,11 +9,11 @@ mod support;
 
 use std::{
     io::Write,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, SystemTime},
 };
 
-use credvault::api::pb;
+use credvault::{api::pb, telemetry::LogFormat};
 use support::{
     provider::{Fault, ProviderDouble},
     vault::*,
@@ -35,15 +35,30 @@ impl Write for Capture {
 
 const CLIENT_SECRET: &str = "cs-4f9a1c77e2b04d36";
 
+/// Every line logged in this process, at TRACE from every crate, through
+/// the vault's own subscriber (global, so installed once for every test).
+/// `RUST_LOG` wins over TRACE, as in the vault.
+fn capture() -> Capture {
+    static CAPTURE: OnceLock<Capture> = OnceLock::new();
+    CAPTURE
+        .get_or_init(|| {
+            let capture = Capture::default();
+            let writer = capture.clone();
+            credvault::telemetry::init_logging_to(
+                "trace",
+                LogFormat::Text,
+                false,
+                move || writer.clone(),
+                credvault::store::TEARDOWN_LOG_TARGETS,
+            );
+            capture
+        })
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_logs_or_error_messages() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .init();
+    let capture = capture();
 
     let provider = ProviderDouble::with_client("app", Some(CLIENT_SECRET)).await;
     // Every refresh below is driven by an oversized `min_valid_for`, and
@@ -239,7 +254,7 @@ async fn secrets_never_reach_logs_or_error_messages() {
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     assert!(
         logs.contains("access token refreshed") && logs.contains("credential revoked"),
-        "the capture must actually contain the vault's logs"
+        "the capture must actually contain the vault's logs (is RUST_LOG narrowing it?)"
     );
     let statuses: Vec<String> = messages
         .iter()
@@ -337,4 +352,33 @@ fn secret_bearing_messages_debug_print_redacted() {
     // The non-secret fields still print, so debugging stays possible.
     assert!(printed[0].contains("client-id"), "{}", printed[0]);
     assert!(printed[2].contains("app.example"), "{}", printed[2]);
+}
+
+/// sled logs at TRACE from crossbeam-epoch deferred functions, which can run
+/// in a thread's thread-local destructors after the log formatter's own
+/// thread-local buffer is gone. Passed on, such a record panicked there,
+/// and that aborted this test binary (SIGABRT, once in a dozen runs on a
+/// loaded host). Here the record comes from a destructor that runs after
+/// the formatter's on purpose: destructors run in the reverse order of
+/// first use, and the guard is used before the thread logs anything.
+#[test]
+fn a_sled_trace_record_in_a_threads_teardown_cannot_abort_the_process() {
+    struct LogsOnDrop;
+    impl Drop for LogsOnDrop {
+        fn drop(&mut self) {
+            log::trace!(target: "sled::pagecache::iobuf", "bumping atomic header lsn to 7");
+        }
+    }
+    thread_local!(static GUARD: LogsOnDrop = const { LogsOnDrop });
+
+    let capture = capture();
+    std::thread::spawn(|| {
+        GUARD.with(|_| ());
+        tracing::info!("a thread that logged before it exits");
+    })
+    .join()
+    .expect("the thread exits");
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("a thread that logged before it exits"));
+    assert!(!logs.contains("bumping atomic header lsn to 7"));
 }

@@ -186,6 +186,7 @@ fn install_audit_log(path: &std::path::Path, format: credvault::telemetry::LogFo
         format,
         false,
         std::sync::Arc::new(file),
+        credvault::store::TEARDOWN_LOG_TARGETS,
     );
 }
 

@@ -199,7 +199,11 @@ async fn serve(path: &Path, dev: Option<DevOverrides>) -> Result<(), String> {
             .entry("demo".to_owned())
             .or_insert_with(|| demo_preset(&dev.demo));
     }
-    telemetry::init_logging(&config.log.filter, config.log.format);
+    telemetry::init_logging(
+        &config.log.filter,
+        config.log.format,
+        store::TEARDOWN_LOG_TARGETS,
+    );
     let listeners = Listeners::bind(&config).await.map_err(|e| {
         format!(
             "cannot listen on {} / {}: {e}",

@@ -27,6 +27,13 @@ const SCAN_PAGE: usize = 512;
 
 pub use etcd::EtcdSettings;
 
+/// `log` targets of the storage engines that can write TRACE records from a
+/// thread's teardown: sled's crossbeam-epoch deferred functions run
+/// wherever the epoch is next collected, a thread's exit included. The
+/// logging holds them back (`telemetry::init_logging`); passed on, they
+/// can abort the process.
+pub const TEARDOWN_LOG_TARGETS: &[&str] = &["sled"];
+
 /// Which engine holds the records, and its settings.
 #[derive(Clone, Debug)]
 pub enum StoreSettings {

@@ -39,9 +39,9 @@ impl LogBridge {
 
     /// A record that may be written while its thread is being torn down.
     fn may_come_from_teardown(&self, metadata: &Metadata<'_>) -> bool {
+        let target = metadata.target();
         metadata.level() == Level::Trace
             && self.teardown_targets.iter().any(|crate_name| {
-                let target = metadata.target();
                 target
                     .strip_prefix(crate_name)
                     .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
@@ -55,7 +55,8 @@ impl Log for LogBridge {
     }
 
     fn log(&self, record: &Record<'_>) {
-        if self.enabled(record.metadata()) {
+        // `LogTracer::log` asks the subscriber itself whether it is enabled.
+        if !self.may_come_from_teardown(record.metadata()) {
             self.tracer.log(record);
         }
     }

@@ -315,7 +315,8 @@ pub trait CredentialStore: Send + Sync + 'static {
 
     /// Writes `value` under `name` unless something is there; returns what
     /// was there (`None`: written). Atomic on a replicated store, so of two
-    /// replicas racing, one sees the other's value.
+    /// replicas racing, one sees the other's value. A write retried after a
+    /// lost reply that finds `value` itself there answers `None`.
     async fn put_meta_if_absent(
         &self,
         name: &str,

@@ -287,40 +287,50 @@ impl EtcdStore {
             Some(_) => self.write_patience * 3,
             None => self.write_patience,
         };
+        let (response, retried) = self.txn_patiently(request, patience).await?;
+        if response.succeeded {
+            return Ok(CasOutcome::Written(value.map(|_| revision_of(&response))));
+        }
+        let current = first_kv(response);
+        // An earlier attempt whose reply was lost landed: our exact bytes
+        // are there (sealed values are unique: random nonce), or the key we
+        // deleted is gone.
+        match (&value, &current) {
+            (Some(ours), Some(stored)) if retried && stored.value == *ours => {
+                return Ok(CasOutcome::Written(Some(stored.revision)))
+            }
+            (None, None) if retried => return Ok(CasOutcome::Written(None)),
+            _ => {}
+        }
+        // Our record is as expected, so the fence failed.
+        if fence.is_some() && current.as_ref().map(|v| v.revision) == expected {
+            return Err(StoreError::ClaimLost);
+        }
+        Ok(CasOutcome::Conflict(current))
+    }
+
+    /// Sends a transaction, and sends it again while it fails in a way that
+    /// leaves its outcome unknown (a lost reply, no leader), until
+    /// `patience` has passed. The same compare decides each attempt, so a
+    /// landed one is never applied twice; `true` with the response says an
+    /// earlier attempt may have landed, for the caller's read-back.
+    async fn txn_patiently(
+        &self,
+        request: TxnRequest,
+        patience: Duration,
+    ) -> Result<(TxnResponse, bool), rpc::Failed> {
         let deadline = tokio::time::Instant::now() + patience;
-        let mut attempted = false;
+        let mut retried = false;
         loop {
             match self.txn(request.clone()).await {
-                Ok(response) if response.succeeded => {
-                    return Ok(CasOutcome::Written(value.map(|_| revision_of(&response))))
-                }
-                Ok(response) => {
-                    let current = first_kv(response);
-                    // An earlier attempt whose reply was lost landed: our
-                    // exact bytes are there (sealed values are unique:
-                    // random nonce), or the key we deleted is gone.
-                    match (&value, &current) {
-                        (Some(ours), Some(stored)) if attempted && stored.value == *ours => {
-                            return Ok(CasOutcome::Written(Some(stored.revision)))
-                        }
-                        (None, None) if attempted => return Ok(CasOutcome::Written(None)),
-                        _ => {}
-                    }
-                    // Our record is as expected, so the fence failed.
-                    if fence.is_some() && current.as_ref().map(|v| v.revision) == expected {
-                        return Err(StoreError::ClaimLost);
-                    }
-                    return Ok(CasOutcome::Conflict(current));
-                }
+                Ok(response) => return Ok((response, retried)),
                 Err(status)
                     if status.outcome_unknown() && tokio::time::Instant::now() < deadline =>
                 {
-                    // Lost reply or no leader: the same compare decides,
-                    // and the read-back above resolves a write that landed.
-                    attempted = true;
+                    retried = true;
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                Err(status) => return Err(status.into()),
+                Err(status) => return Err(status),
             }
         }
     }
@@ -543,17 +553,25 @@ impl CredentialStore for EtcdStore {
         value: Vec<u8>,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.key(META, name.as_bytes());
-        let response = self
-            .txn(TxnRequest {
-                compare: vec![revision_is(&key, None)],
-                success: vec![put(key.clone(), value)],
-                failure: vec![range(key)],
-            })
-            .await?;
-        Ok(if response.succeeded {
+        let request = TxnRequest {
+            compare: vec![revision_is(&key, None)],
+            success: vec![put(key.clone(), value.clone())],
+            failure: vec![range(key)],
+        };
+        // A replica's first write at start-up: one call failed in the
+        // transport must not fail the start, so it rides out what `swap`
+        // rides out.
+        let (response, retried) = self.txn_patiently(request, self.write_patience).await?;
+        if response.succeeded {
+            return Ok(None);
+        }
+        let there = first_kv(response).map(|v| v.value);
+        // An earlier attempt whose reply was lost landed (or another
+        // replica wrote the same value, which the caller reads alike).
+        Ok(if retried && there.as_ref() == Some(&value) {
             None
         } else {
-            first_kv(response).map(|v| v.value)
+            there
         })
     }
 

@@ -216,6 +216,23 @@ impl EtcdCluster {
     }
 }
 
+impl EtcdCluster {
+    /// Waits until member `i` itself answers `/health`: it has a leader
+    /// and a quorum read through it answers. A member just thawed can take
+    /// seconds to get there on a loaded host, and until it has, the cluster
+    /// has one working member fewer than it seems.
+    pub fn wait_member_healthy(&self, i: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !health(self.members[i].client_port) {
+            assert!(
+                Instant::now() < deadline,
+                "etcd member {i} did not become healthy"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// `GET /health` says the member is part of a working cluster.
 fn health(port: u16) -> bool {
     get(port, "/health").contains("\"health\":\"true\"")

@@ -65,15 +65,16 @@ async fn the_etcd_store_rides_out_a_dead_follower_under_put_if_absent() {
     // `swap`'s patience to ride, not this test's.
     cluster.kill((leader + 1) % 3);
 
-    let names: Vec<String> = (0..12).map(|i| format!("fp/{i}")).collect();
+    // Zero-padded, so the names' order is the store's.
+    let expected: Vec<(String, Vec<u8>)> =
+        (0u8..12).map(|i| (format!("fp/{i:02}"), vec![i])).collect();
     let outcomes = futures::future::join_all(
-        names
+        expected
             .iter()
-            .zip(0u8..)
-            .map(|(name, i)| store.put_meta_if_absent(name, vec![i])),
+            .map(|(name, value)| store.put_meta_if_absent(name, value.clone())),
     )
     .await;
-    for (name, outcome) in names.iter().zip(outcomes) {
+    for ((name, _), outcome) in expected.iter().zip(outcomes) {
         assert_eq!(
             outcome.unwrap_or_else(|e| panic!("put-if-absent of {name} failed: {e}")),
             None,
@@ -82,12 +83,6 @@ async fn the_etcd_store_rides_out_a_dead_follower_under_put_if_absent() {
     }
     let mut meta = store.all_meta().await.unwrap();
     meta.sort();
-    let mut expected: Vec<(String, Vec<u8>)> = names
-        .iter()
-        .cloned()
-        .zip((0u8..).map(|i| vec![i]))
-        .collect();
-    expected.sort();
     assert_eq!(meta, expected, "each value landed once, as written");
 }
 

@@ -202,34 +202,30 @@ impl EtcdCluster {
 
     /// Waits until a quorum answers a read through some member.
     pub fn wait_healthy(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            if self.members.iter().any(|m| health(m.client_port)) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the etcd cluster did not become healthy"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(within, "the etcd cluster did not become healthy", || {
+            self.members.iter().any(|m| health(m.client_port))
+        });
     }
-}
 
-impl EtcdCluster {
     /// Waits until member `i` itself answers `/health`: it has a leader
     /// and a quorum read through it answers. A member just thawed can take
     /// seconds to get there on a loaded host, and until it has, the cluster
     /// has one working member fewer than it seems.
     pub fn wait_member_healthy(&self, i: usize, within: Duration) {
-        let deadline = Instant::now() + within;
-        while !health(self.members[i].client_port) {
-            assert!(
-                Instant::now() < deadline,
-                "etcd member {i} did not become healthy"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            within,
+            &format!("etcd member {i} did not become healthy"),
+            || health(self.members[i].client_port),
+        );
+    }
+}
+
+/// Polls `done` every 50 ms; fails the test with `failure` after `within`.
+fn wait_until(within: Duration, failure: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{failure}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -86,6 +86,62 @@ async fn the_etcd_store_rides_out_a_dead_follower_under_put_if_absent() {
     assert_eq!(meta, expected, "each value landed once, as written");
 }
 
+/// Etcd only: a member that freezes (SIGSTOP: its connections stay open,
+/// it answers nothing) costs the calls sent to it before anyone could know,
+/// and no more. Before, it kept its turn until the first of them timed out,
+/// so for a whole request timeout every third call waited one out. A
+/// follower first, then the leader, whose freeze adds an election.
+#[tokio::test]
+async fn a_frozen_etcd_member_stops_getting_calls_before_the_first_times_out() {
+    let cluster = EtcdCluster::start(3);
+    let leader = cluster.leader().expect("the cluster has a leader");
+    let follower = (leader + 1) % 3;
+    // Calls started this long after the freeze must not meet the member:
+    // the stall that marks it (a fifth of the 3 s request timeout) and, for
+    // the leader, the election (500 ms timeout here), with room for a
+    // loaded host. Each must answer well within the request timeout.
+    for (member, role, unaffected_after) in [
+        (follower, "follower", Duration::from_millis(1500)),
+        (leader, "leader", Duration::from_millis(2500)),
+    ] {
+        let store = store::open(&etcd_settings(&cluster, b"/frozen/"))
+            .await
+            .unwrap();
+        // A connection open to every member, as on a replica that has served.
+        for _ in 0..6 {
+            store.get_meta("probe").await.unwrap();
+        }
+        cluster.freeze(member, true);
+        let frozen_at = tokio::time::Instant::now();
+        // Open loop: a read every 50 ms for 4 s, each timed on its own.
+        let calls: Vec<_> = (0u32..80)
+            .map(|n| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(frozen_at + Duration::from_millis(50) * n).await;
+                    let started = tokio::time::Instant::now();
+                    let result = store.get_meta("probe").await;
+                    (started - frozen_at, started.elapsed(), result.is_ok())
+                })
+            })
+            .collect();
+        let mut slow = Vec::new();
+        for call in calls {
+            let (started, took, answered) = call.await.unwrap();
+            if started >= unaffected_after && (!answered || took > Duration::from_secs(1)) {
+                slow.push((started, took, answered));
+            }
+        }
+        cluster.freeze(member, false);
+        assert!(
+            slow.is_empty(),
+            "with the {role} frozen, calls started after {unaffected_after:?} \
+             waited on it (started, took, answered): {slow:?}"
+        );
+        cluster.wait_member_healthy(member, Duration::from_secs(20));
+    }
+}
+
 /// Every check, in order, on one fresh store; the last ones reopen it.
 async fn keeps_the_store_contract(settings: &StoreSettings) {
     let store = store::open(settings).await.unwrap();

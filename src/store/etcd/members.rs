@@ -35,6 +35,18 @@
 //! whose bench ends first, so a cluster that comes back is used at once,
 //! never refused by this layer.
 //!
+//! A member can freeze with calls out on it, and its first failure comes
+//! only when one of them times out. Until then, a member that has calls
+//! out and has answered nothing for [`STALL_FRACTION`] of the request
+//! timeout is passed over: new calls go to its peers, and nothing is
+//! counted against it, so a member that is merely slow loses no standing
+//! and is back in the turn with its next answer. Before, a frozen member
+//! kept its turn for the whole timeout, and every call it took in that
+//! time waited the timeout out. When every member the turn could use is
+//! stalled (an election: calls forwarded to a frozen leader hang on every
+//! member), the turn goes on as if none were, since passing over all of
+//! them would help no call.
+//!
 //! A stream (the watch) fails without failing its call: its member answered
 //! the call and then fell silent. Each response carries the member that
 //! answered it ([`AnsweredBy`], in its extensions), so the watch can count a
@@ -69,6 +81,12 @@ pub const LONGEST_BENCH: Duration = Duration::from_secs(60);
 /// that ended with the timeout let a second call in as the first failed,
 /// and both waited out the timeout.
 const TRIAL_MARGIN: Duration = Duration::from_secs(1);
+/// The share of the request timeout a member with calls out may go without
+/// answering before new calls pass it over. A healthy member answers in
+/// milliseconds, a call under an election in about a second; a fifth of
+/// the default 5 s timeout is past both, and leaves four fifths of it that
+/// the calls a frozen member would have taken no longer wait.
+const STALL_FRACTION: u32 = 5;
 
 /// Every member, cheap to clone: the clones share the turn and the benches.
 #[derive(Clone)]
@@ -85,6 +103,9 @@ struct Shared {
     /// timeout and [`TRIAL_MARGIN`], so a trial answers or fails within
     /// it, and one whose caller gave up is followed by another.
     trial_hold: u64,
+    /// Milliseconds without an answer after which a member with calls out
+    /// is passed over: the request timeout over [`STALL_FRACTION`].
+    stall: u64,
 }
 
 struct Member {
@@ -98,6 +119,12 @@ struct Member {
     /// Good answers so far: a call that got none counts against the member
     /// only if this has not moved since the call was sent.
     answers: AtomicU64,
+    /// Calls sent to the member that have not ended yet.
+    out: AtomicU32,
+    /// Milliseconds since `epoch` of the member's last response, or of
+    /// the first call sent after a time with none out, whichever is later:
+    /// how long calls out on it have gone unanswered is measured from here.
+    heard_at: AtomicU64,
 }
 
 /// What a call found when it was sent, to judge its outcome by.
@@ -121,6 +148,13 @@ enum Outcome {
 }
 
 impl Member {
+    /// Whether the member has calls out and has answered nothing for
+    /// `stall` milliseconds.
+    fn stalled(&self, now: u64, stall: u64) -> bool {
+        self.out.load(Ordering::Relaxed) > 0
+            && now.saturating_sub(self.heard_at.load(Ordering::Relaxed)) >= stall
+    }
+
     /// Whether a call may go to this member now, `until` being its
     /// `benched_until` as read, already past. A member in good standing
     /// takes any number of calls; one whose bench has ended takes one, the
@@ -156,6 +190,8 @@ impl Members {
                 benched_until: AtomicU64::new(0),
                 failures_in_a_row: AtomicU32::new(0),
                 answers: AtomicU64::new(0),
+                out: AtomicU32::new(0),
+                heard_at: AtomicU64::new(0),
             })
             .collect();
         Some(Self {
@@ -164,6 +200,7 @@ impl Members {
                 turn: AtomicUsize::new(0),
                 epoch: Instant::now(),
                 trial_hold: millis(request_timeout.saturating_add(TRIAL_MARGIN)),
+                stall: millis(request_timeout / STALL_FRACTION),
             }),
         })
     }
@@ -204,24 +241,62 @@ impl Shared {
     }
 
     /// The member for the next call: the next in turn that takes one (not
-    /// benched, not on trial), or, if none does, the one back soonest; with
+    /// benched, not on trial) and is not stalled; failing that, the first
+    /// stalled one that takes it; failing that, the one back soonest. With
     /// what the call found of it.
     fn pick(&self, now: u64) -> Ticket {
         let count = self.members.len();
         let start = self.turn.fetch_add(1, Ordering::Relaxed) % count;
         let mut soonest = (u64::MAX, start);
+        let mut first_stalled = None;
         for step in 0..count {
             let index = (start + step) % count;
             let member = &self.members[index];
             let until = member.benched_until.load(Ordering::Relaxed);
-            if until <= now && member.takes_a_call(until, now, self.trial_hold) {
-                return self.ticket(index);
+            if until <= now {
+                if member.stalled(now, self.stall) {
+                    first_stalled = first_stalled.or(Some((index, until)));
+                } else if member.takes_a_call(until, now, self.trial_hold) {
+                    return self.ticket(index);
+                }
             }
             if until < soonest.0 {
                 soonest = (until, index);
             }
         }
-        self.ticket(soonest.1)
+        match first_stalled {
+            Some((index, until))
+                if self.members[index].takes_a_call(until, now, self.trial_hold) =>
+            {
+                self.ticket(index)
+            }
+            _ => self.ticket(soonest.1),
+        }
+    }
+
+    /// Picks the member for a call and counts the call out on it until the
+    /// returned guard is dropped.
+    fn send(self: &Arc<Self>, now: u64) -> (Ticket, CallOut) {
+        let ticket = self.pick(now);
+        let member = &self.members[ticket.index];
+        if member.out.fetch_add(1, Ordering::Relaxed) == 0 {
+            // Nothing was out: the wait for an answer starts now, not at
+            // the member's last answer, which may be long ago.
+            member.heard_at.fetch_max(now, Ordering::Relaxed);
+        }
+        let out = CallOut {
+            shared: Arc::clone(self),
+            index: ticket.index,
+        };
+        (ticket, out)
+    }
+
+    /// The member sent a response (any, even an error status): it is not
+    /// stalled.
+    fn heard_from(&self, index: usize, now: u64) {
+        self.members[index]
+            .heard_at
+            .fetch_max(now, Ordering::Relaxed);
     }
 
     /// [`Members::went_silent`] at `now`.
@@ -281,6 +356,21 @@ impl Shared {
     }
 }
 
+/// A call counted out on its member until it ends, however it ends: with a
+/// response, a failure, or its caller dropping it.
+struct CallOut {
+    shared: Arc<Shared>,
+    index: usize,
+}
+
+impl Drop for CallOut {
+    fn drop(&mut self) {
+        self.shared.members[self.index]
+            .out
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Milliseconds a member is left out after `failures` failures in a row.
 fn bench(failures: u32) -> u64 {
     let doublings = failures.saturating_sub(1).min(16);
@@ -331,12 +421,15 @@ impl Service<http::Request<Body>> for Members {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let shared = Arc::clone(&self.shared);
-        let ticket = shared.pick(shared.now());
+        let (ticket, out) = shared.send(shared.now());
         let channel = shared.members[ticket.index].channel.clone();
         Box::pin(async move {
             let mut result = channel.oneshot(request).await;
-            shared.record(ticket, outcome(&result), shared.now());
+            drop(out);
+            let now = shared.now();
+            shared.record(ticket, outcome(&result), now);
             if let Ok(response) = &mut result {
+                shared.heard_from(ticket.index, now);
                 response.extensions_mut().insert(AnsweredBy {
                     index: ticket.index,
                 });
@@ -567,6 +660,70 @@ mod tests {
         assert!(!members.any_in_good_standing());
         answer(&members.shared, 1, 60_001);
         assert!(members.any_in_good_standing());
+    }
+
+    #[tokio::test]
+    async fn a_member_with_calls_out_and_no_answer_for_a_fifth_of_the_timeout_is_passed_over() {
+        let members = members(3);
+        let shared = &members.shared;
+        // A call out on member 0 from 10 s (the calls to the others ended
+        // at once); the stall is 800 ms (4 s / 5).
+        let out: Vec<_> = (0..3)
+            .map(|_| shared.send(10_000))
+            .filter(|(ticket, _)| ticket.index == 0)
+            .collect();
+        assert_eq!(out.len(), 1);
+        assert_eq!(calls_to(&picks(shared, 6, 10_799), 0), 2);
+        let stalled = picks(shared, 6, 10_800);
+        assert_eq!(calls_to(&stalled, 0), 0, "{stalled:?}");
+        assert_eq!(calls_to(&stalled, 1) + calls_to(&stalled, 2), 6);
+        // Nothing counts against it: not benched, still in good standing.
+        assert_eq!(benched_until(shared, 0), 0);
+        assert!(members.any_in_good_standing());
+        // Its next response, whatever it says, puts it back in the turn.
+        shared.heard_from(0, 11_000);
+        assert_eq!(calls_to(&picks(shared, 6, 11_000), 0), 2);
+    }
+
+    #[tokio::test]
+    async fn the_wait_for_an_answer_starts_with_the_first_call_out_not_the_last_answer() {
+        let members = members(3);
+        let shared = &members.shared;
+        shared.heard_from(0, 1_000);
+        // Idle for a minute, then a call goes out: not stalled at once.
+        let (ticket, out) = loop {
+            let (ticket, out) = shared.send(61_000);
+            if ticket.index == 0 {
+                break (ticket, out);
+            }
+        };
+        assert_eq!(ticket.index, 0);
+        assert_eq!(calls_to(&picks(shared, 6, 61_500), 0), 2);
+        assert_eq!(calls_to(&picks(shared, 6, 61_800), 0), 0);
+        // The call ended unanswered (its caller gave up): nothing is out,
+        // so nothing is waited for.
+        drop(out);
+        assert_eq!(calls_to(&picks(shared, 6, 61_800), 0), 2);
+    }
+
+    #[tokio::test]
+    async fn with_every_member_stalled_the_turn_goes_on_as_if_none_were() {
+        let members = members(3);
+        let shared = &members.shared;
+        // An election: calls out on every member, none answered.
+        let _out: Vec<_> = (0..3).map(|_| shared.send(0)).collect();
+        assert_eq!(picks(shared, 6, 5_000), [0, 1, 2, 0, 1, 2]);
+        // One answers: it takes every call until the others do.
+        shared.heard_from(1, 5_000);
+        assert_eq!(picks(shared, 6, 5_000), [1, 1, 1, 1, 1, 1]);
+        // A benched member stays out even when the others are stalled.
+        fail(shared, 1, 5_000);
+        let stalled_or_benched = picks(shared, 6, 6_000);
+        assert_eq!(
+            calls_to(&stalled_or_benched, 1),
+            0,
+            "{stalled_or_benched:?}"
+        );
     }
 
     #[tokio::test]

@@ -146,6 +146,8 @@ pub struct EtcdStore {
 }
 
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// A read that found no member to answer it within two request timeouts.
+const READ_TIMED_OUT: &str = "etcd: no member answered the read within two request timeouts";
 
 impl EtcdStore {
     /// At most `limit` keys from `start` to the end of `base`'s range;
@@ -167,27 +169,34 @@ impl EtcdStore {
     }
 
     /// Every read goes through here. A read whose member failed it in a way
-    /// that benches the member (timed out, refused, no leader: the failures
-    /// that leave a write's outcome unknown) is tried once more, on another
-    /// member, if one is in good standing. A read changes nothing, so trying
-    /// it twice is safe; it costs the caller that met a frozen member one
-    /// timeout and an answer instead of one timeout and an error.
+    /// that leaves the member in doubt (timed out, refused, no leader,
+    /// leader changed: the failures that leave a write's outcome unknown)
+    /// is tried again, on the member next in turn, while one is in good
+    /// standing, until two request timeouts have passed since the read
+    /// began; each try gets what is left of them. A read changes nothing,
+    /// so trying it again is safe. A caller that met a frozen member gets
+    /// an answer after one timeout. So does one whose first try an election
+    /// turned away and whose second met the frozen leader before anyone
+    /// knew it was frozen: with one retry only, that read failed. No read
+    /// waits longer than two timeouts, as before.
     async fn range(&self, request: RangeRequest) -> Result<RangeResponse, StoreError> {
-        let failed = match self.kv.clone().range(request.clone()).await {
-            Ok(response) => return Ok(response.into_inner()),
-            Err(status) => rpc::Failed::from(status),
-        };
-        if !(failed.outcome_unknown() && self.members.any_in_good_standing()) {
-            return Err(failed.into());
+        let deadline = tokio::time::Instant::now() + self.write_patience * 2;
+        loop {
+            let mut kv = self.kv.clone();
+            let failed = match tokio::time::timeout_at(deadline, kv.range(request.clone())).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) => rpc::Failed::from(status),
+                Err(_) => return Err(StoreError::Io(READ_TIMED_OUT.into())),
+            };
+            let retry = failed.outcome_unknown()
+                && self.members.any_in_good_standing()
+                && tokio::time::Instant::now() + RETRY_PAUSE < deadline;
+            if !retry {
+                return Err(failed.into());
+            }
+            tracing::debug!("an etcd member failed a read; reading from another");
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
-        tracing::debug!("an etcd member failed a read; reading from another");
-        Ok(self
-            .kv
-            .clone()
-            .range(request)
-            .await
-            .map_err(rpc::status_error)?
-            .into_inner())
     }
 
     /// Connects (lazily: a cluster that is down now is retried per call)

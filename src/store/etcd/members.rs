@@ -42,7 +42,12 @@
 //! counted against it, so a member that is merely slow loses no standing
 //! and is back in the turn with its next answer. Before, a frozen member
 //! kept its turn for the whole timeout, and every call it took in that
-//! time waited the timeout out. When every member the turn could use is
+//! time waited the timeout out. A stalled member still takes one call per
+//! stall, its probe. The calls a healthy member forwarded to a frozen
+//! leader hang until the election is over; without a call to answer, the
+//! member would answer nothing before they time out, and be benched for
+//! them (seen: with two members benched so, every call went to the one
+//! left, which froze next). When every member the turn could use is
 //! stalled (an election: calls forwarded to a frozen leader hang on every
 //! member), the turn goes on as if none were, since passing over all of
 //! them would help no call.
@@ -125,6 +130,9 @@ struct Member {
     /// the first call sent after a time with none out, whichever is later:
     /// how long calls out on it have gone unanswered is measured from here.
     heard_at: AtomicU64,
+    /// Milliseconds since `epoch` from which the member, if stalled, takes
+    /// its next probe.
+    probe_at: AtomicU64,
 }
 
 /// What a call found when it was sent, to judge its outcome by.
@@ -153,6 +161,21 @@ impl Member {
     fn stalled(&self, now: u64, stall: u64) -> bool {
         self.out.load(Ordering::Relaxed) > 0
             && now.saturating_sub(self.heard_at.load(Ordering::Relaxed)) >= stall
+    }
+
+    /// Whether this call is the stalled member's probe: one per `stall`.
+    fn takes_a_probe(&self, now: u64, stall: u64) -> bool {
+        let due = self.probe_at.load(Ordering::Relaxed);
+        due <= now
+            && self
+                .probe_at
+                .compare_exchange(
+                    due,
+                    now.saturating_add(stall),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     /// Whether a call may go to this member now, `until` being its
@@ -192,6 +215,7 @@ impl Members {
                 answers: AtomicU64::new(0),
                 out: AtomicU32::new(0),
                 heard_at: AtomicU64::new(0),
+                probe_at: AtomicU64::new(0),
             })
             .collect();
         Some(Self {
@@ -241,9 +265,9 @@ impl Shared {
     }
 
     /// The member for the next call: the next in turn that takes one (not
-    /// benched, not on trial) and is not stalled; failing that, the first
-    /// stalled one that takes it; failing that, the one back soonest. With
-    /// what the call found of it.
+    /// benched, not on trial) and is not stalled, or is and takes the call
+    /// as its probe; failing that, the first stalled one that takes it;
+    /// failing that, the one back soonest. With what the call found of it.
     fn pick(&self, now: u64) -> Ticket {
         let count = self.members.len();
         let start = self.turn.fetch_add(1, Ordering::Relaxed) % count;
@@ -254,7 +278,7 @@ impl Shared {
             let member = &self.members[index];
             let until = member.benched_until.load(Ordering::Relaxed);
             if until <= now {
-                if member.stalled(now, self.stall) {
+                if member.stalled(now, self.stall) && !member.takes_a_probe(now, self.stall) {
                     first_stalled = first_stalled.or(Some((index, until)));
                 } else if member.takes_a_call(until, now, self.trial_hold) {
                     return self.ticket(index);
@@ -674,15 +698,17 @@ mod tests {
             .collect();
         assert_eq!(out.len(), 1);
         assert_eq!(calls_to(&picks(shared, 6, 10_799), 0), 2);
-        let stalled = picks(shared, 6, 10_800);
-        assert_eq!(calls_to(&stalled, 0), 0, "{stalled:?}");
-        assert_eq!(calls_to(&stalled, 1) + calls_to(&stalled, 2), 6);
+        // Stalled: one call per stall is its probe, the rest go to its peers.
+        let stalled = picks(shared, 30, 10_800);
+        assert_eq!(calls_to(&stalled, 0), 1, "{stalled:?}");
+        assert_eq!(calls_to(&picks(shared, 30, 11_599), 0), 0);
+        assert_eq!(calls_to(&picks(shared, 30, 11_600), 0), 1);
         // Nothing counts against it: not benched, still in good standing.
         assert_eq!(benched_until(shared, 0), 0);
         assert!(members.any_in_good_standing());
         // Its next response, whatever it says, puts it back in the turn.
-        shared.heard_from(0, 11_000);
-        assert_eq!(calls_to(&picks(shared, 6, 11_000), 0), 2);
+        shared.heard_from(0, 11_700);
+        assert_eq!(calls_to(&picks(shared, 6, 11_700), 0), 2);
     }
 
     #[tokio::test]
@@ -699,6 +725,8 @@ mod tests {
         };
         assert_eq!(ticket.index, 0);
         assert_eq!(calls_to(&picks(shared, 6, 61_500), 0), 2);
+        // Stalled: its probe, then nothing.
+        assert_eq!(calls_to(&picks(shared, 6, 61_800), 0), 1);
         assert_eq!(calls_to(&picks(shared, 6, 61_800), 0), 0);
         // The call ended unanswered (its caller gave up): nothing is out,
         // so nothing is waited for.
@@ -707,13 +735,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stalled_member_that_answers_its_probe_is_not_benched_for_its_hung_calls() {
+        let members = members(3);
+        let shared = &members.shared;
+        // Member 0 forwarded a call to a frozen leader: it hangs. Members
+        // 1 and 2 answer (the election is over).
+        let (hung, out) = loop {
+            let (ticket, out) = shared.send(0);
+            if ticket.index == 0 {
+                break (ticket, out);
+            }
+        };
+        // Stalled from 800 ms: its probe, answered at once.
+        let probe = (0..3)
+            .map(|_| shared.pick(1_000))
+            .find(|ticket| ticket.index == 0)
+            .expect("the stalled member takes its probe");
+        shared.record(probe, Outcome::Answered, 1_010);
+        shared.heard_from(0, 1_010);
+        // The hung call times out: the member answered since, so it is
+        // not benched, and it is back in the turn.
+        drop(out);
+        shared.record(hung, Outcome::NoAnswer, 4_000);
+        assert_eq!(benched_until(shared, 0), 0);
+        assert_eq!(calls_to(&picks(shared, 6, 4_000), 0), 2);
+    }
+
+    #[tokio::test]
     async fn with_every_member_stalled_the_turn_goes_on_as_if_none_were() {
         let members = members(3);
         let shared = &members.shared;
-        // An election: calls out on every member, none answered.
+        // An election: calls out on every member, none answered. Each
+        // takes its probe, then the calls go round all the same.
         let _out: Vec<_> = (0..3).map(|_| shared.send(0)).collect();
-        assert_eq!(picks(shared, 6, 5_000), [0, 1, 2, 0, 1, 2]);
-        // One answers: it takes every call until the others do.
+        assert_eq!(picks(shared, 9, 5_000), [0, 1, 2, 0, 1, 2, 0, 1, 2]);
+        // One answers: it takes every call until the others do (or their
+        // next probes are due).
         shared.heard_from(1, 5_000);
         assert_eq!(picks(shared, 6, 5_000), [1, 1, 1, 1, 1, 1]);
         // A benched member stays out even when the others are stalled.

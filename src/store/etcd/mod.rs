@@ -182,6 +182,7 @@ impl EtcdStore {
     async fn range(&self, request: RangeRequest) -> Result<RangeResponse, StoreError> {
         let deadline = tokio::time::Instant::now() + self.write_patience * 2;
         loop {
+            let tried = tokio::time::Instant::now();
             let mut kv = self.kv.clone();
             let failed = match tokio::time::timeout_at(deadline, kv.range(request.clone())).await {
                 Ok(Ok(response)) => return Ok(response.into_inner()),
@@ -195,7 +196,9 @@ impl EtcdStore {
                 return Err(failed.into());
             }
             tracing::debug!("an etcd member failed a read; reading from another");
-            tokio::time::sleep(RETRY_PAUSE).await;
+            // Tries start at least a pause apart: one turned away at once
+            // (no leader yet) waits, one that timed out goes again now.
+            tokio::time::sleep_until(tried + RETRY_PAUSE).await;
         }
     }
 

@@ -500,6 +500,15 @@ mod tests {
         shared.record(shared.ticket(member), Outcome::Answered, now);
     }
 
+    /// A call sent at `now` that the turn gives to `member`; the calls it
+    /// gives to the others on the way end at once.
+    fn send_to(shared: &Arc<Shared>, member: usize, now: u64) -> (Ticket, CallOut) {
+        (0..shared.members.len() * 2)
+            .map(|_| shared.send(now))
+            .find(|(ticket, _)| ticket.index == member)
+            .expect("the turn reaches the member")
+    }
+
     fn benched_until(shared: &Shared, member: usize) -> u64 {
         shared.members[member].benched_until.load(Ordering::Relaxed)
     }
@@ -690,13 +699,8 @@ mod tests {
     async fn a_member_with_calls_out_and_no_answer_for_a_fifth_of_the_timeout_is_passed_over() {
         let members = members(3);
         let shared = &members.shared;
-        // A call out on member 0 from 10 s (the calls to the others ended
-        // at once); the stall is 800 ms (4 s / 5).
-        let out: Vec<_> = (0..3)
-            .map(|_| shared.send(10_000))
-            .filter(|(ticket, _)| ticket.index == 0)
-            .collect();
-        assert_eq!(out.len(), 1);
+        // A call out on member 0 from 10 s; the stall is 800 ms (4 s / 5).
+        let _out = send_to(shared, 0, 10_000);
         assert_eq!(calls_to(&picks(shared, 6, 10_799), 0), 2);
         // Stalled: one call per stall is its probe, the rest go to its peers.
         let stalled = picks(shared, 30, 10_800);
@@ -717,13 +721,7 @@ mod tests {
         let shared = &members.shared;
         shared.heard_from(0, 1_000);
         // Idle for a minute, then a call goes out: not stalled at once.
-        let (ticket, out) = loop {
-            let (ticket, out) = shared.send(61_000);
-            if ticket.index == 0 {
-                break (ticket, out);
-            }
-        };
-        assert_eq!(ticket.index, 0);
+        let (_, out) = send_to(shared, 0, 61_000);
         assert_eq!(calls_to(&picks(shared, 6, 61_500), 0), 2);
         // Stalled: its probe, then nothing.
         assert_eq!(calls_to(&picks(shared, 6, 61_800), 0), 1);
@@ -740,12 +738,7 @@ mod tests {
         let shared = &members.shared;
         // Member 0 forwarded a call to a frozen leader: it hangs. Members
         // 1 and 2 answer (the election is over).
-        let (hung, out) = loop {
-            let (ticket, out) = shared.send(0);
-            if ticket.index == 0 {
-                break (ticket, out);
-            }
-        };
+        let (hung, out) = send_to(shared, 0, 0);
         // Stalled from 800 ms: its probe, answered at once.
         let probe = (0..3)
             .map(|_| shared.pick(1_000))

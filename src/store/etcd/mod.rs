@@ -141,7 +141,8 @@ pub struct EtcdStore {
     replica: String,
     watcher: Arc<Watcher>,
     claim_takeover: Duration,
-    /// How long a write retries a transient failure (a leader election).
+    /// How long a write retries a transient failure (a leader election);
+    /// a read retries for twice as long. The request timeout.
     write_patience: Duration,
 }
 

@@ -91,8 +91,9 @@ async fn the_etcd_store_rides_out_a_dead_follower_under_put_if_absent() {
 /// and then one call per stall (a fifth of the request timeout), its probe.
 /// Before, it kept its turn until the first of them timed out, so for a
 /// whole request timeout every third call waited one out. A follower
-/// first, then the leader, whose freeze adds an election. No read fails
-/// either: one that meets the frozen member is read again elsewhere.
+/// first, then the leader, whose freeze adds an election. No read or write
+/// fails either: one that meets the frozen member, or that a healthy
+/// member forwarded to the frozen leader, is sent again to another.
 #[tokio::test]
 async fn a_frozen_etcd_member_stops_getting_calls_before_the_first_times_out() {
     let cluster = EtcdCluster::start(3);
@@ -121,15 +122,26 @@ async fn a_frozen_etcd_member_stops_getting_calls_before_the_first_times_out() {
         }
         cluster.freeze(member, true);
         let frozen_at = tokio::time::Instant::now();
-        // Open loop: a read every 50 ms for 4 s, each timed on its own.
-        let calls: Vec<_> = (0u32..80)
+        // Open loop: a read and a write (a record with its event, as a
+        // Deposit writes) every 50 ms for 4 s, each timed on its own.
+        let calls: Vec<_> = (0u32..160)
             .map(|n| {
                 let store = Arc::clone(&store);
                 tokio::spawn(async move {
-                    tokio::time::sleep_until(frozen_at + Duration::from_millis(50) * n).await;
+                    tokio::time::sleep_until(frozen_at + Duration::from_millis(50) * (n / 2)).await;
                     let started = tokio::time::Instant::now();
-                    let result = store.get_meta("probe").await;
-                    (started - frozen_at, started.elapsed(), result.err())
+                    let error = if n % 2 == 0 {
+                        store.get_meta("probe").await.err()
+                    } else {
+                        let key = StoreKey::new("acme", &format!("{role}-{n}"), "google");
+                        let write = Write {
+                            value: Some(vec![7; 200]),
+                            event: Some(event(1)),
+                            ..Write::DURABLE
+                        };
+                        store.write(&key, write).await.err()
+                    };
+                    (started - frozen_at, started.elapsed(), error)
                 })
             })
             .collect();
@@ -144,12 +156,12 @@ async fn a_frozen_etcd_member_stops_getting_calls_before_the_first_times_out() {
         }
         cluster.freeze(member, false);
         println!(
-            "{role} frozen: {} of 80 reads failed; after {unaffected_after:?}, these waited (started, took): {slow:?}",
+            "{role} frozen: {} of 160 calls failed; after {unaffected_after:?}, these waited (started, took): {slow:?}",
             failed.len()
         );
         assert!(
             failed.is_empty(),
-            "with the {role} frozen, reads failed (started, took, error): {failed:?}"
+            "with the {role} frozen, calls failed (started, took, error): {failed:?}"
         );
         // Probes only: on the 50 ms grid, at least 600 ms apart.
         let probe_spacing = Duration::from_millis(550);

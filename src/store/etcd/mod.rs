@@ -141,14 +141,18 @@ pub struct EtcdStore {
     replica: String,
     watcher: Arc<Watcher>,
     claim_takeover: Duration,
-    /// How long a write retries a transient failure (a leader election);
-    /// a read retries for twice as long. The request timeout.
+    /// How long a write starts new tries after a transient failure (a
+    /// leader election), each then given up to one more; a read retries
+    /// for twice as long. The request timeout.
     write_patience: Duration,
 }
 
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// A read that found no member to answer it within two request timeouts.
 const READ_TIMED_OUT: &str = "etcd: no member answered the read within two request timeouts";
+/// A write that found no member to commit it within its patience and a
+/// request timeout; its outcome is unknown.
+const WRITE_TIMED_OUT: &str = "etcd: no member answered the write in time; it may have landed";
 
 impl EtcdStore {
     /// At most `limit` keys from `start` to the end of `base`'s range;
@@ -323,28 +327,38 @@ impl EtcdStore {
     }
 
     /// Sends a transaction, and sends it again while it fails in a way that
-    /// leaves its outcome unknown (a lost reply, no leader), until
-    /// `patience` has passed. The same compare decides each attempt, so a
-    /// landed one is never applied twice; `true` with the response says an
-    /// earlier attempt may have landed, for the caller's read-back.
+    /// leaves its outcome unknown (a lost reply, no leader, leader
+    /// changed), until `patience` and one request timeout have passed;
+    /// each try gets what is left of them, and tries start at least a pause
+    /// apart. The same compare decides each attempt, so a landed one is
+    /// never applied twice; `true` with the response says an earlier
+    /// attempt may have landed, for the caller's read-back.
+    ///
+    /// That bound is the worst case as it was when tries started only
+    /// within `patience`: one started just before it ended could take a
+    /// whole timeout. Tries may now start in that last timeout too. Before,
+    /// a write that a healthy member forwarded to a frozen leader timed out
+    /// as its patience ended, and failed; now it is sent again, to a member
+    /// that answers.
     async fn txn_patiently(
         &self,
         request: TxnRequest,
         patience: Duration,
-    ) -> Result<(TxnResponse, bool), rpc::Failed> {
-        let deadline = tokio::time::Instant::now() + patience;
+    ) -> Result<(TxnResponse, bool), StoreError> {
+        let deadline = tokio::time::Instant::now() + patience + self.write_patience;
         let mut retried = false;
         loop {
-            match self.txn(request.clone()).await {
-                Ok(response) => return Ok((response, retried)),
-                Err(status)
-                    if status.outcome_unknown() && tokio::time::Instant::now() < deadline =>
-                {
-                    retried = true;
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-                Err(status) => return Err(status),
+            let tried = tokio::time::Instant::now();
+            let failed = match tokio::time::timeout_at(deadline, self.txn(request.clone())).await {
+                Ok(Ok(response)) => return Ok((response, retried)),
+                Ok(Err(failed)) => failed,
+                Err(_) => return Err(StoreError::Io(WRITE_TIMED_OUT.into())),
+            };
+            if !(failed.outcome_unknown() && tokio::time::Instant::now() + RETRY_PAUSE < deadline) {
+                return Err(failed.into());
             }
+            retried = true;
+            tokio::time::sleep_until(tried + RETRY_PAUSE).await;
         }
     }
 

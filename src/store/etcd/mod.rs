@@ -154,6 +154,43 @@ const READ_TIMED_OUT: &str = "etcd: no member answered the read within two reque
 /// request timeout; its outcome is unknown.
 const WRITE_TIMED_OUT: &str = "etcd: no member answered the write in time; it may have landed";
 
+/// The one retry loop of etcd calls: sends `call`, and sends it again after
+/// a failure whose outcome is unknown (a lost reply, no leader, leader
+/// changed) while `may_retry` allows, until `deadline`; each try gets what
+/// is left of it, and tries start at least [`RETRY_PAUSE`] apart, so one
+/// turned away at once (no leader yet) waits and one that timed out goes
+/// again now. With the answer, whether a try before it failed (and so may
+/// have landed). A try cut off by the deadline fails with `timed_out`.
+async fn patiently<T, Call, Answer>(
+    deadline: tokio::time::Instant,
+    timed_out: &'static str,
+    may_retry: impl Fn() -> bool,
+    mut call: Call,
+) -> Result<(T, bool), StoreError>
+where
+    Call: FnMut() -> Answer,
+    Answer: std::future::Future<Output = Result<T, rpc::Failed>>,
+{
+    let mut retried = false;
+    loop {
+        let tried = tokio::time::Instant::now();
+        let failed = match tokio::time::timeout_at(deadline, call()).await {
+            Ok(Ok(answer)) => return Ok((answer, retried)),
+            Ok(Err(failed)) => failed,
+            Err(_) => return Err(StoreError::Io(timed_out.into())),
+        };
+        let retry = failed.outcome_unknown()
+            && may_retry()
+            && tokio::time::Instant::now() + RETRY_PAUSE < deadline;
+        if !retry {
+            return Err(failed.into());
+        }
+        tracing::debug!("an etcd call failed with its outcome unknown; sending it again");
+        retried = true;
+        tokio::time::sleep_until(tried + RETRY_PAUSE).await;
+    }
+}
+
 impl EtcdStore {
     /// At most `limit` keys from `start` to the end of `base`'s range;
     /// `shape` adds an order or a revision bound.
@@ -186,25 +223,13 @@ impl EtcdStore {
     /// waits longer than two timeouts, as before.
     async fn range(&self, request: RangeRequest) -> Result<RangeResponse, StoreError> {
         let deadline = tokio::time::Instant::now() + self.write_patience * 2;
-        loop {
-            let tried = tokio::time::Instant::now();
-            let mut kv = self.kv.clone();
-            let failed = match tokio::time::timeout_at(deadline, kv.range(request.clone())).await {
-                Ok(Ok(response)) => return Ok(response.into_inner()),
-                Ok(Err(status)) => rpc::Failed::from(status),
-                Err(_) => return Err(StoreError::Io(READ_TIMED_OUT.into())),
-            };
-            let retry = failed.outcome_unknown()
-                && self.members.any_in_good_standing()
-                && tokio::time::Instant::now() + RETRY_PAUSE < deadline;
-            if !retry {
-                return Err(failed.into());
-            }
-            tracing::debug!("an etcd member failed a read; reading from another");
-            // Tries start at least a pause apart: one turned away at once
-            // (no leader yet) waits, one that timed out goes again now.
-            tokio::time::sleep_until(tried + RETRY_PAUSE).await;
-        }
+        let read = || {
+            let (mut kv, request) = (self.kv.clone(), request.clone());
+            async move { Ok(kv.range(request).await?.into_inner()) }
+        };
+        let in_good_standing = || self.members.any_in_good_standing();
+        let (response, _) = patiently(deadline, READ_TIMED_OUT, in_good_standing, read).await?;
+        Ok(response)
     }
 
     /// Connects (lazily: a cluster that is down now is retried per call)
@@ -346,20 +371,8 @@ impl EtcdStore {
         patience: Duration,
     ) -> Result<(TxnResponse, bool), StoreError> {
         let deadline = tokio::time::Instant::now() + patience + self.write_patience;
-        let mut retried = false;
-        loop {
-            let tried = tokio::time::Instant::now();
-            let failed = match tokio::time::timeout_at(deadline, self.txn(request.clone())).await {
-                Ok(Ok(response)) => return Ok((response, retried)),
-                Ok(Err(failed)) => failed,
-                Err(_) => return Err(StoreError::Io(WRITE_TIMED_OUT.into())),
-            };
-            if !(failed.outcome_unknown() && tokio::time::Instant::now() + RETRY_PAUSE < deadline) {
-                return Err(failed.into());
-            }
-            retried = true;
-            tokio::time::sleep_until(tried + RETRY_PAUSE).await;
-        }
+        let write = || self.txn(request.clone());
+        patiently(deadline, WRITE_TIMED_OUT, || true, write).await
     }
 
     async fn claim_with(

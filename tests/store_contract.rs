@@ -11,8 +11,8 @@ mod support;
 use std::{sync::Arc, time::Duration};
 
 use credvault::store::{
-    self, CasOutcome, CredentialStore, EtcdSettings, EventCursor, NewEvent, Revision, StoreKey,
-    StoreSettings, Write,
+    self, CasOutcome, ClaimOutcome, CredentialStore, EtcdSettings, EventCursor, NewEvent, Revision,
+    StoreKey, StoreSettings, Write,
 };
 use support::etcd::EtcdCluster;
 
@@ -91,11 +91,14 @@ async fn the_etcd_store_rides_out_a_dead_follower_under_put_if_absent() {
 /// and then one call per stall (a fifth of the request timeout), its probe.
 /// Before, it kept its turn until the first of them timed out, so for a
 /// whole request timeout every third call waited one out. A follower
-/// first, then the leader, whose freeze adds an election. No read or write
-/// fails either: one that meets the frozen member, or that a healthy
-/// member forwarded to the frozen leader, is sent again to another.
+/// first, then the leader, whose freeze adds an election. No read, write
+/// or refresh claim fails either: one that meets the frozen member, or that
+/// a healthy member forwarded to the frozen leader, is sent again to
+/// another.
 #[tokio::test]
 async fn a_frozen_etcd_member_stops_getting_calls_before_the_first_times_out() {
+    // A read, a write and a claim every 50 ms for 4 s.
+    const CALLS: u32 = 240;
     let cluster = EtcdCluster::start(3);
     let leader = cluster.leader().expect("the cluster has a leader");
     let follower = (leader + 1) % 3;
@@ -122,24 +125,31 @@ async fn a_frozen_etcd_member_stops_getting_calls_before_the_first_times_out() {
         }
         cluster.freeze(member, true);
         let frozen_at = tokio::time::Instant::now();
-        // Open loop: a read and a write (a record with its event, as a
-        // Deposit writes) every 50 ms for 4 s, each timed on its own.
-        let calls: Vec<_> = (0u32..160)
+        // Open loop: a read, a write (a record with its event, as a Deposit
+        // writes) and a refresh claim every 50 ms for 4 s, each timed on
+        // its own. Each claim is on a key no one has claimed: anything but
+        // `Won` fails, a claim whose lost reply had landed among them.
+        let calls: Vec<_> = (0u32..CALLS)
             .map(|n| {
                 let store = Arc::clone(&store);
                 tokio::spawn(async move {
-                    tokio::time::sleep_until(frozen_at + Duration::from_millis(50) * (n / 2)).await;
+                    tokio::time::sleep_until(frozen_at + Duration::from_millis(50) * (n / 3)).await;
                     let started = tokio::time::Instant::now();
-                    let error = if n % 2 == 0 {
-                        store.get_meta("probe").await.err()
-                    } else {
-                        let key = StoreKey::new("acme", &format!("{role}-{n}"), "google");
-                        let write = Write {
-                            value: Some(vec![7; 200]),
-                            event: Some(event(1)),
-                            ..Write::DURABLE
-                        };
-                        store.write(&key, write).await.err()
+                    let key = StoreKey::new("acme", &format!("{role}-{n}"), "google");
+                    let error = match n % 3 {
+                        0 => store.get_meta("probe").await.err().map(|e| e.to_string()),
+                        1 => {
+                            let write = Write {
+                                value: Some(vec![7; 200]),
+                                event: Some(event(1)),
+                                ..Write::DURABLE
+                            };
+                            store.write(&key, write).await.err().map(|e| e.to_string())
+                        }
+                        _ => match store.claim(&key).await {
+                            Ok(ClaimOutcome::Won(Some(_))) => None,
+                            other => Some(format!("claim: {other:?}")),
+                        },
                     };
                     (started - frozen_at, started.elapsed(), error)
                 })
@@ -149,14 +159,14 @@ async fn a_frozen_etcd_member_stops_getting_calls_before_the_first_times_out() {
         for call in calls {
             let (started, took, error) = call.await.unwrap();
             if let Some(error) = error {
-                failed.push((started, took, error.to_string()));
+                failed.push((started, took, error));
             } else if started >= unaffected_after && took > Duration::from_secs(1) {
                 slow.push((started, took));
             }
         }
         cluster.freeze(member, false);
         println!(
-            "{role} frozen: {} of 160 calls failed; after {unaffected_after:?}, these waited (started, took): {slow:?}",
+            "{role} frozen: {} of {CALLS} calls failed; after {unaffected_after:?}, these waited (started, took): {slow:?}",
             failed.len()
         );
         assert!(

@@ -25,7 +25,9 @@
 //!
 //! **Exactly one refresh across replicas.** Inside its in-process flight, a
 //! replica creates the claim key with put-if-absent before calling the
-//! provider; only the claim's creator calls. Its write-back and the claim's
+//! provider; only the claim's creator calls. The claim's value names the
+//! replica and the attempt, so a claim rides out a leader election as a
+//! write does: a retry that finds its own value knows its lost reply won. Its write-back and the claim's
 //! release are one transaction that also compares the claim's revision (the
 //! fence): a claimant that lost its claim cannot write. Waiters on other
 //! replicas watch the record and the claim and re-read when either changes.
@@ -76,7 +78,13 @@ mod members;
 mod rpc;
 mod watch;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
 
@@ -145,6 +153,10 @@ pub struct EtcdStore {
     /// leader election), each then given up to one more; a read retries
     /// for twice as long. The request timeout.
     write_patience: Duration,
+    /// Numbers this replica's claim attempts: a claim's value is the
+    /// replica and its attempt, so a retry can tell its own landed attempt
+    /// from any other claim.
+    claim_attempts: AtomicU64,
 }
 
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
@@ -253,6 +265,7 @@ impl EtcdStore {
             watcher,
             claim_takeover: settings.claim_takeover,
             write_patience: settings.request_timeout,
+            claim_attempts: AtomicU64::new(0),
         })
     }
 
@@ -375,32 +388,49 @@ impl EtcdStore {
         patiently(deadline, WRITE_TIMED_OUT, || true, write).await
     }
 
+    /// Creates the claim (`held: None`) or takes over the one at `held`.
+    /// It rides out a leader election as a write does: the claim's value
+    /// names this attempt, so when a try's reply was lost and the retry
+    /// finds the claim taken, a claim holding that value is this attempt's,
+    /// won at its revision. Before, a claim that met an election failed
+    /// the refresh that needed it.
     async fn claim_with(
         &self,
         key: &StoreKey,
         held: Option<Revision>,
     ) -> Result<ClaimOutcome, StoreError> {
         let claim = self.key(CLAIMS, key.as_bytes());
+        let attempt = self.claim_attempts.fetch_add(1, Ordering::Relaxed);
+        let value = format!("{}#{attempt}", self.replica).into_bytes();
         let request = TxnRequest {
             compare: vec![revision_is(&claim, held)],
-            success: vec![put(claim.clone(), self.replica.as_bytes().to_vec())],
+            success: vec![put(claim.clone(), value.clone())],
             failure: vec![range(claim)],
         };
-        let response = self.txn(request).await?;
-        if response.succeeded {
-            return Ok(ClaimOutcome::Won(Some(ClaimToken {
-                revision: Revision(revision_of(&response).0),
-            })));
-        }
-        match first_kv(response) {
-            Some(current) => Ok(ClaimOutcome::Held {
-                revision: current.revision,
-            }),
-            // Released between our compare and our read: try again.
-            None => Ok(ClaimOutcome::Held {
-                revision: Revision(0),
-            }),
-        }
+        let (response, _) = self.txn_patiently(request, self.write_patience).await?;
+        Ok(claim_outcome(response, &value))
+    }
+}
+
+/// What a claim's transaction came to, for the attempt that wrote `ours`.
+fn claim_outcome(response: TxnResponse, ours: &[u8]) -> ClaimOutcome {
+    if response.succeeded {
+        return ClaimOutcome::Won(Some(ClaimToken {
+            revision: revision_of(&response),
+        }));
+    }
+    match first_kv(response) {
+        // An earlier try of this attempt landed and its reply was lost.
+        Some(current) if current.value == ours => ClaimOutcome::Won(Some(ClaimToken {
+            revision: current.revision,
+        })),
+        Some(current) => ClaimOutcome::Held {
+            revision: current.revision,
+        },
+        // Released between our compare and our read: try again.
+        None => ClaimOutcome::Held {
+            revision: Revision(0),
+        },
     }
 }
 
@@ -818,5 +848,72 @@ mod tests {
         assert_eq!(prefix_end(b"/a"), b"/b");
         assert_eq!(prefix_end(b"a\xff"), b"b");
         assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+
+    /// A claim transaction's answer: whether it wrote, at `revision`, or
+    /// found the claim holding `value` at `revision`.
+    fn answer(succeeded: bool, revision: i64, value: Option<&[u8]>) -> TxnResponse {
+        let kvs = value
+            .map(|value| rpc::mvccpb::KeyValue {
+                value: value.to_vec(),
+                mod_revision: revision,
+                ..Default::default()
+            })
+            .into_iter()
+            .collect();
+        TxnResponse {
+            header: Some(rpc::ResponseHeader {
+                revision,
+                ..Default::default()
+            }),
+            succeeded,
+            responses: if succeeded {
+                Vec::new()
+            } else {
+                vec![rpc::ResponseOp {
+                    response: Some(OpResponse::ResponseRange(RangeResponse {
+                        kvs,
+                        ..Default::default()
+                    })),
+                }]
+            },
+        }
+    }
+
+    fn won_at(revision: u64) -> ClaimOutcome {
+        ClaimOutcome::Won(Some(ClaimToken {
+            revision: Revision(revision),
+        }))
+    }
+
+    #[test]
+    fn a_claim_found_holding_this_attempts_value_was_won_by_an_earlier_try() {
+        let ours = b"replica-1-ab#7";
+        assert_eq!(claim_outcome(answer(true, 40, None), ours), won_at(40));
+        // The first try landed at 41 and its reply was lost; the retry's
+        // compare failed on it.
+        assert_eq!(
+            claim_outcome(answer(false, 41, Some(ours)), ours),
+            won_at(41)
+        );
+        // The same replica's other attempt, or another replica, holds it.
+        for theirs in [
+            &b"replica-1-ab#6"[..],
+            b"replica-2-cd#7",
+            b"replica-1-ab#70",
+        ] {
+            assert_eq!(
+                claim_outcome(answer(false, 45, Some(theirs)), ours),
+                ClaimOutcome::Held {
+                    revision: Revision(45)
+                }
+            );
+        }
+        assert_eq!(
+            claim_outcome(answer(false, 45, None), ours),
+            ClaimOutcome::Held {
+                revision: Revision(0)
+            }
+        );
     }
 }

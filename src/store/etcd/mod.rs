@@ -27,10 +27,11 @@
 //! replica creates the claim key with put-if-absent before calling the
 //! provider; only the claim's creator calls. The claim's value names the
 //! replica and the attempt, so a claim rides out a leader election as a
-//! write does: a retry that finds its own value knows its lost reply won. Its write-back and the claim's
-//! release are one transaction that also compares the claim's revision (the
-//! fence): a claimant that lost its claim cannot write. Waiters on other
-//! replicas watch the record and the claim and re-read when either changes.
+//! write does: a retry that finds its own value knows its lost reply won.
+//! Its write-back and the claim's release are one transaction that also
+//! compares the claim's revision (the fence): a claimant that lost its
+//! claim cannot write. Waiters on other replicas watch the record and the
+//! claim and re-read when either changes.
 //! A claim is taken over only after `claim_takeover` has passed *on the
 //! waiter's own clock* since it first saw that claim revision (the client-go
 //! leader-election rule), never by a lease TTL that could expire under a slow
@@ -392,8 +393,7 @@ impl EtcdStore {
     /// It rides out a leader election as a write does: the claim's value
     /// names this attempt, so when a try's reply was lost and the retry
     /// finds the claim taken, a claim holding that value is this attempt's,
-    /// won at its revision. Before, a claim that met an election failed
-    /// the refresh that needed it.
+    /// won at its revision.
     async fn claim_with(
         &self,
         key: &StoreKey,

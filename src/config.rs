@@ -133,6 +133,8 @@ pub struct StorageConfig {
     #[serde(default)]
     pub backend: StorageBackend,
     #[serde(default)]
+    pub sled: SledConfig,
+    #[serde(default)]
     pub etcd: Option<EtcdConfig>,
 }
 
@@ -141,6 +143,7 @@ impl StorageConfig {
     pub fn etcd(endpoints: Vec<String>) -> Self {
         Self {
             backend: StorageBackend::Etcd,
+            sled: SledConfig::default(),
             etcd: Some(EtcdConfig {
                 endpoints,
                 prefix: defaults::etcd_prefix(),
@@ -163,6 +166,28 @@ pub enum StorageBackend {
     Sled,
     Etcd,
 }
+
+/// `[storage.sled]`: the embedded store.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SledConfig {
+    /// The most memory sled's page cache may hold, in MiB. What a read
+    /// brings in stays until this fills; it bounds memory, not records.
+    #[serde(default = "defaults::sled_cache_capacity_mib")]
+    pub cache_capacity_mib: u64,
+}
+
+impl Default for SledConfig {
+    fn default() -> Self {
+        Self {
+            cache_capacity_mib: defaults::sled_cache_capacity_mib(),
+        }
+    }
+}
+
+/// The bounds of `storage.sled.cache_capacity_mib`: at least one MiB, and
+/// at most 1 TiB, far from where its byte count could overflow.
+pub const SLED_CACHE_CAPACITY_MIB: std::ops::RangeInclusive<u64> = 1..=(1 << 20);
 
 /// `[storage.etcd]`.
 #[derive(Clone, Debug, Deserialize)]
@@ -599,6 +624,11 @@ mod defaults {
         Duration::from_secs(30)
     }
 
+    /// sled's own default, 1 GiB.
+    pub fn sled_cache_capacity_mib() -> u64 {
+        1024
+    }
+
     pub fn etcd_prefix() -> String {
         "/credvault/".to_owned()
     }
@@ -749,6 +779,13 @@ impl Config {
                 }
             }
             (StorageBackend::Sled, _) => {}
+        }
+        if !SLED_CACHE_CAPACITY_MIB.contains(&self.storage.sled.cache_capacity_mib) {
+            return Err(format!(
+                "storage.sled.cache_capacity_mib must be between {} and {}",
+                SLED_CACHE_CAPACITY_MIB.start(),
+                SLED_CACHE_CAPACITY_MIB.end()
+            ));
         }
         if self.upstream.max_response_bytes < 1024 {
             return Err("upstream.max_response_bytes must be at least 1024".to_owned());
@@ -919,6 +956,35 @@ mod tests {
             std::fs::write(&path, format!("{MINIMAL}\nlisten_typo = 1\n")).unwrap();
             let message = Config::load(&path).unwrap_err().to_string();
             assert!(message.contains("listen_typo"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_sled_page_cache_is_sleds_default_unless_set_within_its_bounds() {
+        figment::Jail::expect_with(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("credvault.toml");
+            std::fs::write(&path, MINIMAL).unwrap();
+            let config = Config::load(&path).unwrap();
+            assert_eq!(config.storage.sled.cache_capacity_mib, 1024);
+
+            let with =
+                |mib: u64| format!("{MINIMAL}\n[storage.sled]\ncache_capacity_mib = {mib}\n");
+            std::fs::write(&path, with(64)).unwrap();
+            assert_eq!(
+                Config::load(&path).unwrap().storage.sled.cache_capacity_mib,
+                64
+            );
+            for outside in [0, (1 << 20) + 1, u64::from(u32::MAX) << 12] {
+                std::fs::write(&path, with(outside)).unwrap();
+                let message = Config::load(&path).unwrap_err().to_string();
+                assert!(
+                    message
+                        .contains("storage.sled.cache_capacity_mib must be between 1 and 1048576"),
+                    "{outside}: {message}"
+                );
+            }
             Ok(())
         });
     }

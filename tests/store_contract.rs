@@ -21,6 +21,7 @@ async fn the_embedded_store_keeps_the_store_contract() {
     let dir = tempfile::tempdir().unwrap();
     let settings = StoreSettings::Embedded {
         data_dir: dir.path().to_path_buf(),
+        cache_capacity: 8 << 20,
     };
     keeps_the_store_contract(&settings).await;
 }

@@ -411,6 +411,21 @@ fn targets(w: &mut String, params: &Params, r: &Results) {
                 all.rss_kib / 1024
             );
         }
+        if let Some(all) = large
+            .capped
+            .as_ref()
+            .and_then(|c| c.all.as_ref().map(|a| (c, a)))
+        {
+            let (capped, all) = all;
+            let per = (all.rss_kib.saturating_sub(capped.rss_cold_kib) * 1024) as f64
+                / all.credentials as f64;
+            let _ = writeln!(
+                w,
+                "| 5 | the same with `storage.sled.cache_capacity_mib = {}` | {} MiB; {per:.0} B | reported |",
+                crate::scale::CAPPED_CACHE_MIB,
+                all.rss_kib / 1024
+            );
+        }
     }
     if let Some(x) = &r.replicas {
         let ratio = x.hits_etcd.rps() / x.hits_sled.rps().max(1.0);
@@ -826,6 +841,23 @@ Every one of the {} credentials then served once at concurrency 32 (each a miss,
                 count(all.credentials),
                 all.rss_kib / 1024,
                 (all.rss_kib.saturating_sub(row.child.rss_cold_kib) * 1024) as f64
+                    / all.credentials as f64
+            );
+        }
+        if let Some((capped, all)) = row
+            .capped
+            .as_ref()
+            .and_then(|c| c.all.as_ref().map(|a| (c, a)))
+        {
+            let _ = writeln!(
+                w,
+                "
+The same in a second process whose sled page cache is capped \
+                 (`storage.sled.cache_capacity_mib = {}`): RSS {} MiB, {:.0} bytes per \
+                 credential over its RSS after cold start.",
+                crate::scale::CAPPED_CACHE_MIB,
+                all.rss_kib / 1024,
+                (all.rss_kib.saturating_sub(capped.rss_cold_kib) * 1024) as f64
                     / all.credentials as f64
             );
         }

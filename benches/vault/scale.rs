@@ -79,6 +79,9 @@ pub struct AllCached {
     pub rss_kib: u64,
 }
 
+/// The sled page cache, in MiB, of the largest level's second process.
+pub const CAPPED_CACHE_MIB: u64 = 64;
+
 /// Concurrency of the warm-up pass that fills the token cache.
 const WARM_CONCURRENCY: usize = 32;
 
@@ -87,6 +90,9 @@ pub struct ScaleRow {
     pub populate: Duration,
     pub data_bytes: u64,
     pub child: ChildResult,
+    /// The largest level only: a second process whose sled page cache is
+    /// [`CAPPED_CACHE_MIB`], every credential served once.
+    pub capped: Option<ChildResult>,
     pub miss: Sample,
     pub hit: Sample,
     pub warm: Sample,
@@ -213,10 +219,29 @@ pub async fn run(params: &Params) -> Vec<ScaleRow> {
             (n == *params.scale_levels.iter().max().unwrap_or(&n)).to_string(),
         ])
         .await;
+        // The largest level again in a process whose sled page cache is
+        // capped: what `storage.sled.cache_capacity_mib` buys.
+        let capped = if child.all.is_some() {
+            let capped: ChildResult = crate::child::run(vec![
+                "scale".to_owned(),
+                dir.path().display().to_string(),
+                n.to_string(),
+                "1".to_owned(),
+                "0".to_owned(),
+                "100".to_owned(),
+                "true".to_owned(),
+                CAPPED_CACHE_MIB.to_string(),
+            ])
+            .await;
+            Some(capped)
+        } else {
+            None
+        };
         let row = ScaleRow {
             n,
             populate,
             data_bytes,
+            capped,
             miss: Sample::from_latencies(child.miss_ns.clone(), 0.0),
             hit: Sample::from_latencies(child.hit_ns.clone(), child.hit_secs),
             warm: Sample::from_latencies(child.warm_ns.clone(), child.warm_secs),
@@ -281,6 +306,7 @@ pub fn populate(
 async fn verify_layout(data: &Path, n: usize, keyring: &Keyring) {
     let store = store::open(&StoreSettings::Embedded {
         data_dir: data.to_owned(),
+        cache_capacity: 64 << 20,
     })
     .await
     .expect("open populated store");
@@ -336,7 +362,7 @@ pub fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// The measuring process: `DIR N MISSES WARM HIT_MS`.
+/// The measuring process: `DIR N MISSES WARM HIT_MS CACHE_ALL [SLED_CACHE_MIB]`.
 pub async fn child(args: &[String]) -> ChildResult {
     let arg = |i: usize| -> &str { args.get(i).map(String::as_str).expect("scale child args") };
     let dir = PathBuf::from(arg(0));
@@ -345,7 +371,8 @@ pub async fn child(args: &[String]) -> ChildResult {
     let warm: usize = arg(3).parse().expect("warm");
     let hit = Duration::from_millis(arg(4).parse().expect("hit ms"));
     let cache_all = arg(5) == "true";
-    measure(dir, n, misses, warm, hit, cache_all).await
+    let sled_cache_mib = args.get(6).map(|mib| mib.parse().expect("sled cache MiB"));
+    measure(dir, n, misses, warm, hit, cache_all, sled_cache_mib).await
 }
 
 async fn measure(
@@ -355,12 +382,20 @@ async fn measure(
     warm: usize,
     hit: Duration,
     cache_all: bool,
+    sled_cache_mib: Option<u64>,
 ) -> ChildResult {
     tls::install_crypto_provider();
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect("read pem");
     let (ca, cert, key) = (read("ca.pem"), read("admin.pem"), read("admin-key.pem"));
     let config_path = dir.join("credvault.toml");
-    let mut config = Config::load(&config_path).expect("config");
+    let load = || {
+        let mut config = Config::load(&config_path).expect("config");
+        if let Some(mib) = sled_cache_mib {
+            config.storage.sled.cache_capacity_mib = mib;
+        }
+        config
+    };
+    let mut config = load();
     config.listen = "127.0.0.1:0".parse().expect("addr");
     config.ops_listen = "127.0.0.1:0".parse().expect("addr");
     let listeners = Listeners::bind(&config).await.expect("bind");
@@ -370,7 +405,7 @@ async fn measure(
     // Cold start: config, keyring (Argon2id), store open, key guard, TLS
     // handshake, first request (a miss) answered.
     let started = Instant::now();
-    let mut config = Config::load(&config_path).expect("config");
+    let mut config = load();
     config.listen = addr;
     let (stop, stopped) = oneshot::channel::<()>();
     let mut server = tokio::spawn(server::run(config, listeners, async move {

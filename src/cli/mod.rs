@@ -263,19 +263,30 @@ async fn run_dev(
     .await
 }
 
-async fn open_store(data_dir: &Path) -> Result<std::sync::Arc<dyn store::CredentialStore>, String> {
+/// The embedded store an offline backup or restore works on, opened with
+/// the configured page cache.
+struct OfflineStore {
+    data_dir: PathBuf,
+    cache_capacity: u64,
+}
+
+async fn open_store(
+    target: &OfflineStore,
+) -> Result<std::sync::Arc<dyn store::CredentialStore>, String> {
+    let data_dir = &target.data_dir;
     store::open(&StoreSettings::Embedded {
-        data_dir: data_dir.to_owned(),
+        data_dir: data_dir.clone(),
+        cache_capacity: target.cache_capacity,
     })
     .await
     .map_err(|e| format!("{}: {e}", data_dir.display()))
 }
 
-/// The keyring and data dir an offline backup or restore works on.
+/// The keyring and store an offline backup or restore works on.
 async fn offline_target(
     config: &Path,
     data_dir: Option<PathBuf>,
-) -> Result<(crypto::Keyring, PathBuf), String> {
+) -> Result<(crypto::Keyring, OfflineStore), String> {
     let owned = config.to_owned();
     let config = tokio::task::spawn_blocking(move || Config::load(&owned))
         .await
@@ -289,7 +300,11 @@ async fn offline_target(
     .load()
     .await
     .map_err(|e| e.to_string())?;
-    Ok((keyring, data_dir.unwrap_or(config.data_dir)))
+    let target = OfflineStore {
+        data_dir: data_dir.unwrap_or(config.data_dir),
+        cache_capacity: config.storage.sled.cache_capacity_mib << 20,
+    };
+    Ok((keyring, target))
 }
 
 async fn backup_offline(
@@ -297,11 +312,11 @@ async fn backup_offline(
     data_dir: Option<PathBuf>,
     out: &Path,
 ) -> Result<(), String> {
-    let (keyring, data_dir) = offline_target(config, data_dir).await?;
-    if !data_dir.is_dir() {
-        return Err(format!("{}: no such data dir", data_dir.display()));
+    let (keyring, target) = offline_target(config, data_dir).await?;
+    if !target.data_dir.is_dir() {
+        return Err(format!("{}: no such data dir", target.data_dir.display()));
     }
-    let store = open_store(&data_dir)
+    let store = open_store(&target)
         .await
         .map_err(|e| format!("{e} (is the vault running? use `credvault admin backup`)"))?;
     let key = broker::backup_key(&keyring, None).map_err(|e| e.to_string())?;
@@ -321,18 +336,21 @@ async fn backup_offline(
 }
 
 async fn restore(from: &Path, config: &Path, data_dir: Option<PathBuf>) -> Result<(), String> {
-    let (keyring, data_dir) = offline_target(config, data_dir).await?;
+    let (keyring, target) = offline_target(config, data_dir).await?;
     let bytes = tokio::fs::read(from)
         .await
         .map_err(|e| format!("{}: {e}", from.display()))?;
     let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", from.display());
     let version = backup::key_version_of(&bytes).map_err(|e| fail(&e))?;
     let key = broker::backup_key(&keyring, Some(version)).map_err(|e| fail(&e))?;
-    let store = open_store(&data_dir).await?;
+    let store = open_store(&target).await?;
     let records = backup::import(store.as_ref(), &key, &bytes)
         .await
         .map_err(|e| fail(&e))?;
-    println!("restored {records} records into {}", data_dir.display());
+    println!(
+        "restored {records} records into {}",
+        target.data_dir.display()
+    );
     Ok(())
 }
 

@@ -328,6 +328,7 @@ pub fn store_settings(config: &Config) -> StoreSettings {
         }),
         _ => StoreSettings::Embedded {
             data_dir: config.data_dir.clone(),
+            cache_capacity: config.storage.sled.cache_capacity_mib << 20,
         },
     }
 }
@@ -594,5 +595,51 @@ async fn refresh_gauges(
         if let Ok(Some(bytes)) = tokio::task::spawn_blocking(move || store.size_on_disk()).await {
             metrics.store_bytes.set(bytes);
         }
+    }
+}
+
+#[cfg(test)]
+// figment's Jail returns its own large error type; nothing to shrink here.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    /// The embedded store gets the configured page cache, in bytes.
+    #[test]
+    fn the_embedded_store_is_opened_with_the_configured_page_cache() {
+        figment::Jail::expect_with(|_| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("credvault.toml");
+            std::fs::write(
+                &path,
+                r#"
+                data_dir = "data"
+                [tls]
+                cert = "server.pem"
+                key = "server-key.pem"
+                client_ca = "ca.pem"
+                [keyring]
+                path = "keyring.cvk"
+                passphrase_file = "keyring.pass"
+                [auth]
+                policy = "policy.toml"
+                [storage.sled]
+                cache_capacity_mib = 48
+                "#,
+            )
+            .unwrap();
+            let config = Config::load(&path).unwrap();
+            match store_settings(&config) {
+                StoreSettings::Embedded {
+                    data_dir,
+                    cache_capacity,
+                } => {
+                    assert_eq!(data_dir, dir.path().join("data"));
+                    assert_eq!(cache_capacity, 48 * 1024 * 1024);
+                }
+                other => panic!("not the embedded store: {other:?}"),
+            }
+            Ok(())
+        });
     }
 }

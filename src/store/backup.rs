@@ -255,6 +255,7 @@ mod tests {
     async fn store_in(dir: &std::path::Path) -> std::sync::Arc<dyn CredentialStore> {
         open(&StoreSettings::Embedded {
             data_dir: dir.to_owned(),
+            cache_capacity: 64 << 20,
         })
         .await
         .unwrap()

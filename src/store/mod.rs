@@ -37,8 +37,12 @@ pub const TEARDOWN_LOG_TARGETS: &[&str] = &["sled"];
 /// Which engine holds the records, and its settings.
 #[derive(Clone, Debug)]
 pub enum StoreSettings {
-    /// The embedded single-process store in a data directory.
-    Embedded { data_dir: PathBuf },
+    /// The embedded single-process store in a data directory, whose page
+    /// cache holds at most `cache_capacity` bytes.
+    Embedded {
+        data_dir: PathBuf,
+        cache_capacity: u64,
+    },
     /// A replicated store on an etcd v3 cluster, shared by N replicas.
     Replicated(EtcdSettings),
 }
@@ -46,9 +50,12 @@ pub enum StoreSettings {
 /// Opens the configured store: the only place that names a backend.
 pub async fn open(settings: &StoreSettings) -> Result<Arc<dyn CredentialStore>, StoreError> {
     match settings {
-        StoreSettings::Embedded { data_dir } => {
-            Ok(Arc::new(sled_store::SledStore::open(data_dir).await?))
-        }
+        StoreSettings::Embedded {
+            data_dir,
+            cache_capacity,
+        } => Ok(Arc::new(
+            sled_store::SledStore::open(data_dir, *cache_capacity).await?,
+        )),
         StoreSettings::Replicated(etcd) => Ok(Arc::new(etcd::EtcdStore::open(etcd).await?)),
     }
 }

@@ -98,11 +98,10 @@ impl Broker {
     ) -> Result<Wrote<T>, BrokerError> {
         let key = id.store_key();
         let _write = self.write_lock(id).await;
-        let mut current = match (how.known, how.fence) {
-            (Known::Absent, _) => None,
-            (Known::Value(value), _) => Some(value.clone()),
-            (Known::Nothing, Some(_)) => self.store.get_patiently(&key).await?,
-            (Known::Nothing, None) => self.store.get(&key).await?,
+        let mut current = match how.known {
+            Known::Absent => None,
+            Known::Value(value) => Some(value.clone()),
+            Known::Nothing => self.store.get(&key).await?,
         };
         for _ in 0..CAS_ATTEMPTS {
             // One instant for the record's last event and the event itself.

@@ -276,13 +276,6 @@ pub enum StoreError {
 pub trait CredentialStore: Send + Sync + 'static {
     async fn get(&self, key: &StoreKey) -> Result<Option<Versioned>, StoreError>;
 
-    /// Like [`CredentialStore::get`], riding out a short outage (a leader
-    /// election) instead of failing fast: for a refresh's write-back, whose
-    /// rotated refresh token exists nowhere else yet.
-    async fn get_patiently(&self, key: &StoreKey) -> Result<Option<Versioned>, StoreError> {
-        self.get(key).await
-    }
-
     /// The one write: replaces the value only if the stored revision equals
     /// `write.expected` (`None`: only if absent; `value: None` deletes),
     /// appends `write.event` to the event log in the same atomic write, and

@@ -541,19 +541,6 @@ impl CredentialStore for EtcdStore {
         self.range_one(self.key(RECORDS, key.as_bytes())).await
     }
 
-    async fn get_patiently(&self, key: &StoreKey) -> Result<Option<Versioned>, StoreError> {
-        let deadline = tokio::time::Instant::now() + self.write_patience * 3;
-        loop {
-            match self.get(key).await {
-                Err(error) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!(%error, "store unreachable during a write-back; retrying");
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                }
-                result => return result,
-            }
-        }
-    }
-
     async fn write(&self, key: &StoreKey, write: Write<'_>) -> Result<CasOutcome, StoreError> {
         // Every acknowledged etcd write is on a majority's disk: `durable`
         // costs nothing extra here.

@@ -31,7 +31,12 @@ struct Cached {
 /// per call, for both the shard and the slot in it: the id is three strings,
 /// and its keyed hash was a tenth of a cache hit's instructions when it was
 /// computed twice (callgrind, 2026-12-02).
-type Shard = Mutex<HashTable<Cached>>;
+///
+/// Entries are boxed because a table keeps up to twice as many slots as
+/// entries (it doubles past 7/8 full): a slot of 8 bytes instead of the
+/// 168 of a `Cached` saved about 150 bytes per cached credential at 1M
+/// (scenario 5 of BENCHMARKS.md), for one more pointer to follow per hit.
+type Shard = Mutex<HashTable<Box<Cached>>>;
 
 /// Sharded map from credential to its current access token.
 pub struct TokenCache {
@@ -52,7 +57,7 @@ impl TokenCache {
     /// The id's hash and its shard, locked. The shard is chosen by bits the
     /// table does not use for a slot (it takes the low bits, and the top
     /// seven as a tag), so the entries of one shard still spread over it.
-    fn shard(&self, id: &CredentialId) -> (u64, MutexGuard<'_, HashTable<Cached>>) {
+    fn shard(&self, id: &CredentialId) -> (u64, MutexGuard<'_, HashTable<Box<Cached>>>) {
         let hash = self.hasher.hash_one(id);
         let shard = &self.shards[(hash >> 32) as usize % SHARDS];
         (hash, shard.lock().unwrap_or_else(|e| e.into_inner()))
@@ -70,8 +75,11 @@ impl TokenCache {
     /// Caches `token`, read or written at store `revision`.
     pub fn put(&self, id: &CredentialId, token: AccessToken, revision: Revision) {
         let (hash, mut shard) = self.shard(id);
-        let rehash = |cached: &Cached| self.hasher.hash_one(&cached.id);
-        match shard.entry(hash, |cached| cached.id == *id, rehash) {
+        match shard.entry(
+            hash,
+            |cached| cached.id == *id,
+            |cached| self.hasher.hash_one(&cached.id),
+        ) {
             Entry::Occupied(mut entry) => {
                 let cached = entry.get_mut();
                 // Never replace a newer entry with an older one.
@@ -81,11 +89,11 @@ impl TokenCache {
                 }
             }
             Entry::Vacant(entry) => {
-                entry.insert(Cached {
+                entry.insert(Box::new(Cached {
                     id: id.clone(),
                     token,
                     revision,
-                });
+                }));
             }
         }
     }

@@ -252,6 +252,21 @@ class ChartTest(unittest.TestCase):
         report = helm.lint(CHART, bad)
         self.assertTrue(any("replicaCount" in e for e in report["errors"]), report)
 
+    def test_the_sled_page_cache_fits_well_inside_the_memory_limit(self):
+        docs = self.docs["defaults"]
+        cache = credvault_toml(docs)["storage"]["sled"]["cache_capacity_mib"]
+        limit = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        self.assertRegex(limit, r"^[0-9]+Mi$")
+        # sled's own default (1024 MiB) would be twice the limit; the token
+        # cache and the runtime need the rest.
+        self.assertLessEqual(cache * 4, int(limit[:-2]))
+        self.assertEqual(credvault_toml(self.docs["cert-manager.yaml"])["storage"]["sled"]["cache_capacity_mib"], 96)
+        with helm.Chart.load(CHART) as chart:
+            for bad in (0, 1048577, "128"):
+                with self.subTest(cacheCapacityMiB=bad):
+                    with self.assertRaises(helm.HelmValuesError):
+                        chart.validate_schema({"storage": {"sled": {"cacheCapacityMiB": bad}}})
+
     def test_etcd_needs_endpoints(self):
         with helm.Chart.load(CHART) as chart:
             with self.assertRaises(helm.HelmValuesError):
@@ -535,8 +550,9 @@ class ChartTest(unittest.TestCase):
         self.assertEqual(term["labelSelector"]["matchLabels"], sts["spec"]["selector"]["matchLabels"])
         pdb = one(docs, "PodDisruptionBudget")["spec"]
         self.assertEqual(pdb["maxUnavailable"], 1)
-        # The single-replica defaults stay as they were.
-        self.assertNotIn("storage", credvault_toml(self.docs["defaults"]))
+        self.assertNotIn("sled", config["storage"])
+        # The single-replica defaults stay on sled.
+        self.assertNotIn("backend", credvault_toml(self.docs["defaults"])["storage"])
         self.assertNotIn("affinity", one(self.docs["defaults"], "StatefulSet")["spec"]["template"]["spec"])
 
     def test_pod_disruption_budget_off_by_default(self):

@@ -411,12 +411,11 @@ fn targets(w: &mut String, params: &Params, r: &Results) {
                 all.rss_kib / 1024
             );
         }
-        if let Some(all) = large
+        if let Some((capped, all)) = large
             .capped
             .as_ref()
             .and_then(|c| c.all.as_ref().map(|a| (c, a)))
         {
-            let (capped, all) = all;
             let per = (all.rss_kib.saturating_sub(capped.rss_cold_kib) * 1024) as f64
                 / all.credentials as f64;
             let _ = writeln!(

@@ -34,7 +34,7 @@ struct Cached {
 ///
 /// Entries are boxed because a table keeps up to twice as many slots as
 /// entries (it doubles past 7/8 full): a slot of 8 bytes instead of the
-/// 168 of a `Cached` saved about 150 bytes per cached credential at 1M
+/// 168 of a `Cached` saved about 120 bytes per cached credential at 1M
 /// (scenario 5 of BENCHMARKS.md), for one more pointer to follow per hit.
 type Shard = Mutex<HashTable<Box<Cached>>>;
 

@@ -845,7 +845,7 @@ fn scrub(message: &str) -> String {
 #[cfg(test)]
 // figment's Jail returns its own large error type; nothing to shrink here.
 #[allow(clippy::result_large_err)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The environment filter knows every section: serde tells a struct's
@@ -886,7 +886,8 @@ mod tests {
         assert_eq!(fields, known);
     }
 
-    const MINIMAL: &str = r#"
+    /// The least config `load` accepts; other modules' tests build on it.
+    pub(crate) const MINIMAL: &str = r#"
         data_dir = "data"
         [tls]
         cert = "server.pem"

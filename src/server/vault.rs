@@ -612,20 +612,10 @@ mod tests {
             let path = dir.path().join("credvault.toml");
             std::fs::write(
                 &path,
-                r#"
-                data_dir = "data"
-                [tls]
-                cert = "server.pem"
-                key = "server-key.pem"
-                client_ca = "ca.pem"
-                [keyring]
-                path = "keyring.cvk"
-                passphrase_file = "keyring.pass"
-                [auth]
-                policy = "policy.toml"
-                [storage.sled]
-                cache_capacity_mib = 48
-                "#,
+                format!(
+                    "{}\n[storage.sled]\ncache_capacity_mib = 48\n",
+                    crate::config::tests::MINIMAL
+                ),
             )
             .unwrap();
             let config = Config::load(&path).unwrap();
